@@ -1,0 +1,392 @@
+"""Bounded, verified, content-addressed chunk cache: an LRU in memory over an optional LRU on disk.
+
+Belongs here: keeping chunk bytes by their ``sha256:`` digest, both tiers' byte bounds and eviction,
+verifying every chunk before it is stored or returned, and singleflight (concurrent misses of one chunk
+call its loader once). Never here: where bytes come from (``get`` is handed a loader, so this module never
+imports fetch.py), TOC parsing, decompression, FUSE or gRPC.
+
+On-disk layout, self-describing and shared by any number of processes::
+
+    <cache_dir>/lock                            flock'd around every change; header: shared byte total
+    <cache_dir>/chunks/sha256/<hex[:2]>/<hex>   one chunk, named by the sha256 of its bytes
+
+Every change to the directory (write, eviction, removal of a corrupt file) happens under the flock and
+updates the total in the lock file, so all processes see one exact total; it is re-derived from a scan
+every ``RESCAN_EVERY`` writes and whenever eviction runs out of candidates, which repairs drift left by a
+crashed process or a file removed by hand. Room is made before a chunk is written, so the bound holds
+even counting the temp file. Recency is the file's mtime, set on every disk hit (atime is unreliable
+under relatime/noatime). Files are not fsync'd: a torn file fails verification on read and is reloaded.
+"""
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import stat
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cachetools
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BYTES = 128 << 20
+DEFAULT_DISK_BYTES = 10 << 30
+
+_DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
+_HEX_RE = re.compile(r"[0-9a-f]{64}")
+# Lock file header: magic, bytes of committed chunk files, writes since the last scan (4+8+8 bytes).
+_HEADER = struct.Struct("<4sQQ")
+_MAGIC = b"LMC1"
+_TMP_PREFIX = ".tmp-"
+
+
+class CacheError(Exception):
+    """A digest string that is not ``sha256:`` + 64 lowercase hex, or bytes that do not match it."""
+
+    errno = errno.EIO
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/lazymount``, or ``~/.cache/lazymount`` when that is unset or relative."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lazymount"
+
+
+def parse_digest(digest: str) -> str:
+    """Return the hex of a ``sha256:<64 lowercase hex>`` digest; raise CacheError for anything else."""
+    match = _DIGEST_RE.fullmatch(digest) if isinstance(digest, str) else None
+    if match is None:
+        raise CacheError(f"invalid chunk digest {digest!r:.100}")
+    return match.group(1)
+
+
+def _check(digest: str, hexdigest: str, data: bytes) -> None:
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != hexdigest:
+        raise CacheError(f"chunk {digest} does not match its bytes ({len(data)} bytes, sha256:{actual})")
+
+
+class _ByteLRU(cachetools.LRUCache):
+    """An LRU bounded by the total length of its values; counts what it evicts."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize, getsizeof=len)
+        self.evictions = 0
+
+    def popitem(self) -> tuple[str, bytes]:
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
+class _Flight:
+    """One load in progress: its leader fills ``data`` or ``error``, then sets ``done``."""
+
+    __slots__ = ("done", "data", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.data: bytes = b""
+        self.error: BaseException | None = None
+
+
+class _DiskTier:
+    """Chunk files under one directory, bounded in bytes with LRU eviction, safe across processes."""
+
+    RESCAN_EVERY = 256
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.chunks = root / "chunks" / "sha256"
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        os.makedirs(self.chunks, exist_ok=True)
+        self.evictions = 0
+        self.corrupt = 0
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._pid = 0
+        # (mtime_ns, path) of chunk files, oldest first, as of this process's last scan.
+        self._candidates: deque[tuple[int, str]] = deque()
+
+    def path(self, hexdigest: str) -> str:
+        return os.path.join(self.chunks, hexdigest[:2], hexdigest)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0 and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = -1
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            if self._fd < 0 or self._pid != os.getpid():
+                # flock belongs to the open file description: a forked child must open its own.
+                self._fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._pid = os.getpid()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _state(self) -> tuple[int, int]:
+        """(total bytes, writes since the last scan); under the lock; scans when missing or due."""
+        raw = os.pread(self._fd, _HEADER.size, 0)
+        if len(raw) == _HEADER.size:
+            magic, total, writes = _HEADER.unpack(raw)
+            if magic == _MAGIC and writes < self.RESCAN_EVERY:
+                return total, writes
+        return self._scan(), 0
+
+    def _set_state(self, total: int, writes: int) -> None:
+        os.pwrite(self._fd, _HEADER.pack(_MAGIC, max(total, 0), writes), 0)
+
+    def _scan(self) -> int:
+        """Re-derive the total from the files, refill the eviction candidates; under the lock."""
+        entries = []
+        total = 0
+        for fan in os.scandir(self.chunks):
+            if not fan.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(fan.path):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if entry.name.startswith(_TMP_PREFIX):
+                        # Writes happen under the lock we hold, so this is a crashed writer's leftover.
+                        os.unlink(entry.path)
+                        continue
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and _HEX_RE.fullmatch(entry.name):
+                    total += st.st_size
+                    entries.append((st.st_mtime_ns, entry.path))
+        entries.sort()
+        self._candidates = deque(entries)
+        self._set_state(total, 0)
+        log.debug("chunk cache %s: scanned %d files, %d bytes", self.root, len(entries), total)
+        return total
+
+    def _evict(self, total: int, target: int) -> int:
+        """Remove least recently used chunk files until ``total <= target``; return the new total."""
+        scanned = False
+        while total > target:
+            if not self._candidates:
+                if scanned:
+                    break
+                total, scanned = self._scan(), True
+                continue
+            mtime_ns, path = self._candidates.popleft()
+            try:
+                st = os.stat(path)
+                if st.st_mtime_ns != mtime_ns:
+                    continue  # used (or rewritten) since the scan: not among the oldest any more
+                os.unlink(path)
+            except FileNotFoundError:
+                continue  # removed under the lock by a process that accounted for it
+            total -= st.st_size
+            self.evictions += 1
+            log.debug("chunk cache: evicted %s (%d bytes)", path, st.st_size)
+        return total
+
+    def contains(self, hexdigest: str) -> bool:
+        return os.path.exists(self.path(hexdigest))
+
+    def read(self, hexdigest: str) -> bytes | None:
+        """The verified chunk, marked recently used; None if absent or corrupt (then removed)."""
+        path = self.path(hexdigest)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+                if hashlib.sha256(data).hexdigest() == hexdigest:
+                    with contextlib.suppress(OSError):  # a read-only shared cache still serves
+                        os.utime(f.fileno())
+                    return data
+        except FileNotFoundError:
+            return None
+        log.warning("chunk cache: %s is corrupt (%d bytes, digest mismatch): removed, reloading",
+                    path, len(data))
+        self.corrupt += 1
+        with self._locked():
+            with contextlib.suppress(FileNotFoundError):
+                now = os.stat(path)
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):  # not replaced meanwhile
+                    os.unlink(path)
+            self._scan()  # a file changed in place no longer has the size the total counted
+        return None
+
+    def write(self, hexdigest: str, data: bytes) -> None:
+        """Store a verified chunk, evicting first so the bound holds; no-op if larger than the bound."""
+        if len(data) > self.max_bytes:
+            return
+        path = self.path(hexdigest)
+        with self._locked():
+            total, writes = self._state()
+            try:
+                os.utime(path)  # already there (another process stored it): mark it recently used
+                return
+            except FileNotFoundError:
+                pass
+            total = self._evict(total, self.max_bytes - len(data))
+            self._set_state(total, writes)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f"{_TMP_PREFIX}{hexdigest}-{os.getpid()}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self._set_state(total + len(data), writes + 1)
+
+    def total(self) -> int:
+        with self._locked():
+            return self._state()[0]
+
+
+class ChunkCache:
+    """Chunks by digest in a memory LRU over an optional disk LRU, each bounded in bytes; thread-safe.
+
+    ``cache_dir=None`` or ``disk_bytes=0`` disables the disk tier. Disk errors are logged and the
+    chunk is served from the loader or memory instead.
+    """
+
+    def __init__(self, cache_dir: Path | str | None, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                 disk_bytes: int = DEFAULT_DISK_BYTES) -> None:
+        if memory_bytes < 0 or disk_bytes < 0:
+            raise ValueError("cache bounds must be non-negative")
+        self._memory = _ByteLRU(memory_bytes)
+        self._disk = _DiskTier(Path(cache_dir), disk_bytes) if cache_dir is not None and disk_bytes else None
+        self._lock = threading.Lock()
+        self._flights: dict[str, _Flight] = {}
+        self._counts = dict.fromkeys(("hits_memory", "hits_disk", "waits", "misses", "bytes_loaded"), 0)
+
+    def __enter__(self) -> "ChunkCache":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the disk tier's lock file; the cache contents stay."""
+        if self._disk is not None:
+            self._disk.close()
+
+    def get(self, digest: str, loader: Callable[[], bytes]) -> bytes:
+        """The chunk's verified bytes, from memory, disk, or (once, however many callers) ``loader``.
+
+        Raises CacheError if the digest is malformed or the loaded bytes do not match it; concurrent
+        callers waiting on the same load get the loader's exception too.
+        """
+        hexdigest = parse_digest(digest)
+        with self._lock:
+            data = self._memory.get(hexdigest)
+            if data is not None:
+                self._counts["hits_memory"] += 1
+                return data
+            flight = self._flights.get(hexdigest)
+            leader = flight is None
+            if leader:
+                flight = self._flights[hexdigest] = _Flight()
+            else:
+                self._counts["waits"] += 1
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.data
+        try:
+            flight.data = self._fill(digest, hexdigest, loader)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._flights[hexdigest]
+            flight.done.set()
+        return flight.data
+
+    def put(self, digest: str, data: bytes) -> None:
+        """Store bytes already in hand (e.g. from a prefetch); raises CacheError if they do not match."""
+        hexdigest = parse_digest(digest)
+        data = bytes(data)
+        _check(digest, hexdigest, data)
+        self._disk_write(hexdigest, data)
+        self._remember(hexdigest, data)
+
+    def contains(self, digest: str) -> bool:
+        """Whether the chunk is in memory or on disk (not verified, not counted, recency unchanged)."""
+        hexdigest = parse_digest(digest)
+        with self._lock:
+            if hexdigest in self._memory:
+                return True
+        return self._disk is not None and self._disk.contains(hexdigest)
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this process, plus the bytes now held in memory and (by all processes) on disk."""
+        with self._lock:
+            counts = dict(self._counts)
+            counts["bytes_in_memory"] = self._memory.currsize
+            counts["evictions_memory"] = self._memory.evictions
+        counts["evictions_disk"] = self._disk.evictions if self._disk else 0
+        counts["evictions"] = counts["evictions_memory"] + counts["evictions_disk"]
+        counts["corrupt"] = self._disk.corrupt if self._disk else 0
+        counts["bytes_on_disk"] = 0
+        if self._disk is not None:
+            try:
+                counts["bytes_on_disk"] = self._disk.total()
+            except OSError as exc:
+                log.warning("chunk cache: reading the disk total failed: %s", exc)
+        return counts
+
+    def _fill(self, digest: str, hexdigest: str, loader: Callable[[], bytes]) -> bytes:
+        data = self._disk_read(hexdigest)
+        if data is not None:
+            self._count("hits_disk")
+        else:
+            self._count("misses")
+            data = bytes(loader())
+            _check(digest, hexdigest, data)
+            self._count("bytes_loaded", len(data))
+            self._disk_write(hexdigest, data)
+        self._remember(hexdigest, data)
+        return data
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    def _remember(self, hexdigest: str, data: bytes) -> None:
+        if len(data) <= self._memory.maxsize:
+            with self._lock:
+                self._memory[hexdigest] = data
+
+    def _disk_read(self, hexdigest: str) -> bytes | None:
+        if self._disk is None:
+            return None
+        try:
+            return self._disk.read(hexdigest)
+        except OSError as exc:
+            log.warning("chunk cache: reading sha256:%s from disk failed: %s", hexdigest, exc)
+            return None
+
+    def _disk_write(self, hexdigest: str, data: bytes) -> None:
+        if self._disk is None:
+            return
+        try:
+            self._disk.write(hexdigest, data)
+        except OSError as exc:
+            log.warning("chunk cache: writing sha256:%s to disk failed: %s", hexdigest, exc)

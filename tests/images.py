@@ -1,0 +1,380 @@
+"""Test images built with real tools: edge-case directory trees, GNU tar layers, umoci OCI layouts.
+
+What belongs here: building inputs (trees, layer tarballs, OCI image layouts) with GNU tar and umoci,
+and `describe_tar`, the ground truth a layer's content is compared against. What never does: anything
+that reads or writes eStargz (that is toc.py's job) or drives containerd (tests/reference.py).
+Creating device nodes, foreign owners and `trusted.*` xattrs needs root; callers that are not root
+get a tree without those entries.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sysconfig
+import tarfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+CHUNK = 4 * MIB  # the reference's default eStargz chunk size
+
+# Sizes around the chunk boundary, plus a multi-chunk file that does not end on a boundary.
+EDGE_FILE_SIZES = {
+    "data/exactly-4m": CHUNK,
+    "data/4m-minus-1": CHUNK - 1,
+    "data/4m-plus-1": CHUNK + 1,
+    "data/big-9m": 2 * CHUNK + 12345,
+}
+SPARSE_SIZE = 10 * MIB
+ODD_UID, ODD_GID = 1234, 5678
+OLD_MTIME = 315532800  # 1980-01-01, the DOS epoch
+NEW_MTIME = 4102444800  # 2100-01-01: past 2038, needs a PAX mtime record
+FRACTIONAL_MTIME_NS = 1_600_000_000_750_000_000  # .75 s: the reference rounds modtime to whole seconds
+REAL_TREE_CANDIDATES = (
+    Path("/usr/share/zoneinfo/America"),  # tzdata (priority: required): ~170 files, 29 symlinks
+    Path(sysconfig.get_paths()["stdlib"]) / "email",  # always there with the running Python
+)
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _set_xattr(path: Path, name: str, value: bytes) -> bool:
+    """Set an xattr on path itself (not following symlinks); False if the filesystem refuses it."""
+    try:
+        os.setxattr(path, name, value, follow_symlinks=False)
+    except OSError as exc:
+        log.info("xattr %s not supported on %s: %s", name, path, exc)
+        return False
+    return True
+
+
+def make_edge_tree(root: Path, seed: int = 1234) -> Path:
+    """Fill root with the edge cases a layer format must carry; return root.
+
+    Contents: empty file; random files of 4 MiB - 1, 4 MiB, 4 MiB + 1 and ~9 MiB; a hardlink group of
+    three; relative, absolute and dangling symlinks; char/block devices and a fifo; `user.*` (and, if the
+    filesystem allows, `trusted.*`) xattrs on files and directories; a >100-char name, a 255-char name
+    and a >255-char deep path; UTF-8 names; setuid/setgid/sticky modes; uid:gid 1234:5678; old, far-future
+    and fractional mtimes; a 10 MiB sparse file with a little data; a small real tree copied from the
+    system. Directory and file mtimes are set last, so they are deterministic.
+    """
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    _write(root / "empty", b"")
+    _write(root / "hello.txt", b"hello, world\n")
+    for name, size in EDGE_FILE_SIZES.items():
+        _write(root / name, rng.randbytes(size))
+
+    links = root / "links"
+    _write(links / "hard-a", b"one inode, three names\n")
+    os.link(links / "hard-a", links / "hard-b")
+    os.link(links / "hard-a", root / "hard-c")
+    os.symlink("hard-a", links / "sym-relative")
+    os.symlink("../hello.txt", links / "sym-up")
+    os.symlink("/etc/hostname", links / "sym-absolute")
+    os.symlink("does/not/exist", links / "sym-dangling")
+    os.symlink("../data", links / "sym-dir")
+
+    special = root / "special"
+    special.mkdir()
+    os.mkfifo(special / "fifo")
+    if _is_root():
+        os.mknod(special / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(special / "blk", 0o660 | stat.S_IFBLK, os.makedev(7, 200))
+
+    xa = _write(root / "xattrs" / "file", b"has xattrs\n")
+    _set_xattr(xa, "user.comment", b"plain text")
+    _set_xattr(xa, "user.binary", bytes([0, 1, 2, 0xFF, 0xFE]))
+    _set_xattr(xa, "user.empty", b"")
+    _set_xattr(xa.parent, "user.dir-attr", "ünïcode".encode())
+    if _is_root():
+        _set_xattr(xa, "trusted.lazymount", b"t")
+        _set_xattr(xa.parent, "trusted.overlay.opaque", b"y")
+
+    names = root / "names"
+    _write(names / ("n" * 120), b"longer than the 100-byte ustar name field\n")
+    _write(names / ("m" * 255), b"NAME_MAX\n")
+    deep = names.joinpath(*[f"level{i:02d}-" + "d" * 30 for i in range(10)])
+    _write(deep / "leaf.txt", b"deep path over 255 bytes\n")
+    _write(names / "ünïcödé" / "日本語.txt", "non-ASCII: ü\n".encode())
+    _write(names / "space and 'quote'" / "tab\there", b"odd characters\n")
+    _write(names / ".hidden", b"dotfile\n")
+    _write(names / ".wh-lookalike", b"not a whiteout: no second dot\n")
+
+    modes = root / "modes"
+    for name, mode in (("setuid", 0o4755), ("setgid", 0o2755), ("readonly", 0o444), ("none", 0o000)):
+        _write(modes / name, name.encode()).chmod(mode)
+    (modes / "sticky-dir").mkdir()
+    (modes / "sticky-dir").chmod(0o1777)
+    (modes / "setgid-dir").mkdir()
+    (modes / "setgid-dir").chmod(0o2775)
+
+    owned = _write(root / "owners" / "odd-owner", b"1234:5678\n")
+    if _is_root():
+        os.chown(owned, ODD_UID, ODD_GID)
+        os.chown(owned.parent, ODD_UID, ODD_GID)
+        os.lchown(links / "sym-relative", ODD_UID, ODD_GID)
+
+    sparse = root / "sparse" / "holes-10m"
+    sparse.parent.mkdir()
+    with open(sparse, "wb") as f:
+        f.seek(MIB)
+        f.write(b"data after a 1 MiB hole")
+        f.seek(6 * MIB + 4096)
+        f.write(rng.randbytes(10000))
+        f.truncate(SPARSE_SIZE)
+
+    _copy_real_tree(root / "real")
+
+    times = root / "times"
+    os.utime(_write(times / "old", b"1980\n"), (OLD_MTIME, OLD_MTIME))
+    os.utime(_write(times / "future", b"2100\n"), (NEW_MTIME, NEW_MTIME))
+    os.utime(_write(times / "epoch", b"1970\n"), (0, 0))
+    os.utime(_write(times / "fraction", b".75\n"), ns=(FRACTIONAL_MTIME_NS, FRACTIONAL_MTIME_NS))
+    _fix_dir_mtimes(root)
+    return root
+
+
+def _copy_real_tree(dest: Path) -> None:
+    src = next(p for p in REAL_TREE_CANDIDATES if p.is_dir())
+    shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def _fix_dir_mtimes(root: Path, mtime: int = 1_700_000_000) -> None:
+    """Give every directory a fixed mtime, deepest first (changing a child touches its parent)."""
+    dirs = [Path(d) for d, _, _ in os.walk(root)]
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        os.utime(d, (mtime, mtime))
+
+
+def make_layer_tar(tree: Path, out: Path, fmt: str = "pax", gzip: bool = False,
+                   dot_prefix: bool = False) -> Path:
+    """Pack tree into a layer tarball at out with GNU tar; return out.
+
+    fmt "pax" writes PAX headers (long names, xattrs, big/fractional mtimes) and PAX 1.0 sparse maps;
+    fmt "gnu" writes GNU long-name entries and old GNU sparse ('S') entries and cannot carry xattrs.
+    Members are sorted by name. Names are relative without a leading './' unless dot_prefix, which adds
+    './' to every name and a './' entry for the root directory itself.
+    """
+    if fmt not in ("pax", "gnu"):
+        raise ValueError(f"unknown tar format {fmt!r}")
+    cmd = ["tar", "--create", "--file", str(out), "--directory", str(tree), f"--format={fmt}",
+           "--sparse", "--numeric-owner", "--sort=name"]
+    if fmt == "pax":
+        cmd += ["--xattrs", "--xattrs-include=*"]
+    if gzip:
+        cmd.append("--gzip")
+    members = ["."] if dot_prefix else sorted(os.listdir(tree))
+    subprocess.run(cmd + ["--", *members], check=True, env={**os.environ, "GZIP": "-n"})
+    return out
+
+
+def _sha256_file(path: Path, opener=open) -> str:
+    with opener(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _make_bundle_match(rootfs: Path, tree: Path) -> None:
+    """Make rootfs hold exactly tree's content (cp -a keeps owners, modes, times, xattrs, devices)."""
+    for child in rootfs.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    subprocess.run(["cp", "-a", "--", f"{tree}/.", str(rootfs)], check=True)
+
+
+def make_oci_image(layout_dir: Path, tag: str, layer_trees: list[Path],
+                   opaque_dirs: dict[int, list[str]] | None = None) -> Path:
+    """Build a multi-layer OCI image layout at layout_dir (tag `tag`) with umoci; return layout_dir.
+
+    Each tree in layer_trees is the complete root filesystem after its layer: layer i is the difference
+    between tree i-1 and tree i. It is made by `umoci unpack`, replacing the bundle's rootfs with tree i
+    and `umoci repack`; umoci's diff writes a `.wh.NAME` whiteout for every path present in tree i-1
+    and absent from tree i (a removed directory gets one whiteout, not one per child). umoci repack never
+    writes opaque markers: for each directory D in opaque_dirs[i] an extra layer made by
+    `umoci insert --opaque tree_i/D /D` precedes layer i; it holds `D/.wh..wh..opq` plus tree i's D.
+    """
+    layout_dir.parent.mkdir(parents=True, exist_ok=True)
+    image = f"{layout_dir}:{tag}"
+    work = layout_dir.parent / f".{layout_dir.name}-bundle"
+    subprocess.run(["umoci", "init", "--layout", str(layout_dir)], check=True)
+    subprocess.run(["umoci", "new", "--image", image], check=True)
+    for i, tree in enumerate(layer_trees):
+        for d in (opaque_dirs or {}).get(i, []):
+            d = d.strip("/")
+            subprocess.run(["umoci", "insert", "--no-history", "--image", image, "--opaque",
+                            str(tree / d), f"/{d}"], check=True)
+        shutil.rmtree(work, ignore_errors=True)
+        subprocess.run(["umoci", "unpack", "--image", image, str(work)], check=True,
+                       stdout=subprocess.DEVNULL)
+        _make_bundle_match(work / "rootfs", tree)
+        subprocess.run(["umoci", "repack", "--no-history", "--image", image, str(work)], check=True)
+    shutil.rmtree(work, ignore_errors=True)
+    subprocess.run(["umoci", "gc", "--layout", str(layout_dir)], check=True)
+    return layout_dir
+
+
+def write_oci_layout(layout_dir: Path, tag: str, layer_tars: list[Path]) -> Path:
+    """Write an OCI image layout whose layers are exactly the given tarballs (.tar or .tar.gz).
+
+    Unlike make_oci_image, nothing re-packs the layers, so GNU tar's own headers (GNU sparse entries,
+    './' prefixes, PAX records) reach whoever reads the image. Return layout_dir.
+    """
+    blobs = layout_dir / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+
+    def add_blob(path: Path | None, data: bytes | None = None) -> tuple[str, int]:
+        if path is not None:
+            digest, size = _sha256_file(path), path.stat().st_size
+            shutil.copyfile(path, blobs / digest)
+        else:
+            digest, size = hashlib.sha256(data).hexdigest(), len(data)
+            (blobs / digest).write_bytes(data)
+        return f"sha256:{digest}", size
+
+    layers, diff_ids = [], []
+    for tar_path in layer_tars:
+        with open(tar_path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        digest, size = add_blob(tar_path)
+        diff_ids.append(f"sha256:{_sha256_file(tar_path, gzip.open)}" if gzipped else digest)
+        media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzipped else "")
+        layers.append({"mediaType": media, "digest": digest, "size": size})
+    config = {"architecture": _go_arch(), "os": "linux", "config": {},
+              "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    cfg_digest, cfg_size = add_blob(None, json.dumps(config).encode())
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": cfg_digest, "size": cfg_size},
+                "layers": layers}
+    man_digest, man_size = add_blob(None, json.dumps(manifest).encode())
+    index = {"schemaVersion": 2, "manifests": [
+        {"mediaType": manifest["mediaType"], "digest": man_digest, "size": man_size,
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+    (layout_dir / "index.json").write_text(json.dumps(index))
+    (layout_dir / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    return layout_dir
+
+
+def _go_arch() -> str:
+    machine = os.uname().machine
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+_TAR_TYPES = {
+    tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.CONTTYPE: "reg", tarfile.GNUTYPE_SPARSE: "reg",
+    tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
+}
+
+
+def normalize_name(name: str) -> str:
+    """Tar member name as a layer path: no leading './' or '/', no trailing '/'."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name.strip("/") if name != "." else ""
+
+
+def describe_tar(path: Path) -> dict[str, dict]:
+    """Read a layer tarball (.tar or .tar.gz) with Python's tarfile: normalized path -> metadata.
+
+    Each value has type (reg dir symlink hardlink char block fifo), mode (& 0o7777), uid, gid, size,
+    mtime (int seconds, truncated), linkname (normalized for hardlinks, verbatim for symlinks), xattrs
+    (name -> bytes, from PAX SCHILY.xattr records), devmajor, devminor, and for regular files the
+    sha256 hex of the content with sparse holes expanded. The root directory entry ('./') is left out;
+    a later member of the same name replaces an earlier one, as on extraction.
+    """
+    entries: dict[str, dict] = {}
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            name = normalize_name(member.name)
+            if not name:
+                continue
+            kind = _TAR_TYPES.get(member.type)
+            if kind is None:
+                raise ValueError(f"{path}: {member.name!r} has unsupported tar type {member.type!r}")
+            info = {
+                "type": kind, "mode": member.mode & 0o7777, "uid": member.uid, "gid": member.gid,
+                "size": member.size if kind == "reg" else 0, "mtime": int(member.mtime),
+                "linkname": normalize_name(member.linkname) if kind == "hardlink" else member.linkname,
+                "xattrs": {k.removeprefix("SCHILY.xattr."): v.encode("utf-8", "surrogateescape")
+                           for k, v in member.pax_headers.items() if k.startswith("SCHILY.xattr.")},
+                "devmajor": member.devmajor if kind in ("char", "block") else 0,
+                "devminor": member.devminor if kind in ("char", "block") else 0,
+            }
+            if kind == "reg":
+                info["sha256"] = hashlib.file_digest(tar.extractfile(member), "sha256").hexdigest()
+            entries[name] = info
+    return entries
+
+
+def describe_tree(root: Path) -> dict[str, dict]:
+    """describe_tar's view of a directory tree on disk (root itself left out).
+
+    Entries are visited in GNU tar's `--sort=name` order, so the first name of a hardlink group is
+    "reg" and the others are "hardlink" entries pointing at it, exactly as in make_layer_tar's output.
+    """
+    entries: dict[str, dict] = {}
+    first_names: dict[tuple[int, int], str] = {}
+
+    def visit(directory: Path, prefix: str) -> None:
+        for base in sorted(os.listdir(directory)):
+            path, name = directory / base, prefix + base
+            st = os.lstat(path)
+            kind = _STAT_TYPES[stat.S_IFMT(st.st_mode)]
+            key = (st.st_dev, st.st_ino)
+            linkname = os.readlink(path) if kind == "symlink" else ""
+            if kind not in ("dir", "symlink") and st.st_nlink > 1:
+                if key in first_names:
+                    kind, linkname = "hardlink", first_names[key]
+                else:
+                    first_names[key] = name
+            info = {
+                "type": kind, "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+                "size": st.st_size if kind == "reg" else 0, "mtime": int(st.st_mtime), "linkname": linkname,
+                "xattrs": {x: os.getxattr(path, x, follow_symlinks=False)
+                           for x in os.listxattr(path, follow_symlinks=False)},
+                "devmajor": os.major(st.st_rdev) if kind in ("char", "block") else 0,
+                "devminor": os.minor(st.st_rdev) if kind in ("char", "block") else 0,
+            }
+            if kind == "reg":
+                info["sha256"] = _sha256_file(path)
+            entries[name] = info
+            if kind == "dir":
+                visit(path, name + "/")
+
+    visit(root, "")
+    return entries
+
+
+_STAT_TYPES = {
+    stat.S_IFREG: "reg", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
+    stat.S_IFBLK: "block", stat.S_IFIFO: "fifo",
+}
+
+
+def regular_file_digests(entries: dict[str, dict]) -> dict[str, str]:
+    """name -> sha256 of every regular file in a describe_tar result, hardlinks resolved to content."""
+    out = {n: e["sha256"] for n, e in entries.items() if e["type"] == "reg"}
+    out.update({n: out[e["linkname"]] for n, e in entries.items()
+                if e["type"] == "hardlink" and e["linkname"] in out})
+    return out
+

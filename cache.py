@@ -12,10 +12,11 @@ On-disk layout, self-describing and shared by any number of processes::
 
 Every change to the directory (write, eviction, removal of a corrupt file) happens under the flock and
 updates the total in the lock file, so all processes see one exact total; it is re-derived from a scan
-every ``RESCAN_EVERY`` writes and whenever eviction runs out of candidates, which repairs drift left by a
-crashed process or a file removed by hand. Room is made before a chunk is written, so the bound holds
-even counting the temp file. Recency is the file's mtime, set on every disk hit (atime is unreliable
-under relatime/noatime). Files are not fsync'd: a torn file fails verification on read and is reloaded.
+every ``RESCAN_EVERY`` writes (or as many writes as there were files) and whenever eviction runs out of
+candidates, which repairs drift left by a crashed process or a file removed by hand. Room is made before
+a chunk is written, so the bound holds even counting the temp file. Recency is the file's mtime, set on
+every disk hit (atime is unreliable under relatime/noatime). Files are not fsync'd: a torn file fails
+verification on read and is reloaded.
 """
 
 import contextlib
@@ -102,7 +103,7 @@ class _Flight:
 class _DiskTier:
     """Chunk files under one directory, bounded in bytes with LRU eviction, safe across processes."""
 
-    RESCAN_EVERY = 256
+    RESCAN_EVERY = 256  # writes; at least as many as there were files, so scans stay amortized
 
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = root
@@ -117,6 +118,7 @@ class _DiskTier:
         self._pid = 0
         # (mtime_ns, path) of chunk files, oldest first, as of this process's last scan.
         self._candidates: deque[tuple[int, str]] = deque()
+        self._scanned_files = 0
 
     def path(self, hexdigest: str) -> str:
         return os.path.join(self.chunks, hexdigest[:2], hexdigest)
@@ -145,7 +147,7 @@ class _DiskTier:
         raw = os.pread(self._fd, _HEADER.size, 0)
         if len(raw) == _HEADER.size:
             magic, total, writes = _HEADER.unpack(raw)
-            if magic == _MAGIC and writes < self.RESCAN_EVERY:
+            if magic == _MAGIC and writes < max(self.RESCAN_EVERY, self._scanned_files):
                 return total, writes
         return self._scan(), 0
 
@@ -173,6 +175,7 @@ class _DiskTier:
                     entries.append((st.st_mtime_ns, entry.path))
         entries.sort()
         self._candidates = deque(entries)
+        self._scanned_files = len(entries)
         self._set_state(total, 0)
         log.debug("chunk cache %s: scanned %d files, %d bytes", self.root, len(entries), total)
         return total

@@ -20,7 +20,6 @@ verification on read and is reloaded.
 """
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import logging
@@ -35,23 +34,18 @@ from pathlib import Path
 
 import cachetools
 
+from toc import DigestError, check_digest
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BYTES = 128 << 20
 DEFAULT_DISK_BYTES = 10 << 30
 
-_DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 # Lock file header: magic, bytes of committed chunk files, writes since the last scan (4+8+8 bytes).
 _HEADER = struct.Struct("<4sQQ")
 _MAGIC = b"LMC1"
 _TMP_PREFIX = ".tmp-"
-
-
-class CacheError(Exception):
-    """A digest string that is not ``sha256:`` + 64 lowercase hex, or bytes that do not match it."""
-
-    errno = errno.EIO
 
 
 def default_cache_dir() -> Path:
@@ -62,18 +56,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "lazymount"
 
 
-def parse_digest(digest: str) -> str:
-    """Return the hex of a ``sha256:<64 lowercase hex>`` digest; raise CacheError for anything else."""
-    match = _DIGEST_RE.fullmatch(digest) if isinstance(digest, str) else None
-    if match is None:
-        raise CacheError(f"invalid chunk digest {digest!r:.100}")
-    return match.group(1)
+def _hex(digest: str) -> str:
+    """The hex part of a digest, validated (toc.FormatError otherwise) before it names a file."""
+    return check_digest(digest)[len("sha256:"):]
 
 
 def _check(digest: str, hexdigest: str, data: bytes) -> None:
     actual = hashlib.sha256(data).hexdigest()
     if actual != hexdigest:
-        raise CacheError(f"chunk {digest} does not match its bytes ({len(data)} bytes, sha256:{actual})")
+        raise DigestError(f"chunk {digest} does not match its bytes ({len(data)} bytes, sha256:{actual})")
 
 
 class _ByteLRU(cachetools.LRUCache):
@@ -291,10 +282,10 @@ class ChunkCache:
     def get(self, digest: str, loader: Callable[[], bytes]) -> bytes:
         """The chunk's verified bytes, from memory, disk, or (once, however many callers) ``loader``.
 
-        Raises CacheError if the digest is malformed or the loaded bytes do not match it; concurrent
-        callers waiting on the same load get the loader's exception too.
+        Raises toc.FormatError for a malformed digest, toc.DigestError if the loaded bytes do not
+        match it; concurrent callers waiting on the same load get the loader's exception too.
         """
-        hexdigest = parse_digest(digest)
+        hexdigest = _hex(digest)
         with self._lock:
             data = self._memory.get(hexdigest)
             if data is not None:
@@ -323,8 +314,8 @@ class ChunkCache:
         return flight.data
 
     def put(self, digest: str, data: bytes) -> None:
-        """Store bytes already in hand (e.g. from a prefetch); raises CacheError if they do not match."""
-        hexdigest = parse_digest(digest)
+        """Store bytes already in hand (e.g. from a prefetch); raises toc.DigestError if they do not match."""
+        hexdigest = _hex(digest)
         data = bytes(data)
         _check(digest, hexdigest, data)
         self._disk_write(hexdigest, data)
@@ -332,7 +323,7 @@ class ChunkCache:
 
     def contains(self, digest: str) -> bool:
         """Whether the chunk is in memory or on disk (not verified, not counted, recency unchanged)."""
-        hexdigest = parse_digest(digest)
+        hexdigest = _hex(digest)
         with self._lock:
             if hexdigest in self._memory:
                 return True

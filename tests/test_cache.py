@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cache
-from cache import CacheError, ChunkCache
+from cache import ChunkCache
+from toc import DigestError, FormatError
 
 
 def chunk(seed: int, size: int) -> tuple[str, bytes]:
@@ -122,9 +123,9 @@ def test_digest_mismatch_raises_and_stores_nothing(tmp_path):
     digest, _ = chunk(3, 4096)
     _, other = chunk(4, 4096)
     c = ChunkCache(tmp_path, memory_bytes=1 << 20, disk_bytes=1 << 20)
-    with pytest.raises(CacheError, match="does not match"):
+    with pytest.raises(DigestError, match="does not match"):
         c.get(digest, Loader(other))
-    with pytest.raises(CacheError, match="does not match"):
+    with pytest.raises(DigestError, match="does not match"):
         c.put(digest, other)
     assert not c.contains(digest)
     assert disk_files(tmp_path) == {}
@@ -147,11 +148,11 @@ def test_digest_mismatch_raises_and_stores_nothing(tmp_path):
 def test_bad_digest_strings_are_rejected(tmp_path, bad):
     root = tmp_path / "cache"
     c = ChunkCache(root, memory_bytes=1 << 20, disk_bytes=1 << 20)
-    with pytest.raises(CacheError, match="invalid chunk digest"):
+    with pytest.raises(FormatError, match="invalid digest"):
         c.get(bad, never)
-    with pytest.raises(CacheError, match="invalid chunk digest"):
+    with pytest.raises(FormatError, match="invalid digest"):
         c.put(bad, b"x")
-    with pytest.raises(CacheError, match="invalid chunk digest"):
+    with pytest.raises(FormatError, match="invalid digest"):
         c.contains(bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
     assert disk_files(root) == {}

@@ -1,0 +1,1024 @@
+"""The eStargz and zstd:chunked layer formats: footer, TOC, chunk verification, and the writer.
+
+What belongs here: byte layouts, parsing the TOC into a compact index, decompressing and verifying one
+chunk, and writing a layer.  What never does: I/O of its own (readers are callables handed in, writers get
+file objects), FUSE, HTTP, caching.  The error hierarchy of the whole project lives here too, because this
+is the module every other one imports.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import tarfile
+import tempfile
+import zlib
+from array import array
+from base64 import b64decode, b64encode
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+import zstandard
+from isal import igzip_threaded, isal_zlib
+
+
+class LazymountError(Exception):
+    """Base of every error lazymount reports to a user; `errno` is what a FUSE read answers."""
+
+    errno = errno.EIO
+
+
+class FormatError(LazymountError):
+    """A layer blob is not what its format promises."""
+
+
+class FooterError(FormatError):
+    """The blob ends in no eStargz, legacy stargz or zstd:chunked footer."""
+
+
+class TruncatedError(FormatError):
+    """The blob, its TOC or a chunk ends early, or an offset points outside the blob."""
+
+
+class TOCError(FormatError):
+    """The TOC is not valid JSON or not a valid table of contents."""
+
+
+class UnsafePathError(TOCError):
+    """An entry name or hardlink target escapes the layer (`..`, absolute, NUL, empty component)."""
+
+
+class DigestError(FormatError):
+    """Content does not match the digest that was promised for it."""
+
+
+TOC_TAR_NAME = "stargz.index.json"
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+LANDMARK_CONTENT = b"\x0f"
+DEFAULT_CHUNK_SIZE = 4 << 20
+MAX_TOC_BYTES = 1 << 30  # uncompressed TOC JSON; ~3 KB per entry for a million entries
+
+# eStargz footer, 51 bytes: gzip header with FEXTRA (10) + XLEN (2) + subfield 'S','G' + LEN (2+2)
+# + "%016x" TOC offset + "STARGZ" (22) + empty stored deflate block (5) + CRC32 and ISIZE (8).
+FOOTER_SIZE = 51
+# Legacy stargz footer, 47 bytes: the same without the subfield header (XLEN = 22).
+LEGACY_FOOTER_SIZE = 47
+_GZIP_EXTRA_HEADER = b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
+_EMPTY_DEFLATE_TAIL = b"\x01\x00\x00\xff\xff" + b"\x00" * 8
+# zstd:chunked (stargz-snapshotter flavour), the last 40 bytes: u64 LE TOC offset, compressed TOC length,
+# uncompressed TOC length, manifest type (1), magic "GnUlInUx"; the whole footer sits in a skippable frame
+# (magic 50 2a 4d 18 + u32 length = 8 bytes before it), as does the zstd-compressed TOC JSON.
+ZSTD_FOOTER_SIZE = 40
+ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
+_ZSTD_SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
+_ZSTD_MANIFEST_TYPE = 1
+
+GZIP = "estargz"
+ZSTD = "zstd:chunked"
+
+_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo")
+KIND_DIR, KIND_REG, KIND_SYMLINK, KIND_HARDLINK, KIND_CHAR, KIND_BLOCK, KIND_FIFO = range(len(_TYPES))
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_digest(digest: str) -> str:
+    """Return `digest` if it is `sha256:` + 64 lowercase hex, else raise FormatError."""
+    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+        raise FormatError(f"invalid digest {str(digest)[:80]!r}")
+    return digest
+
+
+def sha256_digest(data: bytes) -> str:
+    """The `sha256:<hex>` digest of `data`."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- footers
+
+
+def footer_bytes(toc_offset: int) -> bytes:
+    """The 51-byte eStargz footer pointing at the TOC's gzip member."""
+    payload = b"%016xSTARGZ" % toc_offset
+    return (_GZIP_EXTRA_HEADER + struct.pack("<H", 4 + len(payload)) + b"SG"
+            + struct.pack("<H", len(payload)) + payload + _EMPTY_DEFLATE_TAIL)
+
+
+def _parse_toc_offset(hex_and_magic: bytes) -> int:
+    if hex_and_magic[16:] != b"STARGZ" or not re.fullmatch(rb"[0-9a-fA-F]{16}", hex_and_magic[:16]):
+        raise FooterError("footer has no STARGZ magic and hex TOC offset")
+    return int(hex_and_magic[:16], 16)
+
+
+@dataclass(frozen=True, slots=True)
+class Footer:
+    """Where a blob's TOC lives: `format` is GZIP or ZSTD, the TOC spans [toc_offset, toc_end)."""
+
+    format: str
+    toc_offset: int
+    toc_end: int
+    footer_size: int
+
+
+def parse_footer(tail: bytes, blob_size: int) -> Footer:
+    """Parse the footer from `tail`, the last bytes (at least 51 if the blob has them) of a blob."""
+    if blob_size < LEGACY_FOOTER_SIZE or len(tail) < min(blob_size, FOOTER_SIZE):
+        raise TruncatedError(f"blob of {blob_size} bytes is too small for a footer")
+    footer = tail[-FOOTER_SIZE:]
+    if len(footer) == FOOTER_SIZE and footer[:10] == _GZIP_EXTRA_HEADER[:4] + footer[4:10] \
+            and footer[:4] == _GZIP_EXTRA_HEADER[:4] and footer[10:16] == b"\x1a\x00SG\x16\x00":
+        if footer[-13:] != _EMPTY_DEFLATE_TAIL:
+            raise FooterError("eStargz footer is not an empty gzip member")
+        return _footer_in_range(GZIP, _parse_toc_offset(footer[16:38]), blob_size - FOOTER_SIZE, FOOTER_SIZE)
+    legacy = tail[-LEGACY_FOOTER_SIZE:]
+    if legacy[:4] == _GZIP_EXTRA_HEADER[:4] and legacy[10:12] == b"\x16\x00":
+        if legacy[-13:] != _EMPTY_DEFLATE_TAIL:
+            raise FooterError("stargz footer is not an empty gzip member")
+        return _footer_in_range(GZIP, _parse_toc_offset(legacy[12:34]), blob_size - LEGACY_FOOTER_SIZE,
+                                LEGACY_FOOTER_SIZE)
+    zfooter = tail[-ZSTD_FOOTER_SIZE:]
+    if zfooter[32:] == ZSTD_CHUNKED_MAGIC:
+        offset, length, _raw_length, kind = struct.unpack("<QQQQ", zfooter[:32])
+        if kind != _ZSTD_MANIFEST_TYPE:
+            raise FooterError(f"zstd:chunked footer has manifest type {kind}, want {_ZSTD_MANIFEST_TYPE}")
+        end = offset + length
+        if end > blob_size - ZSTD_FOOTER_SIZE - 8:
+            raise TruncatedError(f"zstd:chunked TOC [{offset}, {end}) lies outside the blob")
+        return _footer_in_range(ZSTD, offset, end, ZSTD_FOOTER_SIZE + 8)
+    raise FooterError("blob ends in no eStargz, stargz or zstd:chunked footer (not an eStargz layer)")
+
+
+def _footer_in_range(fmt: str, toc_offset: int, toc_end: int, size: int) -> Footer:
+    if not 0 <= toc_offset < toc_end:
+        raise TruncatedError(f"TOC offset {toc_offset} lies outside the blob")
+    return Footer(fmt, toc_offset, toc_end, size)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _gunzip_bounded(data: bytes, limit: int, what: str) -> bytes:
+    """Decompress a chain of gzip members, never producing more than `limit` bytes."""
+    out = bytearray()
+    while data:
+        d = zlib.decompressobj(wbits=31)
+        try:
+            out += d.decompress(data, limit + 1 - len(out))
+        except zlib.error as e:
+            raise FormatError(f"{what}: corrupt gzip data ({e})") from None
+        if len(out) > limit:
+            raise FormatError(f"{what}: inflates past {limit} bytes")
+        if not d.eof:
+            raise TruncatedError(f"{what}: gzip data ends early")
+        data = d.unused_data
+    return bytes(out)
+
+
+def _unzstd_bounded(data: bytes, limit: int, what: str) -> bytes:
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+        out = reader.read(limit + 1)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{what}: corrupt zstd data ({e})") from None
+    if len(out) > limit:
+        raise FormatError(f"{what}: inflates past {limit} bytes")
+    return out
+
+
+def toc_json_from_member(member: bytes, fmt: str, limit: int = MAX_TOC_BYTES) -> bytes:
+    """Extract the TOC JSON from its compressed member(s) (a tar entry for gzip, bare JSON for zstd)."""
+    if fmt == ZSTD:
+        return _unzstd_bounded(member, limit, "TOC")
+    raw = _gunzip_bounded(member, limit + 8192, "TOC")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+            info = tar.next()
+            if info is None or info.name != TOC_TAR_NAME or not info.isreg():
+                raise TOCError(f"TOC member holds no {TOC_TAR_NAME} tar entry")
+            if info.size > limit:
+                raise TOCError(f"TOC of {info.size} bytes is larger than {limit}")
+            data = tar.extractfile(info).read()
+    except tarfile.TarError as e:
+        raise TOCError(f"TOC member is not a tar entry ({e})") from None
+    if len(data) != info.size:
+        raise TruncatedError("TOC tar entry ends early")
+    return data
+
+
+ReadAt = Callable[[int, int], bytes]
+
+
+def read_toc_json(read_at: ReadAt, blob_size: int, expected_digest: str | None = None,
+                  limit: int = MAX_TOC_BYTES) -> tuple[Footer, bytes]:
+    """Read the footer and the TOC JSON of a blob through `read_at(offset, length)`; verify the digest."""
+    tail_len = min(blob_size, FOOTER_SIZE)
+    footer = parse_footer(read_at(blob_size - tail_len, tail_len), blob_size)
+    member = read_at(footer.toc_offset, footer.toc_end - footer.toc_offset)
+    if len(member) != footer.toc_end - footer.toc_offset:
+        raise TruncatedError("TOC member ends early")
+    data = toc_json_from_member(member, footer.format, limit)
+    if expected_digest is not None and sha256_digest(data) != check_digest(expected_digest):
+        raise DigestError(f"TOC digest {sha256_digest(data)} does not match {expected_digest}")
+    return footer, data
+
+
+def read_index(read_at: ReadAt, blob_size: int, expected_digest: str | None = None) -> Index:
+    """Read, verify and index the TOC of an eStargz or zstd:chunked blob."""
+    footer, data = read_toc_json(read_at, blob_size, expected_digest)
+    return Index.from_json(data, footer)
+
+
+def normalize_name(name: object) -> str:
+    """Return a TOC/tar name as a clean relative path ('' for the root) or raise UnsafePathError."""
+    if not isinstance(name, str):
+        raise TOCError(f"entry name {name!r} is not a string")
+    if "\0" in name:
+        raise UnsafePathError(f"entry name {name!r} contains NUL")
+    if name.startswith("/"):
+        raise UnsafePathError(f"entry name {name!r} is absolute")
+    while name.startswith("./"):
+        name = name[2:]
+    name = name.rstrip("/")
+    if name in ("", "."):
+        return ""
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafePathError(f"entry name {name!r} has an empty, '.' or '..' component")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One verified unit of a file: bytes [file_offset, +size) live decompressed at inner_offset of the
+    member(s) spanning compressed [comp_offset, comp_end)."""
+
+    file_offset: int
+    size: int
+    comp_offset: int
+    comp_end: int
+    inner_offset: int
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """An entry's metadata, made on demand from the index columns."""
+
+    id: int
+    name: str
+    kind: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int
+    link_name: str
+    dev_major: int
+    dev_minor: int
+    nlink: int
+    xattrs: dict[str, bytes]
+
+    @property
+    def type(self) -> str:
+        return _TYPES[self.kind]
+
+
+class Index:
+    """A compact, read-only index of one layer's TOC.
+
+    Entries live in parallel typed arrays (about 45 bytes each plus the base name), chunks in three more
+    (48 bytes each); rare fields (symlink targets, xattrs, device numbers, inner offsets) in small dicts.
+    Entry 0 is the root.  Hardlinks are resolved to their target entry; landmarks are not in the tree.
+    """
+
+    ROOT = 0
+
+    def __init__(self, fmt: str = GZIP, toc_end: int = 0) -> None:
+        self.format = fmt
+        self.toc_offset = toc_end  # compressed end of the last chunk
+        self.prefetch_end: int | None = None  # offset of .prefetch.landmark
+        self.no_prefetch = False
+        self.names: list[str] = [""]
+        self._kind = bytearray([KIND_DIR])
+        self._mode = array("H", [0o755])
+        self._uid = array("I", [0])
+        self._gid = array("I", [0])
+        self._size = array("Q", [0])
+        self._mtime = array("q", [0])
+        self._parent = array("I", [0])
+        self._first_chunk = array("i", [-1])
+        self._nchunks = array("I", [0])
+        self._implicit = {0}  # directories only implied by a descendant
+        self._symlink: dict[int, str] = {}
+        self._xattrs: dict[int, dict[str, bytes]] = {}
+        self._dev: dict[int, tuple[int, int]] = {}
+        self._nlink: dict[int, int] = {}
+        self._hardlink_of: dict[int, int] = {}
+        self._chunk_comp = array("Q")
+        self._chunk_file = array("Q")
+        self._chunk_digest = bytearray()
+        self._inner: dict[int, int] = {}
+        self._order = array("I")
+        self._sorted_offsets: array | None = None
+
+    # -- building -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_json(cls, data: bytes, footer: Footer) -> Index:
+        """Parse TOC JSON into an index.  Entries are indexed as the parser meets them, so no list of
+        dicts for the whole TOC is ever held."""
+        builder = _IndexBuilder(cls(footer.format, footer.toc_offset))
+        try:
+            doc = json.loads(data, object_hook=builder.hook)
+        except (ValueError, RecursionError) as e:
+            raise TOCError(f"TOC is not valid JSON ({str(e)[:200]})") from None
+        if not isinstance(doc, dict) or doc.get("entries") != list(range(builder.count)):
+            raise TOCError("TOC is not an object with an 'entries' list of entries")
+        if doc.get("version", 1) not in (1, 2):
+            raise TOCError(f"unsupported TOC version {doc.get('version')!r}")
+        return builder.finish()
+
+    # -- queries ------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._kind)
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self._chunk_comp)
+
+    def kind(self, entry_id: int) -> int:
+        return self._kind[entry_id]
+
+    def parent(self, entry_id: int) -> int:
+        return self._parent[entry_id]
+
+    def is_implicit(self, entry_id: int) -> bool:
+        """True for a directory the TOC only implies (no entry of its own)."""
+        return entry_id in self._implicit
+
+    def entry(self, entry_id: int) -> Entry:
+        """The metadata of one entry."""
+        kind = self._kind[entry_id]
+        dev = self._dev.get(entry_id, (0, 0))
+        return Entry(entry_id, self.names[entry_id], kind, self._mode[entry_id], self._uid[entry_id],
+                     self._gid[entry_id], self._size[entry_id], self._mtime[entry_id],
+                     self._symlink.get(entry_id, ""), dev[0], dev[1], self._nlink.get(entry_id, 1),
+                     self._xattrs.get(entry_id, {}))
+
+    def _child_key(self, i: int) -> tuple[int, str]:
+        return self._parent[self._order[i]], self.names[self._order[i]]
+
+    def lookup_child(self, dir_id: int, name: str) -> int | None:
+        """The entry named `name` in directory `dir_id`, or None."""
+        key = (dir_id, name)
+        lo = bisect.bisect_left(range(len(self._order)), key, key=self._child_key)
+        if lo < len(self._order) and self._child_key(lo) == key:
+            return self._order[lo]
+        return None
+
+    def lookup(self, path: str) -> int | None:
+        """The entry at `path` (relative, '' for the root), or None."""
+        entry_id: int | None = self.ROOT
+        for part in (p for p in path.strip("/").split("/") if p):
+            if self._kind[entry_id] != KIND_DIR:
+                return None
+            entry_id = self.lookup_child(entry_id, part)
+            if entry_id is None:
+                return None
+        return entry_id
+
+    def children(self, dir_id: int) -> Iterator[tuple[str, int]]:
+        """(name, entry id) of a directory's entries, sorted by name."""
+        order = self._order
+        i = bisect.bisect_left(range(len(order)), dir_id, key=lambda k: self._parent[order[k]])
+        while i < len(order) and self._parent[order[i]] == dir_id:
+            yield self.names[order[i]], order[i]
+            i += 1
+
+    def walk(self, dir_id: int = ROOT, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(path, entry id) of every entry below `dir_id`, depth first, parents before children."""
+        for name, child in self.children(dir_id):
+            path = prefix + name
+            yield path, child
+            if self._kind[child] == KIND_DIR:
+                yield from self.walk(child, path + "/")
+
+    def chunks(self, entry_id: int) -> list[Chunk]:
+        """The chunks of a regular file, in file order."""
+        first = self._first_chunk[entry_id]
+        return [self.chunk(first + k, entry_id) for k in range(self._nchunks[entry_id])] if first >= 0 else []
+
+    def chunk(self, chunk_id: int, entry_id: int) -> Chunk:
+        """Chunk `chunk_id` of file `entry_id`."""
+        start = self._chunk_file[chunk_id]
+        last = self._first_chunk[entry_id] + self._nchunks[entry_id] - 1
+        end = self._size[entry_id] if chunk_id == last else self._chunk_file[chunk_id + 1]
+        comp = self._chunk_comp[chunk_id]
+        offsets = self._sorted_offsets if self._sorted_offsets is not None else self._chunk_comp
+        k = bisect.bisect_right(offsets, comp)
+        comp_end = offsets[k] if k < len(offsets) else self.toc_offset
+        digest = "sha256:" + self._chunk_digest[chunk_id * 32:chunk_id * 32 + 32].hex()
+        return Chunk(start, end - start, comp, comp_end, self._inner.get(chunk_id, 0), digest)
+
+    def chunk_range(self, entry_id: int, offset: int, length: int) -> list[Chunk]:
+        """The chunks of a file that hold bytes [offset, offset+length)."""
+        first, count = self._first_chunk[entry_id], self._nchunks[entry_id]
+        if first < 0 or length <= 0 or offset >= self._size[entry_id]:
+            return []
+        files = self._chunk_file
+        lo = bisect.bisect_right(files, offset, first, first + count) - 1
+        hi = bisect.bisect_left(files, offset + length, first, first + count)
+        return [self.chunk(k, entry_id) for k in range(lo, hi)]
+
+    def stats(self) -> dict[str, int]:
+        """Entry counts by type, chunks, and the uncompressed size of regular files."""
+        counts = {t: 0 for t in _TYPES}
+        for k in self._kind:
+            counts[_TYPES[k]] += 1
+        counts["chunks"] = self.chunk_count
+        counts["bytes"] = sum(self._size[i] for i, k in enumerate(self._kind) if k == KIND_REG)
+        return counts
+
+
+class _IndexBuilder:
+    """Feeds TOC entries (as the JSON parser produces them) into an Index; checks them as it goes."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.count = 0
+        self.ids: dict[str, int] = {"": 0}  # path -> entry id, while building only
+        self.last_reg: int | None = None
+        self.last_chunk_end = 0
+        self.mtimes: dict[str, int] = {}
+
+    def hook(self, obj: dict) -> object:
+        if "name" not in obj and "type" not in obj:
+            return obj  # the top level or an xattrs map
+        self.add(obj)
+        self.count += 1
+        return self.count - 1
+
+    def _dir(self, path: str) -> int:
+        """The id of directory `path`, creating implied directories."""
+        entry_id = self.ids.get(path)
+        if entry_id is None:
+            parent, _, base = path.rpartition("/")
+            entry_id = self._new(base, self._dir(parent))
+            self.ids[path] = entry_id
+            self.index._implicit.add(entry_id)
+        elif self.index._kind[entry_id] != KIND_DIR:
+            raise TOCError(f"{path!r} is used as a directory but is not one")
+        return entry_id
+
+    def _new(self, base: str, parent: int) -> int:
+        ix = self.index
+        ix.names.append(base)
+        ix._kind.append(KIND_DIR)
+        for col, value in ((ix._mode, 0o755), (ix._uid, 0), (ix._gid, 0), (ix._size, 0), (ix._mtime, 0),
+                           (ix._parent, parent), (ix._first_chunk, -1), (ix._nchunks, 0)):
+            col.append(value)
+        return len(ix._kind) - 1
+
+    def _mtime(self, value: object) -> int:
+        if not value:
+            return 0
+        if not isinstance(value, str):
+            raise TOCError(f"modtime {value!r} is not a string")
+        seconds = self.mtimes.get(value)
+        if seconds is None:
+            try:
+                seconds = int(datetime.fromisoformat(value).timestamp())
+            except ValueError:
+                raise TOCError(f"modtime {value[:40]!r} is not RFC 3339") from None
+            if len(self.mtimes) < 4096:
+                self.mtimes[value] = seconds
+        return seconds
+
+    def add(self, obj: dict) -> None:
+        typ = obj.get("type")
+        if typ == "chunk":
+            self._add_chunk(obj)
+            return
+        if typ not in _TYPES:
+            raise TOCError(f"entry {str(obj.get('name'))[:80]!r} has unknown type {typ!r}")
+        name = normalize_name(obj.get("name"))
+        ix = self.index
+        kind = _TYPES.index(typ)
+        if name in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
+            self.last_reg = None
+            if name == PREFETCH_LANDMARK:
+                ix.prefetch_end = _int(obj, "offset")
+            else:
+                ix.no_prefetch = True
+            self._add_payload(obj, None)
+            return
+        if name == "":
+            entry_id = 0
+            if kind != KIND_DIR:
+                raise TOCError("the root entry is not a directory")
+        else:
+            parent_path, _, base = name.rpartition("/")
+            parent = self._dir(parent_path)
+            entry_id = self.ids.get(name)
+            if entry_id is None or (kind != KIND_DIR or ix._kind[entry_id] != KIND_DIR):
+                entry_id = self._new(base, parent)  # a later duplicate replaces the earlier entry
+                if name in self.ids:
+                    ix._parent[self.ids[name]] = _ORPHAN
+                self.ids[name] = entry_id
+        ix._implicit.discard(entry_id)
+        ix._kind[entry_id] = kind
+        ix._mode[entry_id] = _int(obj, "mode") & 0o7777
+        ix._uid[entry_id] = _int(obj, "uid", 0xFFFFFFFF)
+        ix._gid[entry_id] = _int(obj, "gid", 0xFFFFFFFF)
+        ix._mtime[entry_id] = self._mtime(obj.get("modtime"))
+        self.last_reg = None
+        if kind == KIND_SYMLINK:
+            ix._symlink[entry_id] = _str(obj, "linkName")
+        elif kind == KIND_HARDLINK:
+            self._add_hardlink(entry_id, _str(obj, "linkName"))
+        elif kind in (KIND_CHAR, KIND_BLOCK):
+            ix._dev[entry_id] = (_int(obj, "devMajor"), _int(obj, "devMinor"))
+        elif kind == KIND_REG:
+            ix._size[entry_id] = _int(obj, "size")
+            self.last_reg = entry_id
+            self._add_payload(obj, entry_id)
+        xattrs = obj.get("xattrs")
+        if xattrs:
+            if not isinstance(xattrs, dict):
+                raise TOCError(f"xattrs of {name!r} are not a map")
+            try:
+                ix._xattrs[entry_id] = {str(k): b64decode(v, validate=True) for k, v in xattrs.items()}
+            except (ValueError, TypeError):
+                raise TOCError(f"xattrs of {name!r} are not base64") from None
+
+    def _add_hardlink(self, entry_id: int, link_name: str) -> None:
+        target = self.ids.get(normalize_name(link_name))
+        if target is None or target == entry_id:
+            raise TOCError(f"hardlink target {link_name[:80]!r} is not an earlier entry")
+        ix = self.index
+        ix._kind[entry_id] = ix._kind[target]
+        if ix._kind[target] == KIND_DIR:
+            raise TOCError(f"hardlink target {link_name[:80]!r} is a directory")
+        # A hardlink shares the target's data and metadata: copy the columns, keep one nlink count.
+        for col in (ix._mode, ix._uid, ix._gid, ix._size, ix._mtime, ix._first_chunk, ix._nchunks):
+            col[entry_id] = col[target]
+        for extra in (ix._symlink, ix._dev, ix._xattrs):
+            if target in extra:
+                extra[entry_id] = extra[target]
+        group = ix._nlink.get(target, 1) + 1
+        ix._nlink[target] = group
+        ix._hardlink_of[entry_id] = target
+
+    def _add_payload(self, obj: dict, entry_id: int | None) -> None:
+        """Record the first chunk of a regular file (or of a landmark, which only bounds chunks)."""
+        size = _int(obj, "size")
+        if size == 0 and not obj.get("offset"):
+            return
+        chunk_id = self._append_chunk(obj, 0, size)
+        if entry_id is not None:
+            self.index._first_chunk[entry_id] = chunk_id
+            self.index._nchunks[entry_id] = 1
+
+    def _add_chunk(self, obj: dict) -> None:
+        entry_id = self.last_reg
+        ix = self.index
+        if entry_id is None or ix._first_chunk[entry_id] < 0:
+            raise TOCError("a chunk entry does not follow a regular file")
+        file_offset = _int(obj, "chunkOffset")
+        if file_offset <= ix._chunk_file[-1] or file_offset >= ix._size[entry_id]:
+            raise TOCError(f"chunk offset {file_offset} of {ix.names[entry_id]!r} is out of order or range")
+        self._append_chunk(obj, file_offset, ix._size[entry_id])
+        ix._nchunks[entry_id] += 1
+
+    def _append_chunk(self, obj: dict, file_offset: int, file_size: int) -> int:
+        ix = self.index
+        offset = _int(obj, "offset")
+        if offset >= ix.toc_offset:
+            raise TruncatedError(f"chunk offset {offset} lies beyond the TOC at {ix.toc_offset}")
+        digest = obj.get("chunkDigest") or (obj.get("digest") if not obj.get("chunkSize") else None)
+        if digest is None:
+            raise TOCError(f"a chunk at offset {offset} has no chunkDigest")
+        ix._chunk_comp.append(offset)
+        ix._chunk_file.append(file_offset)
+        ix._chunk_digest += bytes.fromhex(check_digest(digest)[7:])
+        inner = _int(obj, "innerOffset")
+        if inner:
+            ix._inner[len(ix._chunk_comp) - 1] = inner
+        return len(ix._chunk_comp) - 1
+
+    def finish(self) -> Index:
+        ix = self.index
+        live = [i for i in range(len(ix._kind)) if i != 0 and ix._parent[i] != _ORPHAN]
+        live.sort(key=lambda i: (ix._parent[i], ix.names[i]))
+        ix._order = array("I", live)
+        for i in live:
+            if ix._kind[i] == KIND_DIR:
+                parent = ix._parent[i]
+                ix._nlink[parent] = ix._nlink.get(parent, 2) + 1
+                ix._nlink.setdefault(i, 2)
+        ix._nlink.setdefault(0, 2)
+        for entry_id, target in ix._hardlink_of.items():
+            ix._nlink[entry_id] = ix._nlink[target]
+        comp = ix._chunk_comp
+        if any(comp[k] > comp[k + 1] for k in range(len(comp) - 1)):
+            ix._sorted_offsets = array("Q", sorted(set(comp)))
+        else:
+            ix._sorted_offsets = None
+        return ix
+
+
+_ORPHAN = 0xFFFFFFFF
+
+
+def _int(obj: dict, key: str, maximum: int = (1 << 63) - 1) -> int:
+    value = obj.get(key, 0)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
+        raise TOCError(f"field {key!r} of {str(obj.get('name'))[:80]!r} is not a valid number: {value!r}")
+    return value
+
+
+def _str(obj: dict, key: str) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise TOCError(f"field {key!r} of {str(obj.get('name'))[:80]!r} is not a string")
+    return value
+
+
+def decompress_chunk(data: bytes, chunk: Chunk, fmt: str = GZIP) -> bytes:
+    """Decompress a chunk's compressed bytes [comp_offset, comp_end) and verify its digest.
+
+    Never inflates past the chunk's end; raises DigestError or FormatError instead of returning data
+    that does not match the TOC.
+    """
+    want = chunk.inner_offset + chunk.size
+    what = f"chunk at {chunk.comp_offset}"
+    if fmt == ZSTD:
+        try:
+            out = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read(want)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"{what}: corrupt zstd data ({e})") from None
+    else:
+        out = bytearray()
+        while len(out) < want and data:
+            d = isal_zlib.decompressobj(wbits=31)
+            try:
+                out += d.decompress(data, want - len(out))
+            except isal_zlib.error as e:
+                raise FormatError(f"{what}: corrupt gzip data ({e})") from None
+            data = d.unused_data if d.eof else b""
+    out = bytes(out[chunk.inner_offset:want])
+    if len(out) != chunk.size:
+        raise TruncatedError(f"{what}: {len(out)} bytes where {chunk.size} were promised")
+    if sha256_digest(out) != chunk.digest:
+        raise DigestError(f"{what}: content does not match {chunk.digest}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInfo:
+    """What a writer produced: blob digest/size, DiffID, TOC digest, uncompressed size."""
+
+    digest: str
+    size: int
+    diff_id: str
+    toc_digest: str
+    uncompressed_size: int
+    entries: int
+    prefetched: int  # files placed before .prefetch.landmark
+    annotations: dict[str, str]  # for the layer's descriptor in a manifest
+
+
+def open_layer_source(src: BinaryIO, threads: int = 1) -> BinaryIO:
+    """Wrap a layer stream (plain tar, gzip or zstd; detected by magic) as an uncompressed stream."""
+    peek = src.peek(4)[:4] if hasattr(src, "peek") else b""
+    if not peek:
+        src = io.BufferedReader(src)  # type: ignore[arg-type]
+        peek = src.peek(4)[:4]
+    if peek[:2] == b"\x1f\x8b":
+        return igzip_threaded.open(src, "rb", threads=max(0, min(threads, 1)))  # type: ignore[return-value]
+    if peek == b"\x28\xb5\x2f\xfd":
+        return zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)  # type: ignore
+    return src
+
+
+def _tar_padding(size: int) -> bytes:
+    return b"\0" * (-size % tarfile.BLOCKSIZE)
+
+
+def _compress_member(data: bytes, chunk_len: int, fmt: str, level: int) -> tuple[bytes, str | None]:
+    """Compress one member; return it and the digest of its first `chunk_len` bytes (the chunk)."""
+    digest = sha256_digest(data[:chunk_len]) if chunk_len else None
+    if fmt == ZSTD:
+        return zstandard.ZstdCompressor(level=level).compress(data), digest
+    return isal_zlib.compress(data, level, wbits=31), digest
+
+
+class _BlobWriter:
+    """Sends members through a thread pool and writes them in order, tracking offsets and digests.
+
+    A member is open until the next chunk starts: the tar headers that follow a chunk go into the
+    chunk's member, as in the reference writer.
+    """
+
+    def __init__(self, dst: BinaryIO, fmt: str, level: int, workers: int) -> None:
+        self.dst, self.fmt, self.level = dst, fmt, level
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="compress")
+        self.pending: deque[tuple[concurrent.futures.Future, dict | None]] = deque()
+        self.max_pending = 2 * max(1, workers) + 2
+        self.blob_hash = hashlib.sha256()
+        self.diff_hash = hashlib.sha256()
+        self.offset = 0
+        self.uncompressed = 0
+        self.member_offsets: list[int] = []
+        self.current = bytearray()
+        self.current_chunk: tuple[int, dict | None] = (0, None)
+        self.members = 0
+
+    def add(self, data: bytes) -> None:
+        self.current += data
+
+    def start_chunk(self, data: bytes, entry: dict) -> None:
+        """Start a new member whose first bytes are a file chunk described by the TOC `entry`."""
+        self.close_member()
+        entry["offset"] = self.members  # the member's index until `resolve_offsets`
+        self.current += data
+        self.current_chunk = (len(data), entry)
+
+    def close_member(self) -> None:
+        if not self.current:
+            return
+        data = bytes(self.current)
+        self.current.clear()
+        chunk_len, entry = self.current_chunk
+        self.current_chunk = (0, None)
+        self.diff_hash.update(data)
+        self.uncompressed += len(data)
+        future = self.pool.submit(_compress_member, data, chunk_len, self.fmt, self.level)
+        self.pending.append((future, entry))
+        self.members += 1
+        while len(self.pending) > self.max_pending:
+            self._write_next()
+
+    def _write_next(self) -> None:
+        future, entry = self.pending.popleft()
+        compressed, digest = future.result()
+        if entry is not None:
+            entry["chunkDigest"] = digest
+        self.member_offsets.append(self.offset)
+        self.write_compressed(compressed)
+
+    def finish_members(self) -> None:
+        self.close_member()
+        while self.pending:
+            self._write_next()
+
+    def write_compressed(self, data: bytes, uncompressed: bytes = b"") -> None:
+        self.dst.write(data)
+        self.blob_hash.update(data)
+        self.offset += len(data)
+        if uncompressed:
+            self.diff_hash.update(uncompressed)
+            self.uncompressed += len(uncompressed)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_REG_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
+_TAR_KINDS = {tarfile.LNKTYPE: "hardlink", tarfile.SYMTYPE: "symlink", tarfile.DIRTYPE: "dir",
+              tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo"}
+_XATTR_PREFIX = "SCHILY.xattr."
+
+
+def _format_mtime(mtime: float) -> str:
+    seconds = round(mtime)
+    return "" if seconds == 0 else datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _toc_entry(info: tarfile.TarInfo, typ: str) -> dict:
+    """The TOC entry of a tar member, with the reference's field order and omitempty rules."""
+    entry: dict = {"name": info.name, "type": typ}
+    if typ == "reg":
+        entry["size"] = info.size
+    link_name = info.linkname if typ in ("hardlink", "symlink") else ""
+    fields = (("modtime", _format_mtime(info.mtime)), ("linkName", link_name), ("mode", info.mode),
+              ("uid", info.uid), ("gid", info.gid), ("userName", info.uname), ("groupName", info.gname))
+    entry.update((k, v) for k, v in fields if v)
+    if typ in ("char", "block"):
+        entry.update((k, v) for k, v in (("devMajor", info.devmajor), ("devMinor", info.devminor)) if v)
+    xattrs = {k[len(_XATTR_PREFIX):]: b64encode(v.encode("utf-8", "surrogateescape")).decode()
+              for k, v in info.pax_headers.items() if k.startswith(_XATTR_PREFIX)}
+    if xattrs:
+        entry["xattrs"] = xattrs
+    return entry
+
+
+def _output_header(info: tarfile.TarInfo) -> bytes:
+    """The tar header to write for `info`; sparse files become regular files holding their holes."""
+    if info.sparse is not None or info.type == tarfile.GNUTYPE_SPARSE:
+        info = _copy_info(info)
+        info.type = tarfile.REGTYPE
+        info.pax_headers = {k: v for k, v in info.pax_headers.items() if not k.startswith("GNU.sparse.")}
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _copy_info(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    copy = tarfile.TarInfo(info.name)
+    for attr in ("mode", "uid", "gid", "size", "mtime", "type", "linkname", "uname", "gname", "devmajor",
+                 "devminor", "pax_headers"):
+        setattr(copy, attr, getattr(info, attr))
+    return copy
+
+
+def _prioritized_order(members: list[tarfile.TarInfo], prioritized: Iterable[str]) -> tuple[list, list]:
+    """Split members into (prioritized files with their parent dirs and hardlink targets, the rest)."""
+    by_name = {normalize_name(m.name): m for m in members}
+    first: list[tarfile.TarInfo] = []
+    taken: set[str] = set()
+
+    def take(name: str) -> None:
+        if name in taken or name not in by_name:
+            return
+        taken.add(name)
+        if "/" in name:
+            take(name.rpartition("/")[0])
+        member = by_name[name]
+        if member.type == tarfile.LNKTYPE:
+            take(normalize_name(member.linkname))
+        first.append(member)
+
+    for path in prioritized:
+        take(normalize_name(path))
+    return first, [m for m in members if normalize_name(m.name) not in taken]
+
+
+class _Landmark(tarfile.TarInfo):
+    """A landmark file the writer adds; its content is LANDMARK_CONTENT."""
+
+
+def _landmark_info(name: str) -> tarfile.TarInfo:
+    info = _Landmark(name)
+    info.size, info.mode, info.mtime = len(LANDMARK_CONTENT), 0o644, 0
+    return info
+
+
+def write_layer(src: BinaryIO, dst: BinaryIO, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                prioritized: list[str] | None = None, fmt: str = GZIP, level: int = 3,
+                workers: int | None = None, progress: Callable[[int], None] | None = None) -> LayerInfo:
+    """Convert a layer (tar, tar.gz or tar.zst stream) into an eStargz (or zstd:chunked) blob on `dst`.
+
+    Files in `prioritized` come first, followed by `.prefetch.landmark`; without a list the layer starts
+    with `.no.prefetch.landmark`.  Members are compressed on `workers` threads (default: all cores).
+    """
+    if chunk_size <= 0:
+        raise ValueError("chunk size must be positive")
+    workers = workers or os.cpu_count() or 1
+    writer = _BlobWriter(dst, fmt, level, workers)
+    try:
+        with tempfile.TemporaryFile() as spool:
+            source = open_layer_source(src, workers)
+            if prioritized is None:
+                tar = tarfile.open(fileobj=source, mode="r|", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+                ordered: Iterable = [_landmark_info(NO_PREFETCH_LANDMARK)]
+                ordered = _chain(ordered, tar)
+                prefetched = 0
+            else:
+                # Reordering needs random access: spool the uncompressed tar to disk first.
+                _copy_stream(source, spool)
+                spool.seek(0)
+                tar = tarfile.open(fileobj=spool, mode="r:", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+                first, rest = _prioritized_order(tar.getmembers(), prioritized)
+                prefetched = sum(1 for m in first if m.isreg() and m.size)
+                ordered = [*first, _landmark_info(PREFETCH_LANDMARK), *rest]
+            entries = _write_members(tar, ordered, writer, chunk_size, progress)
+        return _write_toc(writer, entries, fmt, level, prefetched)
+    except tarfile.TarError as e:
+        raise FormatError(f"source layer is not a valid tar archive ({e})") from None
+    except (EOFError, zlib.error, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        raise FormatError(f"source layer is corrupt or truncated ({e})") from None
+    finally:
+        writer.shutdown()
+
+
+def _chain(*iterables: Iterable) -> Iterator:
+    for it in iterables:
+        yield from it
+
+
+def _copy_stream(src: BinaryIO, dst: BinaryIO) -> None:
+    while block := src.read(1 << 20):
+        dst.write(block)
+
+
+def _write_members(tar: tarfile.TarFile, members: Iterable[tarfile.TarInfo], writer: _BlobWriter,
+                   chunk_size: int, progress: Callable[[int], None] | None) -> list[dict]:
+    entries: list[dict] = []
+    for info in members:
+        landmark = isinstance(info, _Landmark)
+        name = normalize_name(info.name)
+        if not landmark and name in (TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
+            continue  # a layer converted before: its TOC and landmarks are replaced, as the reference does
+        if info.type in _REG_TYPES:
+            typ = "reg"
+        elif info.type in _TAR_KINDS:
+            typ = _TAR_KINDS[info.type]
+            if typ == "hardlink":
+                normalize_name(info.linkname)
+        else:
+            raise FormatError(f"unsupported tar entry type {info.type!r} for {info.name!r}")
+        entry = _toc_entry(info, typ)
+        writer.add(_output_header(info))
+        if typ == "reg":
+            _write_payload(tar, info, entry, entries, writer, chunk_size, landmark)
+        else:
+            entries.append(entry)
+        if progress is not None:
+            progress(info.size if typ == "reg" else 0)
+    return entries
+
+
+def _write_payload(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: dict, entries: list[dict],
+                   writer: _BlobWriter, chunk_size: int, landmark: bool) -> None:
+    """Write a regular file's content as chunks, each opening a member; fill the TOC entries."""
+    file_hash = hashlib.sha256()
+    if info.size:
+        stream = io.BytesIO(LANDMARK_CONTENT) if landmark else tar.extractfile(info)
+        written = 0
+        chunk_entry = entry
+        while written < info.size:
+            data = stream.read(min(chunk_size, info.size - written))
+            if not data:
+                raise TruncatedError(f"source layer ends inside {info.name!r}")
+            if len(data) < info.size - written:
+                chunk_entry["chunkSize"] = len(data)
+            if written:
+                chunk_entry["chunkOffset"] = written
+            file_hash.update(data)
+            writer.start_chunk(data, chunk_entry)
+            entries.append(chunk_entry)
+            written += len(data)
+            chunk_entry = {"name": info.name, "type": "chunk"}
+        writer.add(_tar_padding(info.size))
+    else:
+        entries.append(entry)
+    entry["digest"] = "sha256:" + file_hash.hexdigest()
+
+
+def _write_toc(writer: _BlobWriter, entries: list[dict], fmt: str, level: int, prefetched: int) -> LayerInfo:
+    writer.finish_members()
+    for entry in entries:
+        if "offset" in entry:
+            entry["offset"] = writer.member_offsets[entry["offset"]]
+    toc_json = json.dumps({"version": 1, "entries": entries}, separators=(",", ":")).encode()
+    toc_digest = sha256_digest(toc_json)
+    end_of_archive = b"\0" * (2 * tarfile.BLOCKSIZE)
+    annotations = {}
+    if fmt == ZSTD:
+        compressor = zstandard.ZstdCompressor(level=level)
+        writer.write_compressed(compressor.compress(end_of_archive), end_of_archive)
+        compressed_toc = compressor.compress(toc_json)
+        toc_offset = writer.offset + 8
+        writer.write_compressed(_skippable_frame(compressed_toc))
+        footer = struct.pack("<QQQQ", toc_offset, len(compressed_toc), len(toc_json), _ZSTD_MANIFEST_TYPE)
+        writer.write_compressed(_skippable_frame(footer + ZSTD_CHUNKED_MAGIC))
+        annotations = {
+            "io.containers.zstd-chunked.manifest-checksum": sha256_digest(compressed_toc),
+            "io.containers.zstd-chunked.manifest-position":
+                f"{toc_offset}:{len(compressed_toc)}:{len(toc_json)}:{_ZSTD_MANIFEST_TYPE}",
+        }
+    else:
+        header = tarfile.TarInfo(TOC_TAR_NAME)
+        header.size, header.mode, header.mtime = len(toc_json), 0o644, 0
+        member = header.tobuf(tarfile.USTAR_FORMAT) + toc_json + _tar_padding(len(toc_json)) + end_of_archive
+        toc_offset = writer.offset
+        writer.write_compressed(isal_zlib.compress(member, level, wbits=31), member)
+        writer.write_compressed(footer_bytes(toc_offset))
+    annotations.update({
+        "containerd.io/snapshot/stargz/toc.digest": toc_digest,
+        "io.containers.estargz.uncompressed-size": str(writer.uncompressed),
+    })
+    return LayerInfo("sha256:" + writer.blob_hash.hexdigest(), writer.offset,
+                     "sha256:" + writer.diff_hash.hexdigest(), toc_digest, writer.uncompressed,
+                     len(entries), prefetched, annotations)
+
+
+def _skippable_frame(payload: bytes) -> bytes:
+    return _ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", len(payload)) + payload

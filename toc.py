@@ -704,15 +704,29 @@ class LayerInfo:
     annotations: dict[str, str]  # for the layer's descriptor in a manifest
 
 
+class _RawReader(io.RawIOBase):
+    """Adapts any object with read() to a raw stream, so it can be buffered and peeked."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:
+        data = self.f.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def open_layer_source(src: BinaryIO, threads: int = 1) -> BinaryIO:
     """Wrap a layer stream (plain tar, gzip or zstd; detected by magic) as an uncompressed stream."""
-    peek = src.peek(4)[:4] if hasattr(src, "peek") else b""
-    if not peek:
-        src = io.BufferedReader(src)  # type: ignore[arg-type]
-        peek = src.peek(4)[:4]
-    if peek[:2] == b"\x1f\x8b":
-        return igzip_threaded.open(src, "rb", threads=max(0, min(threads, 1)))  # type: ignore[return-value]
-    if peek == b"\x28\xb5\x2f\xfd":
+    if not hasattr(src, "peek"):
+        src = io.BufferedReader(_RawReader(src), 1 << 20)  # type: ignore[assignment]
+    magic = src.peek(4)[:4]  # type: ignore[attr-defined]
+    if magic[:2] == b"\x1f\x8b":
+        return igzip_threaded.open(src, "rb", threads=min(threads, 1))  # type: ignore[return-value]
+    if magic == b"\x28\xb5\x2f\xfd":
         return zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)  # type: ignore
     return src
 

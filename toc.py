@@ -367,6 +367,10 @@ class Index:
         """True for a directory the TOC only implies (no entry of its own)."""
         return entry_id in self._implicit
 
+    def hardlink_target(self, entry_id: int) -> int | None:
+        """For a hardlink, the entry it links to (whose data and inode it shares); else None."""
+        return self._hardlink_of.get(entry_id)
+
     def entry(self, entry_id: int) -> Entry:
         """The metadata of one entry."""
         kind = self._kind[entry_id]

@@ -524,11 +524,12 @@ def add_platform_index(layout: Path, tag: str, platforms: list[str]) -> str:
     return index_digest
 
 
-def skopeo(*args: str, registry: Registry | None = None, dest: bool = True) -> subprocess.CompletedProcess:
-    """Run skopeo (no TLS on loopback, the test user's credentials for an auth registry)."""
+def skopeo(*args: str, registry: Registry | None = None,
+           creds_flag: str = "--dest-creds") -> subprocess.CompletedProcess:
+    """Run skopeo; for an auth registry, pass the test user's credentials with `creds_flag`."""
     creds: list[str] = []
     if registry is not None and registry.auth != "anonymous":
-        creds = [f"--{'dest' if dest else 'src'}-creds", f"{USERNAME}:{PASSWORD}"]
+        creds = [creds_flag, f"{USERNAME}:{PASSWORD}"]
     env = dict(os.environ, HOME=str(registry.workdir if registry else Path.cwd()))
     return subprocess.run(["skopeo", "--insecure-policy", *args, *creds], check=True, capture_output=True,
                           text=True, timeout=120, env=env)

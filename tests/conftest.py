@@ -1,7 +1,8 @@
 """Shared pytest wiring: the CI no-skip rule and session fixtures for the reference tools.
 
 What belongs here: hooks and fixtures every test module may use (a private containerd, the Go eStargz
-verifier). Helpers with logic live in tests/reference.py and tests/images.py; tests live in test_*.py.
+verifier, the edge-case tree). Helpers with logic live in tests/reference.py and tests/images.py;
+tests live in test_*.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from images import make_edge_tree
 from reference import ESTARGZ_GO_PACKAGE, Containerd, build_verifier
 
 
@@ -56,3 +58,9 @@ def estargz_verifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("go") is None or not ESTARGZ_GO_PACKAGE.is_dir():
         pytest.skip("needs the Debian packages golang-go and golang-github-containerd-stargz-snapshotter-dev")
     return build_verifier(tmp_path_factory.mktemp("estargz-verify"))
+
+
+@pytest.fixture(scope="session")
+def edge_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tree of images.make_edge_tree, shared by the session: copy it before changing it."""
+    return make_edge_tree(tmp_path_factory.mktemp("edge") / "tree")

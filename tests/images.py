@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 CHUNK = 4 * MIB  # the reference's default eStargz chunk size
+REF_NAME = "org.opencontainers.image.ref.name"
 
 # Sizes around the chunk boundary, plus a multi-chunk file that does not end on a boundary.
 EDGE_FILE_SIZES = {
@@ -165,24 +166,25 @@ def _fix_dir_mtimes(root: Path, mtime: int = 1_700_000_000) -> None:
 
 
 def make_layer_tar(tree: Path, out: Path, fmt: str = "pax", gzip: bool = False,
-                   dot_prefix: bool = False) -> Path:
+                   dot_prefix: bool = False, sparse: bool = True) -> Path:
     """Pack tree into a layer tarball at out with GNU tar; return out.
 
     fmt "pax" writes PAX headers (long names, xattrs, big/fractional mtimes) and PAX 1.0 sparse maps;
     fmt "gnu" writes GNU long-name entries and old GNU sparse ('S') entries and cannot carry xattrs.
     Members are sorted by name. Names are relative without a leading './' unless dot_prefix, which adds
-    './' to every name and a './' entry for the root directory itself.
+    './' to every name and a './' entry for the root directory itself. sparse=False stores sparse
+    files with their holes written out as zeros (the reference converter rejects sparse entries).
     """
     if fmt not in ("pax", "gnu"):
         raise ValueError(f"unknown tar format {fmt!r}")
     cmd = ["tar", "--create", "--file", str(out), "--directory", str(tree), f"--format={fmt}",
-           "--sparse", "--numeric-owner", "--sort=name"]
+           "--numeric-owner", "--sort=name", *(["--sparse"] if sparse else [])]
     if fmt == "pax":
         cmd += ["--xattrs", "--xattrs-include=*"]
     if gzip:
-        cmd.append("--gzip")
+        cmd.append("--use-compress-program=gzip -n")
     members = ["."] if dot_prefix else sorted(os.listdir(tree))
-    subprocess.run(cmd + ["--", *members], check=True, env={**os.environ, "GZIP": "-n"})
+    subprocess.run(cmd + ["--", *members], check=True)
     return out
 
 
@@ -208,28 +210,74 @@ def make_oci_image(layout_dir: Path, tag: str, layer_trees: list[Path],
     Each tree in layer_trees is the complete root filesystem after its layer: layer i is the difference
     between tree i-1 and tree i. It is made by `umoci unpack`, replacing the bundle's rootfs with tree i
     and `umoci repack`; umoci's diff writes a `.wh.NAME` whiteout for every path present in tree i-1
-    and absent from tree i (a removed directory gets one whiteout, not one per child). umoci repack never
-    writes opaque markers: for each directory D in opaque_dirs[i] an extra layer made by
-    `umoci insert --opaque tree_i/D /D` precedes layer i; it holds `D/.wh..wh..opq` plus tree i's D.
+    and absent from tree i (a removed directory gets one whiteout, not one per child).
+    umoci repack never writes opaque markers, and umoci 0.4.7's `insert --opaque` writes a truncated tar
+    (no padding, no end blocks). So for each directory D in opaque_dirs[i] an extra GNU tar layer
+    precedes layer i: `D/.wh..wh..opq` plus tree i's D (and D's parent directories).
     """
     layout_dir.parent.mkdir(parents=True, exist_ok=True)
     image = f"{layout_dir}:{tag}"
-    work = layout_dir.parent / f".{layout_dir.name}-bundle"
+    work = layout_dir.parent / f".{layout_dir.name}-work"
     subprocess.run(["umoci", "init", "--layout", str(layout_dir)], check=True)
     subprocess.run(["umoci", "new", "--image", image], check=True)
     for i, tree in enumerate(layer_trees):
         for d in (opaque_dirs or {}).get(i, []):
-            d = d.strip("/")
-            subprocess.run(["umoci", "insert", "--no-history", "--image", image, "--opaque",
-                            str(tree / d), f"/{d}"], check=True)
+            shutil.rmtree(work, ignore_errors=True)
+            _write(work / "stage" / d.strip("/") / ".wh..wh..opq", b"")
+            subprocess.run(["cp", "-a", "--parents", "--", d.strip("/"), str(work / "stage")], cwd=tree,
+                           check=True)
+            layer = make_layer_tar(work / "stage", work / "opaque.tar.gz", gzip=True)
+            append_layers(layout_dir, tag, [layer])
         shutil.rmtree(work, ignore_errors=True)
         subprocess.run(["umoci", "unpack", "--image", image, str(work)], check=True,
                        stdout=subprocess.DEVNULL)
         _make_bundle_match(work / "rootfs", tree)
-        subprocess.run(["umoci", "repack", "--no-history", "--image", image, str(work)], check=True)
+        subprocess.run(["umoci", "repack", "--image", image, str(work)], check=True)
     shutil.rmtree(work, ignore_errors=True)
     subprocess.run(["umoci", "gc", "--layout", str(layout_dir)], check=True)
     return layout_dir
+
+
+def _add_blob(layout_dir: Path, data: bytes | Path) -> tuple[str, int]:
+    """Store bytes or a file's content as a blob of the layout; return (digest, size)."""
+    blobs = layout_dir / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, Path):
+        hex_digest, size = _sha256_file(data), data.stat().st_size
+        shutil.copyfile(data, blobs / hex_digest)
+    else:
+        hex_digest, size = hashlib.sha256(data).hexdigest(), len(data)
+        (blobs / hex_digest).write_bytes(data)
+    return f"sha256:{hex_digest}", size
+
+
+def _read_blob(layout_dir: Path, digest: str) -> dict:
+    return json.loads((layout_dir / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes())
+
+
+def append_layers(layout_dir: Path, tag: str, layer_tars: list[Path]) -> None:
+    """Append layer tarballs (.tar or .tar.gz, used byte for byte) to the image tagged `tag`.
+
+    The manifest, the config (`rootfs.diff_ids`, a history entry per layer) and the index entry are
+    rewritten; the old manifest and config blobs stay until `umoci gc`.
+    """
+    index = json.loads((layout_dir / "index.json").read_text())
+    entry = next(m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) == tag)
+    manifest = _read_blob(layout_dir, entry["digest"])
+    config = _read_blob(layout_dir, manifest["config"]["digest"])
+    for tar_path in layer_tars:
+        with open(tar_path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        digest, size = _add_blob(layout_dir, tar_path)
+        diff_id = f"sha256:{_sha256_file(tar_path, gzip.open)}" if gzipped else digest
+        config["rootfs"]["diff_ids"].append(diff_id)
+        config.setdefault("history", []).append({"created_by": f"lazymount tests: {tar_path.name}"})
+        media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzipped else "")
+        manifest["layers"].append({"mediaType": media, "digest": digest, "size": size})
+    config_ref = manifest["config"]
+    config_ref["digest"], config_ref["size"] = _add_blob(layout_dir, json.dumps(config).encode())
+    entry["digest"], entry["size"] = _add_blob(layout_dir, json.dumps(manifest).encode())
+    (layout_dir / "index.json").write_text(json.dumps(index))
 
 
 def write_oci_layout(layout_dir: Path, tag: str, layer_tars: list[Path]) -> Path:
@@ -238,39 +286,19 @@ def write_oci_layout(layout_dir: Path, tag: str, layer_tars: list[Path]) -> Path
     Unlike make_oci_image, nothing re-packs the layers, so GNU tar's own headers (GNU sparse entries,
     './' prefixes, PAX records) reach whoever reads the image. Return layout_dir.
     """
-    blobs = layout_dir / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-
-    def add_blob(path: Path | None, data: bytes | None = None) -> tuple[str, int]:
-        if path is not None:
-            digest, size = _sha256_file(path), path.stat().st_size
-            shutil.copyfile(path, blobs / digest)
-        else:
-            digest, size = hashlib.sha256(data).hexdigest(), len(data)
-            (blobs / digest).write_bytes(data)
-        return f"sha256:{digest}", size
-
-    layers, diff_ids = [], []
-    for tar_path in layer_tars:
-        with open(tar_path, "rb") as f:
-            gzipped = f.read(2) == b"\x1f\x8b"
-        digest, size = add_blob(tar_path)
-        diff_ids.append(f"sha256:{_sha256_file(tar_path, gzip.open)}" if gzipped else digest)
-        media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzipped else "")
-        layers.append({"mediaType": media, "digest": digest, "size": size})
     config = {"architecture": _go_arch(), "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": diff_ids}}
-    cfg_digest, cfg_size = add_blob(None, json.dumps(config).encode())
+              "rootfs": {"type": "layers", "diff_ids": []}}
+    cfg_digest, cfg_size = _add_blob(layout_dir, json.dumps(config).encode())
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                            "digest": cfg_digest, "size": cfg_size},
-                "layers": layers}
-    man_digest, man_size = add_blob(None, json.dumps(manifest).encode())
-    index = {"schemaVersion": 2, "manifests": [
-        {"mediaType": manifest["mediaType"], "digest": man_digest, "size": man_size,
-         "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+                "layers": []}
+    man_digest, man_size = _add_blob(layout_dir, json.dumps(manifest).encode())
+    index = {"schemaVersion": 2, "manifests": [{"mediaType": manifest["mediaType"], "digest": man_digest,
+                                                 "size": man_size, "annotations": {REF_NAME: tag}}]}
     (layout_dir / "index.json").write_text(json.dumps(index))
     (layout_dir / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    append_layers(layout_dir, tag, layer_tars)
     return layout_dir
 
 

@@ -42,6 +42,14 @@ DISABLED_PLUGINS = (
 )
 
 
+class ToolError(subprocess.CalledProcessError):
+    """A reference tool failed; unlike its base class, str() includes the tool's stderr."""
+
+    def __str__(self) -> str:
+        stderr = self.stderr.decode(errors="replace") if isinstance(self.stderr, bytes) else self.stderr
+        return f"{super().__str__()}\n{(stderr or '').strip()}"
+
+
 class Containerd:
     """A private containerd: own config, root, state, sockets and opt dir under base_dir.
 
@@ -104,10 +112,11 @@ class Containerd:
 
     def _run(self, tool: str, args: tuple[str, ...], check: bool, **kwargs) -> subprocess.CompletedProcess:
         cmd = [tool, "--address", self.address, "--namespace", self.namespace, *args]
-        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
         proc = subprocess.run(cmd, check=False, **kwargs)
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+            raise ToolError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
 
     def ctr(self, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -161,13 +170,14 @@ def _read_blob_json(layout: Path, digest: str) -> dict:
     return json.loads(blob_path(layout, digest).read_bytes())
 
 
-def ref_convert(containerd: Containerd, oci_layout: Path, tag: str, out_layout: Path,
-                zstd: bool = False) -> dict:
+def ref_convert(containerd: Containerd, oci_layout: Path, tag: str, out_layout: Path, zstd: bool = False,
+                chunk_size: int | None = None, compression_level: int | None = None) -> dict:
     """Convert an OCI layout's image to eStargz (or zstd:chunked) with `ctr-remote image convert`.
 
-    The layout is imported into containerd (as a tar stream, without unpacking), converted with the
-    reference's defaults (gzip level 9, 4 MiB chunks), exported and unpacked as an OCI image layout at
-    out_layout whose index names it `tag`. Returns the converted manifest.
+    The layout is imported into containerd (as a tar stream, without unpacking), converted (reference
+    defaults: 4 MiB chunks, gzip level 9, unless chunk_size/compression_level say otherwise), exported
+    and unpacked as an OCI image layout at out_layout whose index names it `tag`. Returns the converted
+    manifest. Raises ToolError with the reference's message when it refuses the input.
     """
     manifest_digest = _index_entry_digest(oci_layout, tag)
     src = f"localhost/lazymount/import:{tag}"
@@ -177,7 +187,12 @@ def ref_convert(containerd: Containerd, oci_layout: Path, tag: str, out_layout: 
                        "-", stdin=tar.stdout)
     if tar.returncode != 0:
         raise subprocess.CalledProcessError(tar.returncode, tar.args)
-    containerd.ctr_remote("images", "convert", "--oci", "--zstdchunked" if zstd else "--estargz", src, dst)
+    options = ["--oci", "--zstdchunked" if zstd else "--estargz"]
+    if chunk_size is not None:
+        options += ["--estargz-chunk-size", str(chunk_size)]
+    if compression_level is not None:
+        options += ["--estargz-compression-level", str(compression_level)]
+    containerd.ctr_remote("images", "convert", *options, src, dst)
     out_layout.mkdir(parents=True, exist_ok=True)
     with subprocess.Popen(["tar", "-C", str(out_layout), "-x"], stdin=subprocess.PIPE) as untar:
         containerd.ctr("images", "export", "--skip-manifest-json", "-", dst, stdout=untar.stdin)
@@ -246,9 +261,12 @@ def verify_with_reference(verifier: Path, blob: Path, toc_digest: str, zstd: boo
 
     Records (see verify.go) carry type, size, mode, uid, gid, mtime, linkName, devMajor/devMinor,
     numLink, xattrs (base64), digest, chunks, sha256 and, for hardlinks, source (the entry they
-    resolve to). Raises CalledProcessError (stderr holds the reason) when verification fails.
+    resolve to). Raises ToolError (stderr holds the reason) when verification fails.
     """
     args = [str(verifier), *(["--zstd"] if zstd else []), str(blob), toc_digest]
-    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    proc = subprocess.run(args, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ToolError(proc.returncode, args, proc.stdout, proc.stderr)
+    out = proc.stdout
     records = (json.loads(line) for line in out.splitlines())
     return {r["name"]: r for r in records}

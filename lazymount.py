@@ -1,22 +1,50 @@
-"""The lazymount command line.
+"""The lazymount command line and its FUSE adapter.
 
 What belongs here: argument parsing, turning errors into one-line messages and exit codes, and the
-adapters a user starts (commands).  What never does: format, registry or cache logic — those live in
-toc.py, fetch.py, cache.py and convert.py.
+adapters a user starts (commands): `convert`, `inspect`, `mount` (the FUSE operations over tree.py's
+merged view, daemonized), `umount`, `run` (bubblewrap over a mount) and `stats`.  What never does:
+format, registry, cache or overlay logic — those live in toc.py, fetch.py, cache.py, tree.py and
+convert.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import errno
 import json
 import logging
+import os
+import shutil
+import stat
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import cache
 import convert
+import fetch
 import toc
+import tree
+
+# Only libfuse3 lets a read exceed 128 KiB; mfusepy picks its library when imported.
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+import mfusepy  # noqa: E402
 
 log = logging.getLogger("lazymount")
+
+STATS_XATTR = "user.lazymount.stats"  # virtual, on the root directory, never listed
+IMAGE_XATTR = "user.lazymount.image"  # the image's reference, digest and runtime config (Env, User...)
+ATTR_TIMEOUT = 86400.0  # an image never changes: the kernel may cache names and attributes for a day
+READ_AHEAD_KB = 1024
+UMOUNT_WAIT = 10.0  # seconds `umount` waits for the daemon to exit after the kernel let go
+RUNTIME_KEYS = ("Env", "WorkingDir", "User", "Entrypoint", "Cmd")  # what `run` needs of the image config
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -110,6 +138,392 @@ def _print_layer_report(report: dict) -> None:
               f"({report['toc_bytes']} bytes)")
 
 
+# --------------------------------------------------------------------------------------------- mounting
+
+
+class MountError(toc.LazymountError):
+    """A mount, unmount or run could not be done."""
+
+
+class LazyFS(mfusepy.Operations):
+    """The FUSE operations: a thin, read-only adapter over a tree.ImageView."""
+
+    use_ns = True
+
+    def __init__(self, view: tree.ImageView, info: dict, on_ready: Callable[[], None]) -> None:
+        self.view, self.info, self._on_ready = view, info, on_ready
+        self._handles: dict[int, tuple[tree.Node, tree.ReadState]] = {}
+        self._next_fh = 1
+        self._lock = threading.Lock()
+        self._fs_bytes: int | None = None
+
+    def _tree(self) -> tree.MergedTree:
+        try:
+            return self.view.tree()
+        except toc.LazymountError as e:
+            log.warning("%s", e)
+            raise OSError(e.errno, str(e)) from None
+
+    def _node(self, path: str) -> tuple[tree.MergedTree, tree.Node]:
+        merged = self._tree()
+        node = merged.lookup(path)
+        if node is None:
+            raise OSError(errno.ENOENT, path)
+        return merged, node
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def init(self, path: str) -> None:
+        self.view.start()
+        self._on_ready()
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def destroy(self, path: str) -> None:
+        self.view.close()
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def getattr(self, path: str, fh: int | None = None) -> dict:
+        merged, node = self._node(path)
+        return merged.attrs(node)
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def readdir(self, path: str, fh: int) -> Iterator[tuple[str, dict, int]]:
+        merged, node = self._node(path)
+        if not merged.is_dir(node):
+            raise OSError(errno.ENOTDIR, path)
+        own = {"st_mode": merged.mode(node), "st_ino": node.ino}
+        yield ".", own, 0
+        yield "..", own, 0
+        for name, child in merged.children(node).items():
+            yield name, {"st_mode": merged.mode(child), "st_ino": child.ino}, 0
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def readlink(self, path: str) -> str:
+        merged, node = self._node(path)
+        if not stat.S_ISLNK(merged.mode(node)):
+            raise OSError(errno.EINVAL, path)
+        return merged.readlink(node)
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def open(self, path: str, flags: int) -> int:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise OSError(errno.EROFS, path)
+        merged, node = self._node(path)
+        if not stat.S_ISREG(merged.mode(node)):
+            raise OSError(errno.EINVAL, path)
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = (node, tree.ReadState())
+        return fh
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        node, state = self._handles[fh]
+        return self.view.read(node, offset, size, state)
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def release(self, path: str, fh: int) -> int:
+        with self._lock:
+            self._handles.pop(fh, None)
+        return 0
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        merged, node = self._node(path)
+        if node is merged.root and name == STATS_XATTR:
+            return json.dumps({**self.info, **self.view.stats(), "pid": os.getpid()}).encode()
+        if node is merged.root and name == IMAGE_XATTR:
+            return json.dumps(self.info).encode()
+        value = merged.xattrs(node).get(name)
+        if value is None:
+            raise OSError(mfusepy.ENOATTR, name)
+        return value
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def listxattr(self, path: str) -> list[str]:
+        merged, node = self._node(path)
+        return list(merged.xattrs(node))
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def statfs(self, path: str) -> dict[str, int]:
+        merged = self._tree()
+        if self._fs_bytes is None:
+            self._fs_bytes = sum(layer.index.stats()["bytes"] for layer in self.view.layers if layer.index)
+        return {"f_bsize": tree.BLOCK_SIZE, "f_frsize": tree.BLOCK_SIZE,
+                "f_blocks": -(-self._fs_bytes // tree.BLOCK_SIZE), "f_bfree": 0, "f_bavail": 0,
+                "f_files": merged.nodes, "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
+
+
+def _parse_fuse_options(text: str | None) -> dict[str, str | bool]:
+    """`-o a,b=c` as mfusepy keywords; refuses options that would weaken a mount made without root."""
+    options: dict[str, str | bool] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if key in ("suid", "dev", "rw"):
+            raise MountError(f"-o {key} is not allowed: lazymount mounts are read-only, nosuid and nodev")
+        options[key] = value if sep else True
+    return options
+
+
+def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
+    """Resolve the image, read every eStargz layer's TOC, and set up the cache and the view."""
+    overrides = {"plain_http": True} if args.plain_http else {}
+    config = fetch.load_config(**overrides)
+    ref = fetch.parse_reference(args.image)
+    credentials = None
+    if args.creds:
+        user, sep, password = args.creds.partition(":")
+        if not sep:
+            raise fetch.InvalidInputError("--creds takes USER:PASSWORD")
+        credentials = {ref.domain: (user, password)}
+    client = fetch.RegistryClient(config, credentials) if ref.layout is None else None
+    image = fetch.open_image(ref, config, platform=args.platform, client=client)
+    descriptors = image.layers
+    if args.layer:
+        descriptors = [d for d in descriptors if d.digest == args.layer]
+        if not descriptors:
+            raise MountError(f"{args.image} has no layer {args.layer}")
+    layers = [tree.Layer(d.digest, image.blob(d.digest), d.annotations.get(convert.TOC_DIGEST_ANNOTATION))
+              for d in descriptors]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        lazy = list(pool.map(tree.Layer.open_index, layers))
+    for layer, is_lazy, descriptor in zip(layers, lazy, descriptors, strict=True):
+        if not is_lazy:
+            log.warning("layer %s (%s) is not eStargz: downloading it whole in the background",
+                        layer.digest, descriptor.media_type or "no media type")
+    cache_dir = Path(args.cache_dir) if args.cache_dir else cache.default_cache_dir()
+    chunk_cache = cache.ChunkCache(cache_dir, disk_bytes=args.cache_size)
+    opaque = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"
+    view = tree.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
+                          opaque_xattr=opaque, prefetch=args.prefetch, background=args.background_fetch)
+    runtime = image.config.get("config") if isinstance(image.config.get("config"), dict) else {}
+    info = {"reference": str(ref), "digest": image.digest, "mountpoint": str(args.mountpoint),
+            "config": {k: runtime[k] for k in RUNTIME_KEYS if k in runtime}}
+    return view, info
+
+
+def _raise_read_ahead(mountpoint: Path) -> None:
+    """Let the kernel read ahead 1 MiB on this mount (the bdi file is writable by root only)."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        if os.access(path, os.W_OK):
+            path.write_text(str(READ_AHEAD_KB))
+    except OSError as e:
+        log.debug("read_ahead_kb not raised: %s", e)
+
+
+def _serve(args: argparse.Namespace, notify: Callable[[], None]) -> None:
+    """Open the image and serve it at args.mountpoint until unmounted; `notify` runs once it answers."""
+    view, info = _open_view(args)
+    mountpoint = Path(args.mountpoint)
+
+    def ready() -> None:
+        threading.Thread(target=_raise_read_ahead, args=(mountpoint,), daemon=True).start()
+        log.info("mounted %s at %s", info["reference"], mountpoint)
+        notify()
+
+    options = {"fsname": "lazymount", "subtype": "lazymount", "ro": True, "nosuid": True, "nodev": True,
+               "default_permissions": True, "kernel_cache": True, "use_ino": True,
+               "attr_timeout": ATTR_TIMEOUT, "entry_timeout": ATTR_TIMEOUT, "negative_timeout": ATTR_TIMEOUT,
+               **_parse_fuse_options(args.options)}
+    try:
+        mfusepy.FUSE(LazyFS(view, info, ready), str(mountpoint), foreground=True, **options)
+    except RuntimeError as e:
+        raise MountError(f"mounting {mountpoint} failed (libfuse: {e})") from None
+    finally:
+        view.close()
+        view.cache.close()
+
+
+def _mount_in_background(args: argparse.Namespace) -> None:
+    """Fork the daemon (before any thread exists), wait until its mount answers or it fails."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        code = 1
+        try:
+            os.setsid()
+            if os.fork():
+                os._exit(0)
+            _redirect_to_null(0, 1)
+
+            def ready() -> None:
+                os.write(write_fd, b"ok\n")
+                os.close(write_fd)
+                _redirect_to_null(2)
+
+            _serve(args, ready)
+            code = 0
+        except toc.LazymountError as e:
+            with contextlib.suppress(OSError):
+                os.write(write_fd, f"{e}\n".encode())
+        except BaseException as e:  # noqa: BLE001 -- the daemon must report and exit, never return
+            log.debug("daemon failed", exc_info=True)
+            with contextlib.suppress(OSError):
+                os.write(write_fd, f"internal error: {type(e).__name__}: {e}\n".encode())
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(write_fd)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    if message != "ok":
+        raise MountError(message or "the mount daemon exited before mounting (try --foreground -v)")
+
+
+def _redirect_to_null(*fds: int) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    args.mountpoint = Path(args.mountpoint).absolute()
+    if not args.mountpoint.is_dir():
+        raise MountError(f"mount point {args.mountpoint} is not a directory")
+    if args.foreground:
+        _serve(args, lambda: None)
+    else:
+        _mount_in_background(args)
+    return 0
+
+
+def _daemon_pid(mountpoint: Path) -> int | None:
+    try:
+        return int(json.loads(os.getxattr(mountpoint, STATS_XATTR))["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount (lazily if busy or if the daemon died) and wait a little for the daemon to exit."""
+    pid = _daemon_pid(mountpoint)
+    result = None
+    for command in (["fusermount3", "-u", str(mountpoint)], ["fusermount3", "-u", "-z", str(mountpoint)]):
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            break
+    else:
+        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip() if result else ''}")
+    deadline = time.monotonic() + UMOUNT_WAIT
+    while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    unmount(Path(args.mountpoint).absolute())
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    try:
+        stats = json.loads(os.getxattr(args.mountpoint, STATS_XATTR))
+    except OSError as e:
+        raise MountError(f"{args.mountpoint} is not a lazymount mount ({e.strerror})") from None
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"{stats['reference']} at {stats['mountpoint']} (pid {stats['pid']})")
+    for layer in stats["layers"]:
+        print(f"  {layer['digest'][:19]}  {layer['state']:7}  fetched {layer['bytes_fetched']:>12} B in "
+              f"{layer['requests']} requests, served {layer['bytes_served']:>12} B, chunk hits "
+              f"{layer['chunk_hits']}, fetched chunks {layer['chunks_fetched']}")
+    c = stats["cache"]
+    print(f"  cache: {c['hits_memory']} memory hits, {c['hits_disk']} disk hits, {c['misses']} misses, "
+          f"{c['bytes_on_disk']} B on disk")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def _read_image_file(root: Path, relative: str) -> str:
+    """A small text file of the mounted image, not following a final symlink out of it."""
+    try:
+        fd = os.open(root / relative, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+        return f.read(1 << 20)
+
+
+def _image_ids(root: Path, user_spec: str) -> tuple[int, int]:
+    """The uid and gid of the image's `User` (`name`, `uid`, `name:group`, `uid:gid`), from its files."""
+    user, _, group = (user_spec or "0").partition(":")
+    passwd = [line.split(":") for line in _read_image_file(root, "etc/passwd").splitlines()]
+    passwd = [p for p in passwd if len(p) >= 4]
+    match = [p for p in passwd if p[0] == user or p[2] == user]
+    if user.isdigit():
+        uid = int(user)
+    elif match:
+        uid = int(match[0][2])
+    else:
+        raise MountError(f"the image's user {user!r} is not in its /etc/passwd")
+    gid = int(match[0][3]) if match and match[0][3].isdigit() else 0
+    if group:
+        groups = [line.split(":") for line in _read_image_file(root, "etc/group").splitlines()]
+        named = [g for g in groups if len(g) >= 3 and g[0] == group]
+        if group.isdigit():
+            gid = int(group)
+        elif named and named[0][2].isdigit():
+            gid = int(named[0][2])
+        else:
+            raise MountError(f"the image's group {group!r} is not in its /etc/group")
+    return uid, gid
+
+
+def bwrap_command(root: Path, config: dict, command: list[str], binds: list[str]) -> list[str]:
+    """The bubblewrap command line running `command` in the image mounted at `root`."""
+    uid, gid = _image_ids(root, str(config.get("User") or ""))
+    argv = ["bwrap", "--unshare-user", "--unshare-pid", "--die-with-parent", "--uid", str(uid),
+            "--gid", str(gid), "--bind", str(root), "/", "--proc", "/proc", "--dev", "/dev",
+            "--tmpfs", "/tmp"]
+    for name in ("etc/resolv.conf", "etc/hosts"):
+        if os.path.isfile(f"/{name}") and (root / name).is_file() and not (root / name).is_symlink():
+            argv += ["--ro-bind", f"/{name}", f"/{name}"]
+    for bind in binds:
+        src, sep, dst = bind.partition(":")
+        if not sep or not src or not dst.startswith("/"):
+            raise MountError(f"--bind {bind!r}: expected SRC:/DST")
+        argv += ["--bind", os.path.abspath(src), dst]
+    argv.append("--clearenv")
+    env = dict(item.partition("=")[::2] for item in config.get("Env") or [] if "=" in item)
+    env.setdefault("PATH", DEFAULT_PATH)
+    for key, value in env.items():
+        argv += ["--setenv", key, value]
+    argv += ["--chdir", config.get("WorkingDir") or "/"]
+    if not command:
+        command = list(config.get("Entrypoint") or []) + list(config.get("Cmd") or [])
+    if not command:
+        raise MountError("no command given and the image has no Entrypoint or Cmd")
+    return [*argv, "--", *command]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if shutil.which("bwrap") is None:
+        raise MountError("bubblewrap (bwrap) is not installed")
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args.mountpoint = Path(tempfile.mkdtemp(prefix="lazymount-run-"))
+    args.layer, args.options = None, None
+    try:
+        _mount_in_background(args)
+        try:
+            info = json.loads(os.getxattr(args.mountpoint, IMAGE_XATTR))
+            argv = bwrap_command(args.mountpoint, info["config"], command, args.bind)
+            log.debug("running %s", argv)
+            code = subprocess.run(argv, check=False).returncode
+        finally:
+            unmount(args.mountpoint)
+    finally:
+        with contextlib.suppress(OSError):
+            args.mountpoint.rmdir()
+    return code if code >= 0 else 128 - code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lazymount", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
@@ -133,6 +547,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", metavar="DIGEST", help="only this layer of an image")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+
+    image = argparse.ArgumentParser(add_help=False)
+    image.add_argument("image", help="REGISTRY/NAME[:TAG|@DIGEST] or oci:DIR[:TAG]")
+    image.add_argument("--cache-dir", metavar="D", help="chunk cache directory (default ~/.cache/lazymount)")
+    image.add_argument("--cache-size", type=parse_size, default=cache.DEFAULT_DISK_BYTES, metavar="N",
+                       help="bound of the on-disk chunk cache (default 10G)")
+    image.add_argument("--platform", metavar="P", help="os/arch[/variant] to pick from an index")
+    image.add_argument("--creds", metavar="U:P", help="registry credentials")
+    image.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to the registry")
+    image.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                       help="fetch the landmark range [0, prefetch_end) at mount time")
+    image.add_argument("--background-fetch", action=argparse.BooleanOptionalAction, default=True,
+                       help="then fetch the rest of every layer at low priority")
+    image.add_argument("--log-file", metavar="FILE", help="the daemon's log (default: discarded)")
+
+    p = sub.add_parser("mount", parents=[image], help="mount an image read-only (FUSE)")
+    p.add_argument("mountpoint")
+    p.add_argument("--layer", metavar="DIGEST", help="mount one layer as an overlayfs lower directory")
+    p.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    p.add_argument("-o", dest="options", metavar="FUSE_OPTS", help="extra FUSE options, e.g. allow_other")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount (also a mount whose daemon died)")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("run", parents=[image], help="run a command in an image with bubblewrap")
+    p.add_argument("--bind", action="append", default=[], metavar="SRC:DST", help="bind a host path")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... (default: Entrypoint + Cmd)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stats", help="bytes fetched and served, cache hits, per layer, of a mount")
+    p.add_argument("mountpoint")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_stats)
     return parser
 
 
@@ -140,7 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the lazymount command line; return the exit status."""
     args = build_parser().parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="lazymount: %(levelname)s: %(message)s")
+    log_file = getattr(args, "log_file", None)
+    prefix = "%(asctime)s %(process)d " if log_file else ""
+    logging.basicConfig(level=level, filename=log_file,
+                        format=prefix + "lazymount: %(levelname)s: %(message)s")
     try:
         return args.func(args)
     except toc.LazymountError as e:

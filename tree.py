@@ -1,0 +1,626 @@
+"""The merged, read-only view of an image: layers, the overlay tree with its inode table, and file data.
+
+What belongs here: applying OCI overlay rules to the layers' TOC indexes (upper wins, `.wh.NAME`
+whiteouts, `.wh..wh..opq` opaque directories, implied directories keeping a lower layer's metadata),
+stable inode numbers (root = 1, one per hardlink group), `stat`-like attributes, and reading file bytes
+chunk by chunk through the cache with read-ahead, landmark prefetch and a low-priority background fetch.
+Layers that are not eStargz are downloaded whole (verified) in the background and converted locally.
+What never does: FUSE or any kernel interface (lazymount.py adapts this to FUSE), HTTP (a layer is
+handed a `fetch.BlobReader`), TOC parsing (toc.py) or keeping chunks (cache.py).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import errno
+import logging
+import os
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import cache
+import toc
+
+log = logging.getLogger(__name__)
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+ROOT_INO = 1
+BLOCK_SIZE = 4096  # st_blksize and statfs block size
+PREFETCH_SPAN = 16 << 20  # compressed bytes fetched in one request by prefetch and background fetch
+READY_TIMEOUT = 600.0  # how long a file system call waits for a layer still being downloaded
+_KIND_MODE = {toc.KIND_DIR: stat.S_IFDIR, toc.KIND_REG: stat.S_IFREG, toc.KIND_SYMLINK: stat.S_IFLNK,
+              toc.KIND_CHAR: stat.S_IFCHR, toc.KIND_BLOCK: stat.S_IFBLK, toc.KIND_FIFO: stat.S_IFIFO}
+
+
+class NotReadyError(toc.LazymountError):
+    """A layer of the image is still being downloaded (or its download failed and is retried)."""
+
+    errno = errno.EAGAIN
+
+
+class BlobSource(Protocol):
+    """What a layer needs of its blob: random reads (`fetch.BlobReader` or a local file)."""
+
+    size: int
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+    def download(self, path: str | os.PathLike[str]) -> None: ...
+
+
+class _FileBlob:
+    """A local, already verified blob file read with pread."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = os.fstat(self._fd).st_size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def download(self, path: str | os.PathLike[str]) -> None:
+        raise NotImplementedError("a local blob is never downloaded")
+
+
+@dataclass
+class LayerStats:
+    """Counters of one layer, as `lazymount stats` shows them."""
+
+    bytes_fetched: int = 0  # compressed bytes read from the blob (registry or local copy)
+    requests: int = 0
+    chunks_fetched: int = 0
+    chunk_hits: int = 0  # chunk reads answered by the cache
+    bytes_served: int = 0  # file bytes returned to readers
+    prefetched_bytes: int = 0
+    background_bytes: int = 0
+    errors: int = 0
+
+
+@dataclass
+class Layer:
+    """One layer: its digest, blob and (once known) TOC index; `pending` until a plain layer is converted."""
+
+    digest: str
+    blob: BlobSource
+    toc_digest: str | None = None
+    index: toc.Index | None = None
+    stats: LayerStats = field(default_factory=LayerStats)
+    error: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def state(self) -> str:
+        """`lazy` (eStargz read by range), `local` (downloaded and converted), `pending` or `failed`."""
+        if self.index is None:
+            return "failed" if self.error else "pending"
+        return "local" if isinstance(self.blob, _FileBlob) else "lazy"
+
+    def open_index(self) -> bool:
+        """Read the TOC if the blob is eStargz with a TOC digest annotation; False if it is not eStargz."""
+        if self.toc_digest is None:
+            return False
+        try:
+            self.index = toc.read_index(self.blob.read_at, self.blob.size, self.toc_digest)
+        except toc.FooterError:
+            return False
+        return True
+
+    def fetch(self, offset: int, length: int) -> bytes:
+        """Raw compressed bytes of the blob, counted."""
+        data = self.blob.read_at(offset, length)
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.bytes_fetched += len(data)
+        return data
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    def localize(self, work_dir: Path) -> None:
+        """Download the whole blob (verified), convert it to eStargz unless it already is, and index it."""
+        hexdigest = toc.check_digest(self.digest)[7:]
+        blob_path = work_dir / "blobs" / hexdigest
+        converted = work_dir / "converted" / f"{hexdigest}.estargz"
+        for directory in (blob_path.parent, converted.parent):
+            directory.mkdir(parents=True, exist_ok=True)
+        if not converted.exists():
+            if not blob_path.exists():
+                self.blob.download(blob_path)
+            local = _FileBlob(blob_path)
+            try:
+                self.index = toc.read_index(local.read_at, local.size)
+                self.blob = local
+                self.count("bytes_fetched", local.size)
+                return
+            except toc.FooterError:
+                os.close(local._fd)
+            fd, tmp = tempfile.mkstemp(dir=converted.parent, prefix=".convert-")
+            try:
+                with open(blob_path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                    toc.write_layer(src, dst, level=1)
+                os.replace(tmp, converted)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self.count("bytes_fetched", blob_path.stat().st_size)
+            blob_path.unlink(missing_ok=True)
+        local = _FileBlob(converted)
+        self.index = toc.read_index(local.read_at, local.size)
+        self.blob = local
+
+
+class Node:
+    """One name in the merged tree.  A directory has `sources`, the (layer, entry) pairs it merges from
+    top to bottom; any other node has exactly one source."""
+
+    __slots__ = ("ino", "parent", "name", "layer", "entry", "sources", "children", "closed")
+
+    def __init__(self, ino: int, parent: Node | None, name: str, layer: int, entry: int) -> None:
+        self.ino, self.parent, self.name = ino, parent, name
+        self.layer, self.entry = layer, entry
+        self.sources: list[tuple[int, int]] = [(layer, entry)]
+        self.children: dict[str, Node] | None = None
+        self.closed = False  # no lower layer merges into this directory (opaque, or a non-dir below)
+
+    @property
+    def path(self) -> str:
+        parts = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/" + "/".join(reversed(parts))
+
+
+class MergedTree:
+    """The overlay of `layers` (bottom first).  Directories are merged when first looked into.
+
+    `raw=True` shows one layer as an overlayfs lower directory instead: whiteouts become 0:0 character
+    devices and opaque directories carry the `opaque_xattr` xattr.
+    """
+
+    def __init__(self, layers: Sequence[Layer], raw: bool = False,
+                 opaque_xattr: str = "trusted.overlay.opaque") -> None:
+        self.layers = list(layers)
+        self.raw, self.opaque_xattr = raw, opaque_xattr
+        self._lock = threading.RLock()
+        self._next_ino = ROOT_INO + 1
+        self._group_ino: dict[tuple[int, int], int] = {}
+        self._group_nlink: dict[tuple[int, int], int] = {}
+        self._members: dict[int, dict[int, list[int]]] = {}
+        top = len(self.layers) - 1
+        self.root = Node(ROOT_INO, None, "", top, toc.Index.ROOT)
+        self.root.sources = []
+        for layer in range(top, -1, -1):
+            self.root.sources.append((layer, toc.Index.ROOT))
+            if self._index(layer).lookup_child(toc.Index.ROOT, OPAQUE_MARKER) is not None:
+                break
+        self.root.layer, self.root.entry = self._metadata_source(self.root)
+        self.nodes = 1
+
+    def _index(self, layer: int) -> toc.Index:
+        index = self.layers[layer].index
+        assert index is not None, "a MergedTree is built from indexed layers only"
+        return index
+
+    # -- lookups ------------------------------------------------------------------------------------
+
+    def lookup(self, path: str) -> Node | None:
+        """The node at `path` ('/' or '' for the root), or None."""
+        node = self.root
+        for part in path.split("/"):
+            if not part:
+                continue
+            if not self.is_dir(node):
+                return None
+            child = self.children(node).get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def is_dir(self, node: Node) -> bool:
+        return self._index(node.layer).kind(node.entry) == toc.KIND_DIR and not self._is_raw_whiteout(node)
+
+    def children(self, node: Node) -> dict[str, Node]:
+        """A directory's merged children by name (merged on first call)."""
+        children = node.children
+        if children is None:
+            with self._lock:
+                if node.children is None:
+                    node.children = self._merge(node)
+                children = node.children
+        return children
+
+    def _new_node(self, parent: Node, name: str, layer: int, entry: int) -> Node:
+        index = self._index(layer)
+        ino = 0
+        target = index.hardlink_target(entry)
+        if target is not None or self._members_of(layer).get(entry):
+            key = (layer, target if target is not None else entry)
+            ino = self._group_ino.get(key, 0)
+            if not ino:
+                ino = self._group_ino[key] = self._take_ino()
+        node = Node(ino or self._take_ino(), parent, name, layer, entry)
+        self.nodes += 1
+        if index.kind(entry) == toc.KIND_DIR and index.lookup_child(entry, OPAQUE_MARKER) is not None:
+            node.closed = True
+        return node
+
+    def _take_ino(self) -> int:
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    def _merge(self, node: Node) -> dict[str, Node]:
+        """Apply the overlay rules to the directory's sources, top layer first."""
+        merged: dict[str, Node] = {}
+        hidden: set[str] = set()
+        for layer, entry in node.sources:
+            index = self._index(layer)
+            whiteouts = set()
+            for name, child in index.children(entry):
+                if name.startswith(WHITEOUT_PREFIX):
+                    if self.raw and name != OPAQUE_MARKER:
+                        shown = name[len(WHITEOUT_PREFIX):]
+                        merged[shown] = self._new_node(node, shown, layer, child)
+                    elif name != OPAQUE_MARKER:
+                        whiteouts.add(name[len(WHITEOUT_PREFIX):])
+                    continue
+                if name in hidden or (self.raw and name in merged):
+                    continue
+                upper = merged.get(name)
+                if upper is None:
+                    merged[name] = self._new_node(node, name, layer, child)
+                elif not upper.closed and self.is_dir(upper):
+                    if index.kind(child) == toc.KIND_DIR:
+                        upper.sources.append((layer, child))
+                        upper.closed = index.lookup_child(child, OPAQUE_MARKER) is not None
+                    else:
+                        upper.closed = True  # a lower non-directory ends the merge below it
+            hidden |= whiteouts
+        for child in merged.values():
+            if self.is_dir(child):
+                child.layer, child.entry = self._metadata_source(child)
+        return dict(sorted(merged.items()))
+
+    def _metadata_source(self, node: Node) -> tuple[int, int]:
+        """The topmost source with an entry of its own: an implied directory keeps lower metadata."""
+        for layer, entry in node.sources:
+            if not self._index(layer).is_implicit(entry):
+                return layer, entry
+        return node.sources[0]
+
+    def _is_raw_whiteout(self, node: Node) -> bool:
+        return self.raw and self._index(node.layer).names[node.entry].startswith(WHITEOUT_PREFIX)
+
+    # -- attributes ---------------------------------------------------------------------------------
+
+    def entry(self, node: Node) -> toc.Entry:
+        return self._index(node.layer).entry(node.entry)
+
+    def mode(self, node: Node) -> int:
+        """st_mode: type bits and permissions."""
+        if self._is_raw_whiteout(node):
+            return stat.S_IFCHR
+        e = self.entry(node)
+        return _KIND_MODE[e.kind] | e.mode
+
+    def attrs(self, node: Node) -> dict[str, int]:
+        """The `stat` of a node (times in nanoseconds, st_blocks in the kernel's 512-byte units)."""
+        e = self.entry(node)
+        size = e.size if e.kind == toc.KIND_REG else 0
+        if e.kind == toc.KIND_SYMLINK:
+            size = len(os.fsencode(e.link_name))
+        if self._is_raw_whiteout(node):
+            rdev = 0
+        else:
+            rdev = os.makedev(e.dev_major, e.dev_minor) if e.kind in (toc.KIND_CHAR, toc.KIND_BLOCK) else 0
+        mtime = e.mtime * 1_000_000_000
+        return {"st_ino": node.ino, "st_mode": self.mode(node), "st_nlink": self.nlink(node),
+                "st_uid": e.uid, "st_gid": e.gid, "st_size": size, "st_blocks": (size + 511) // 512,
+                "st_blksize": BLOCK_SIZE, "st_rdev": rdev, "st_mtime": mtime, "st_atime": mtime,
+                "st_ctime": mtime}
+
+    def nlink(self, node: Node) -> int:
+        """2 + subdirectories for a directory; the visible names of a hardlink group; else 1."""
+        if self.is_dir(node):
+            return 2 + sum(1 for child in self.children(node).values() if self.is_dir(child))
+        index = self._index(node.layer)
+        target = index.hardlink_target(node.entry)
+        key = (node.layer, target if target is not None else node.entry)
+        if target is None and not self._members_of(node.layer).get(node.entry):
+            return 1
+        if key not in self._group_nlink:
+            names = [key[1], *self._members_of(node.layer)[key[1]]]
+            visible = sum(1 for entry in names if self._resolves_to(key, _entry_path(index, entry)))
+            self._group_nlink[key] = max(visible, 1)
+        return self._group_nlink[key]
+
+    def _members_of(self, layer: int) -> dict[int, list[int]]:
+        """Hardlink groups of a layer: target entry -> the entries linking to it (built once)."""
+        members = self._members.get(layer)
+        if members is None:
+            index, members = self._index(layer), {}
+            for entry in range(len(index)):
+                target = index.hardlink_target(entry)
+                if target is not None:
+                    members.setdefault(target, []).append(entry)
+            self._members[layer] = members
+        return members
+
+    def _resolves_to(self, key: tuple[int, int], path: str) -> bool:
+        node = self.lookup(path)
+        if node is None or node.layer != key[0]:
+            return False
+        target = self._index(node.layer).hardlink_target(node.entry)
+        return (target if target is not None else node.entry) == key[1]
+
+    def xattrs(self, node: Node) -> dict[str, bytes]:
+        """The node's extended attributes (plus the opaque marker in a raw layer view)."""
+        xattrs = self.entry(node).xattrs
+        if self.raw and node.closed and self.is_dir(node):
+            xattrs = {**xattrs, self.opaque_xattr: b"y"}
+        return xattrs
+
+    def readlink(self, node: Node) -> str:
+        return self.entry(node).link_name
+
+    def walk(self, node: Node | None = None) -> Iterator[Node]:
+        """Every node below `node` (default: the root), parents first; merges everything it visits."""
+        for child in self.children(node or self.root).values():
+            yield child
+            if self.is_dir(child):
+                yield from self.walk(child)
+
+
+def _entry_path(index: toc.Index, entry: int) -> str:
+    parts = []
+    while entry != toc.Index.ROOT:
+        parts.append(index.names[entry])
+        entry = index.parent(entry)
+    return "/".join(reversed(parts))
+
+
+@dataclass
+class ReadState:
+    """Per open file: where the next sequential read would start and how far read-ahead reaches."""
+
+    next_offset: int = 0
+    ahead_until: int = 0
+
+
+class ImageView:
+    """An image's layers, their merged tree once every layer is indexed, and file data through the cache.
+
+    `start()` launches the threads (call it after daemonizing): the download of layers that are not
+    eStargz, then the landmark prefetch and, if enabled, a low-priority background fetch of every chunk.
+    """
+
+    def __init__(self, layers: Sequence[Layer], chunk_cache: cache.ChunkCache, work_dir: Path, *,
+                 raw: bool = False, opaque_xattr: str = "trusted.overlay.opaque", prefetch: bool = True,
+                 background: bool = True) -> None:
+        self.layers = list(layers)
+        self.cache, self.work_dir = chunk_cache, Path(work_dir)
+        self.prefetch, self.background = prefetch, background
+        self._tree_args = (raw, opaque_xattr)
+        self._tree: MergedTree | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._busy = 0
+        self._idle = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._ahead = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="readahead")
+        if all(layer.index is not None for layer in self.layers):
+            self._build_tree()
+
+    def _build_tree(self) -> None:
+        self._tree = MergedTree(self.layers, *self._tree_args)
+        self._ready.set()
+
+    def start(self) -> None:
+        """Start the background threads."""
+        self._spawn("layer-download", self._download_pending)
+        if self.prefetch or self.background:
+            self._spawn("prefetch", self._prefetch_all)
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def close(self) -> None:
+        """Stop the background work (threads are daemons: a download in flight is abandoned)."""
+        self._stop.set()
+        self._ahead.shutdown(wait=False, cancel_futures=True)
+
+    def tree(self, timeout: float = READY_TIMEOUT) -> MergedTree:
+        """The merged tree; waits up to `timeout` for layers still being downloaded."""
+        if not self._ready.wait(timeout):
+            failed = [f"{layer.digest}: {layer.error}" for layer in self.layers if layer.error]
+            raise NotReadyError("layers still downloading" + (f" ({'; '.join(failed)})" if failed else ""))
+        assert self._tree is not None
+        return self._tree
+
+    # -- background work ----------------------------------------------------------------------------
+
+    def _download_pending(self) -> None:
+        delay = 1.0
+        while not self._stop.is_set():
+            pending = [layer for layer in self.layers if layer.index is None]
+            if not pending:
+                break
+            for layer in pending:
+                try:
+                    layer.localize(self.work_dir)
+                    layer.error = None
+                    log.info("layer %s downloaded and indexed; serving it", layer.digest)
+                except (toc.LazymountError, OSError) as e:
+                    layer.error = str(e)
+                    log.warning("layer %s: download failed, retrying in %.0f s: %s", layer.digest, delay, e)
+            if any(layer.index is None for layer in self.layers):
+                self._stop.wait(delay)
+                delay = min(delay * 2, 60.0)
+        if not self._stop.is_set() and self._tree is None:
+            self._build_tree()
+
+    def _prefetch_all(self) -> None:
+        lazy = [layer for layer in self.layers if layer.state == "lazy"]
+        if self.prefetch:
+            for layer in lazy:
+                assert layer.index is not None
+                end = layer.index.prefetch_end
+                if end:
+                    chunks = [c for c in _layer_chunks(layer.index) if c.comp_end <= end]
+                    self._fetch_chunks(layer, chunks, "prefetched_bytes", low_priority=False)
+        if not self.background:
+            return
+        with contextlib.suppress(OSError):  # below normal priority: only this thread
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        for layer in lazy:
+            assert layer.index is not None
+            self._fetch_chunks(layer, _layer_chunks(layer.index), "background_bytes", low_priority=True)
+            if self._stop.is_set():
+                return
+        log.info("background fetch complete")
+
+    def _fetch_chunks(self, layer: Layer, chunks: list[toc.Chunk], counter: str, low_priority: bool) -> None:
+        """Fetch chunks missing from the cache in spans of up to PREFETCH_SPAN compressed bytes."""
+        assert layer.index is not None
+        fmt = layer.index.format
+        missing = [c for c in chunks if not self.cache.contains(c.digest)]
+        for span in _spans(missing):
+            if self._stop.is_set():
+                return
+            if low_priority:
+                self._wait_idle()
+            start, end = span[0].comp_offset, span[-1].comp_end
+            try:
+                data = layer.fetch(start, end - start)
+                for c in span:
+                    part = data[c.comp_offset - start:c.comp_end - start]
+                    self.cache.get(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt))
+                layer.count(counter, end - start)
+            except (toc.LazymountError, OSError) as e:
+                layer.count("errors")
+                log.warning("layer %s: fetching [%d, %d) failed: %s", layer.digest, start, end, e)
+
+    def _wait_idle(self) -> None:
+        with self._idle:
+            while self._busy and not self._stop.is_set():
+                self._idle.wait(1.0)
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    def read(self, node: Node, offset: int, size: int, state: ReadState | None = None) -> bytes:
+        """Up to `size` bytes of a regular file at `offset`; verified bytes or OSError(EIO)."""
+        layer = self.layers[node.layer]
+        index = layer.index
+        assert index is not None
+        chunks = index.chunk_range(node.entry, offset, size)
+        out = bytearray()
+        with self._idle:
+            self._busy += 1
+        try:
+            for c in chunks:
+                data = self._chunk(layer, c, node)
+                lo = max(offset, c.file_offset) - c.file_offset
+                out += data[lo:min(offset + size, c.file_offset + c.size) - c.file_offset]
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+        layer.count("bytes_served", len(out))
+        if state is not None and chunks:
+            self._read_ahead(layer, node, chunks[-1], offset, len(out), state)
+        return bytes(out)
+
+    def _chunk(self, layer: Layer, c: toc.Chunk, node: Node, quiet: bool = False) -> bytes:
+        assert layer.index is not None
+        fmt = layer.index.format
+        loaded = []
+
+        def load() -> bytes:
+            loaded.append(True)
+            return toc.decompress_chunk(layer.fetch(c.comp_offset, c.comp_end - c.comp_offset), c, fmt)
+
+        try:
+            data = self.cache.get(c.digest, load)
+        except toc.DigestError as e:
+            layer.count("errors")
+            log.error("layer %s: %s: chunk at file offset %d failed verification: %s",
+                      layer.digest, node.path, c.file_offset, e)
+            raise OSError(errno.EIO, "verification failed") from None
+        except (toc.LazymountError, OSError) as e:
+            layer.count("errors")
+            (log.debug if quiet else log.warning)("layer %s: %s: reading chunk at file offset %d failed: %s",
+                                                   layer.digest, node.path, c.file_offset, e)
+            raise OSError(errno.EIO, "read failed") from None
+        layer.count("chunks_fetched" if loaded else "chunk_hits")
+        return data
+
+    def _read_ahead(self, layer: Layer, node: Node, last: toc.Chunk, offset: int, length: int,
+                    state: ReadState) -> None:
+        """On sequential access, load the chunk after the last one read, once, in the background."""
+        sequential = offset == state.next_offset
+        state.next_offset = offset + length
+        following = last.file_offset + last.size
+        if not sequential or following <= state.ahead_until:
+            return
+        assert layer.index is not None
+        upcoming = layer.index.chunk_range(node.entry, following, 1)
+        if upcoming and not self.cache.contains(upcoming[0].digest):
+            state.ahead_until = following + upcoming[0].size
+            with contextlib.suppress(RuntimeError):  # shut down while unmounting
+                self._ahead.submit(self._quiet_chunk, layer, upcoming[0], node)
+
+    def _quiet_chunk(self, layer: Layer, c: toc.Chunk, node: Node) -> None:
+        with contextlib.suppress(OSError):
+            self._chunk(layer, c, node, quiet=True)
+
+    # -- reporting ----------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Per-layer counters, their totals and the cache's counters."""
+        layers = []
+        for layer in self.layers:
+            entry = {"digest": layer.digest, "state": layer.state, **vars(layer.stats)}
+            if layer.index is not None:
+                entry.update(format=layer.index.format, entries=len(layer.index))
+            if layer.error:
+                entry["error"] = layer.error
+            layers.append(entry)
+        totals = {key: sum(layer[key] for layer in layers) for key in vars(LayerStats())}
+        return {"layers": layers, "totals": totals, "cache": self.cache.stats(),
+                "nodes": self._tree.nodes if self._tree else 0}
+
+
+def _layer_chunks(index: toc.Index) -> list[toc.Chunk]:
+    """Every chunk of a layer once, in blob order."""
+    chunks: dict[tuple[int, int], toc.Chunk] = {}
+    for entry in range(len(index)):
+        if index.kind(entry) == toc.KIND_REG and index.hardlink_target(entry) is None:
+            for c in index.chunks(entry):
+                chunks.setdefault((c.comp_offset, c.inner_offset), c)
+    return [chunks[k] for k in sorted(chunks)]
+
+
+def _spans(chunks: list[toc.Chunk], gap: int = 64 << 10) -> Iterator[list[toc.Chunk]]:
+    """Group chunks (in blob order) into runs one range request can fetch."""
+    span: list[toc.Chunk] = []
+    for c in chunks:
+        far = c.comp_offset - span[-1].comp_end > gap if span else False
+        if span and (far or c.comp_end - span[0].comp_offset > PREFETCH_SPAN):
+            yield span
+            span = []
+        span.append(c)
+    if span:
+        yield span

@@ -155,6 +155,13 @@ class TokenIssuer(HTTPService):
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(_TokenHandler)
+        self.cert_path = workdir / "token-issuer.pem"
+        self.realm = f"{self.url}/token"
+        self.issued: list[str] = []
+        self.rotate_key()
+
+    def rotate_key(self) -> None:
+        """Sign with a new key from now on (a registry must be restarted to trust its certificate)."""
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
         now = datetime.datetime.now(datetime.UTC)
@@ -164,11 +171,8 @@ class TokenIssuer(HTTPService):
                 .not_valid_after(now + datetime.timedelta(days=1))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                 .sign(self.key, hashes.SHA256()))
-        self.cert_path = workdir / "token-issuer.pem"
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         self.kid = libtrust_key_id(self.key.public_key())
-        self.realm = f"{self.url}/token"
-        self.issued: list[str] = []
 
     def authenticate(self, header: str | None) -> str | None:
         """'' for anonymous, the user name for good basic credentials, None for bad ones."""
@@ -246,15 +250,26 @@ class Registry:
             self.token_issuer = TokenIssuer(self.workdir)
         for _ in range(5):  # the free port may be taken between probe and bind
             self.port = free_port()
-            config_path = self.workdir / "config.yml"
-            config_path.write_text(yaml.safe_dump(self._config()))
-            with open(self.workdir / "registry.log", "ab") as logfile:
-                self.process = subprocess.Popen(["docker-registry", "serve", str(config_path)],
-                                                stdout=logfile, stderr=subprocess.STDOUT)
-            if self._wait_ready():
+            if self._launch():
                 return self
-            self.stop()
         raise RuntimeError(f"docker-registry did not start; see {self.workdir / 'registry.log'}")
+
+    def restart(self) -> None:
+        """Stop and start again on the same port and storage (picking up a rotated token key)."""
+        self.stop()
+        if not self._launch():
+            raise RuntimeError(f"docker-registry did not restart; see {self.workdir / 'registry.log'}")
+
+    def _launch(self) -> bool:
+        config_path = self.workdir / "config.yml"
+        config_path.write_text(yaml.safe_dump(self._config()))
+        with open(self.workdir / "registry.log", "ab") as logfile:
+            self.process = subprocess.Popen(["docker-registry", "serve", str(config_path)],
+                                            stdout=logfile, stderr=subprocess.STDOUT)
+        if self._wait_ready():
+            return True
+        self.stop()
+        return False
 
     def _wait_ready(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout

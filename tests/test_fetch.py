@@ -344,6 +344,38 @@ def test_concurrent_reads_share_one_client(basic_registry: Registry, image: reg.
     assert not errors and not any(t.is_alive() for t in threads)
 
 
+def test_token_refreshed_on_401(tmp_path: Path, image: reg.TestImage) -> None:
+    registry = Registry(tmp_path / "registry", "token")
+    try:
+        registry.start()
+        registry.token_issuer.issued = _issued_tokens
+        reg.push_layout(image.layout, image.tag, registry, REPO)
+        client = client_for(registry)
+        img = open_image(f"{registry.host}/{REPO}:v1", client=client)
+        blob = img.blob(image.layer_digest)
+        assert blob.read_at(0, 10) == image.layer[:10]
+        issued = len(_issued_tokens)
+        assert blob.read_at(10, 10) == image.layer[10:20]
+        assert len(_issued_tokens) == issued  # the cached token is reused
+        registry.token_issuer.rotate_key()
+        registry.restart()  # the cached token's key is no longer trusted: 401, new token, retry
+        assert blob.read_at(20, 10) == image.layer[20:30]
+        assert len(_issued_tokens) == issued + 1
+    finally:
+        registry.close()
+
+
+def test_credentials_from_docker_config(basic_registry: Registry, image: reg.TestImage, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"auths": {f"http://{basic_registry.host}": {
+        "auth": base64.b64encode(f"{USERNAME}:{PASSWORD}".encode()).decode()}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    img = open_image(f"{basic_registry.host}/{REPO}:v1", Config(defaults=FAST))
+    assert img.digest == image.manifest_digest
+
+
 # ------------------------------------------------------------------------------------------- failures
 
 

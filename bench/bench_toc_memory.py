@@ -1,0 +1,155 @@
+"""Benchmark "toc-memory": what toc.read_index keeps for a layer of 100k small files, against the reference.
+
+A synthetic layer (inputs.many_files_tar) is converted with `lazymount convert`; then fresh processes
+index its TOC and report:
+- tracemalloc: bytes still allocated once read_index has returned (index alive, after a GC), and the
+  peak while it ran (compressed and decompressed TOC, JSON parsing);
+- RSS: VmRSS growth and peak (VmHWM, reset before parsing) of a process without tracemalloc;
+- the reference: Debian's estargz reader (Open + VerifyTOC, what stargz-snapshotter keeps per layer),
+  measured by tocmem.go as Go heap bytes live after a GC.
+Bytes per entry beyond names = (retained - the names' own size) / entries, where names are
+sys.getsizeof of each distinct string in index.names (base names) for us and the bytes of
+TOCEntry.Name (full paths) for the reference.  Run as a script, this module is the probe process.
+
+What belongs here: this benchmark's cases, probes and table.  What never does: making the layer
+(inputs.py) or anything about converting speed beyond the one timing shown.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+from common import LAZYMOUNT, PYTHON, REPO, Report, Table, log, ratio, timed
+from inputs import many_files_tar
+
+FILES = 100_000
+QUICK_FILES = 20_000
+GOAL_BYTES_PER_ENTRY = 100
+PROBE_MODES = ("tracemalloc", "rss")
+GO_PROBE_SOURCE = Path(__file__).with_name("tocmem.go")
+GOPATH = "/usr/share/gocode"
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def probe(mode: str, blob: Path, toc_digest: str) -> dict:
+    """Index `blob`'s TOC in this process and measure it (`mode`: tracemalloc or rss)."""
+    import toc  # imported before the baseline so that module code is not counted
+
+    size = blob.stat().st_size
+    with open(blob, "rb") as f:
+        def read_at(offset: int, length: int) -> bytes:
+            f.seek(offset)
+            return f.read(length)
+
+        gc.collect()
+        if mode == "tracemalloc":
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+        else:
+            base = _proc_status_kib("VmRSS") * 1024
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        start = time.perf_counter()
+        index = toc.read_index(read_at, size, toc_digest)
+        seconds = time.perf_counter() - start
+        gc.collect()
+        if mode == "tracemalloc":
+            current, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        else:
+            current, peak = _proc_status_kib("VmRSS") * 1024, _proc_status_kib("VmHWM") * 1024
+    names = {id(name): sys.getsizeof(name) for name in index.names}
+    columns = {attr: sys.getsizeof(value) for attr, value in vars(index).items()}
+    return {"retained": current - base, "peak": peak - base, "seconds": seconds, "entries": len(index),
+            "chunks": index.chunk_count, "name_bytes": sum(names.values()), "columns": columns}
+
+
+def _run_probe(mode: str, blob: Path, toc_digest: str) -> dict:
+    cmd = [str(PYTHON), __file__, mode, str(blob), toc_digest]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout)
+
+
+def _go_probe(workdir: Path, blob: Path, toc_digest: str) -> dict:
+    binary = workdir / "tocmem"
+    if not binary.exists() or binary.stat().st_mtime < GO_PROBE_SOURCE.stat().st_mtime:
+        env = {**os.environ, "GOPATH": GOPATH, "GO111MODULE": "off", "GOFLAGS": "",
+               "GOCACHE": str(workdir / "gocache"), "CGO_ENABLED": "0"}
+        subprocess.run(["go", "build", "-o", str(binary), str(GO_PROBE_SOURCE)], check=True, env=env)
+    return json.loads(subprocess.run([str(binary), str(blob), toc_digest], check=True, capture_output=True,
+                                     text=True).stdout)
+
+
+def _convert(tar: Path, blob: Path) -> tuple[float, dict]:
+    cmd = [str(LAZYMOUNT), "convert", "-q", str(tar), str(blob)]
+    log(" ".join(cmd))
+    timing, proc = timed(lambda: subprocess.run(cmd, check=True, capture_output=True, text=True))
+    return timing.wall, json.loads(proc.stdout)
+
+
+def run(workdir: Path, quick: bool) -> Report:
+    files = QUICK_FILES if quick else FILES
+    tar = many_files_tar(workdir, files)
+    blob = workdir / f"{tar.stem}.estargz"
+    convert_seconds, info = _convert(tar, blob)
+    toc_digest = info["tocDigest"]
+    ours = {mode: _run_probe(mode, blob, toc_digest) for mode in PROBE_MODES}
+    ref = _go_probe(workdir, blob, toc_digest)
+    traced, rss = ours["tracemalloc"], ours["rss"]
+    entries, names = traced["entries"], traced["name_bytes"]
+
+    def per_entry(total: float, n: int, name_bytes: float = 0) -> str:
+        return f"{(total - name_bytes) / n:,.0f}"
+
+    ours_beyond = (traced["retained"] - names) / entries
+    ref_beyond = (ref["retained"] - ref["nameBytes"]) / ref["entries"]
+    table = Table(
+        ["measure", "lazymount", "reference (estargz Go reader)", "lazymount/reference"],
+        [
+            ["tree entries (root and implied dirs included)", f"{entries:,}", f"{ref['entries']:,}", ""],
+            ["retained bytes (tracemalloc / Go live heap)", f"{traced['retained']:,}", f"{ref['retained']:,}",
+             ratio(traced["retained"], ref["retained"])],
+            ["retained bytes per entry", per_entry(traced["retained"], entries),
+             per_entry(ref["retained"], ref["entries"]), ratio(traced["retained"] / entries,
+                                                              ref["retained"] / ref["entries"])],
+            ["names' own bytes", f"{names:,}", f"{ref['nameBytes']:,}", ""],
+            ["**bytes per entry beyond names**", f"**{ours_beyond:,.0f}**", f"{ref_beyond:,.0f}",
+             ratio(ours_beyond, ref_beyond)],
+            ["peak during parsing (tracemalloc / Go bytes allocated)", f"{traced['peak']:,}",
+             f"{ref['allocated']:,}", ratio(traced["peak"], ref["allocated"])],
+            ["RSS growth, index alive (no tracemalloc)", f"{rss['retained']:,}", "", ""],
+            ["peak RSS growth while parsing", f"{rss['peak']:,}", "", ""],
+            ["process RSS / peak RSS (KiB)", "", f"{ref['rssKiB']:,} / {ref['hwmKiB']:,}", ""],
+            ["parse seconds (no tracemalloc)", f"{rss['seconds']:.2f}", f"{ref['seconds']:.2f}",
+             ratio(rss["seconds"], ref["seconds"])],
+        ])
+    columns = sorted(traced["columns"].items(), key=lambda kv: -kv[1])[:6]
+    notes = [
+        f"Layer: {files:,} regular files in a package-like tree (directory entries, ~1% symlinks, sizes "
+        f"log-normal around 1 KB), {info['entries']:,} TOC entries, blob {blob.stat().st_size:,} bytes; "
+        f"`lazymount convert -q` took {convert_seconds:.1f} s for it.",
+        f"Goal: at most {GOAL_BYTES_PER_ENTRY} bytes per entry beyond names: "
+        + ("met." if ours_beyond <= GOAL_BYTES_PER_ENTRY else "NOT met."),
+        f"Our names are base names ({names / entries:.0f} B each as str objects, counted once per distinct "
+        "object); the reference keeps full paths (bytes only, its string headers are in the per-entry part).",
+        "Largest parts of our index (sys.getsizeof, shallow): "
+        + ", ".join(f"{attr} {size / entries:.1f} B/entry" for attr, size in columns) + ".",
+        "The reference figure is Go's live heap after runtime.GC() with the Reader and its verifier "
+        "alive; the Go process's RSS includes its runtime and GC headroom.",
+    ]
+    title = f"TOC index of a {files // 1000}k-file layer, lazymount vs the estargz reader"
+    return Report("toc-memory", title, [table], notes)
+
+
+if __name__ == "__main__":
+    mode, blob, digest = sys.argv[1:]
+    json.dump(probe(mode, Path(blob), digest), sys.stdout)

@@ -1,0 +1,124 @@
+"""Benchmark inputs, built once into the work directory and reused: the standard image and a many-files layer.
+
+What belongs here: making inputs (the standard image through ../shared/bench/mkbenchimage.sh, a
+synthetic layer of many small files) and facts about them that cost a pass over the data (uncompressed
+sizes), cached beside them.  What never does: measuring anything.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+from common import REPO, log
+from isal import igzip
+
+MKBENCHIMAGE = REPO.parent / "shared" / "bench" / "mkbenchimage.sh"
+STANDARD_TAG = "torch"
+MANY_FILES_VERSION = 1  # bump when the generator changes, so cached tars are rebuilt
+MTIME = 1_700_000_000
+
+
+def standard_image(workdir: Path) -> Path:
+    """The standard benchmark image (OCI layout, tag `torch`), built on first use (~2-3 min, root)."""
+    layout = workdir / "standard-image"
+    if (layout / "index.json").exists():
+        return layout
+    partial, scratch = workdir / "standard-image.partial", workdir / "standard-work"
+    log(f"building the standard image with {MKBENCHIMAGE} (once; ~2-3 min)")
+    with open(workdir / "mkbenchimage.log", "wb") as out:
+        subprocess.run(["bash", str(MKBENCHIMAGE), str(partial), str(scratch)], check=True, stdout=out,
+                       stderr=subprocess.STDOUT)
+    partial.rename(layout)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return layout
+
+
+def uncompressed_size(blob: Path, workdir: Path) -> int:
+    """Bytes of a gzip layer blob once decompressed; cached by blob name (its digest) in sizes.json."""
+    cache_path = workdir / "sizes.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    if blob.name not in cache:
+        total = 0
+        with igzip.open(blob, "rb") as f:
+            while block := f.read(1 << 20):
+                total += len(block)
+        cache[blob.name] = total
+        cache_path.write_text(json.dumps(cache, indent=1))
+    return cache[blob.name]
+
+
+# Name parts for the synthetic tree: short syllables make identifiers of realistic length and shape.
+_SYLLABLES = ("ab", "ac", "al", "an", "ar", "base", "co", "con", "core", "da", "de", "di", "el", "en", "ex",
+              "fi", "for", "ge", "im", "in", "io", "la", "le", "li", "lo", "ma", "me", "mo", "na", "net",
+              "no", "op", "or", "pa", "pe", "po", "pro", "ra", "re", "ri", "ro", "sa", "se", "si", "so",
+              "ta", "te", "ti", "to", "tra", "un", "ut", "va", "ve", "xa", "zo")
+_EXTENSIONS = (".py", ".py", ".py", ".pyi", ".so", ".json", ".txt", ".h", ".js", ".js", ".md", ".html",
+               ".css", ".yaml", ".c", "")
+_ROOTS = ("usr/lib/python3/dist-packages", "usr/local/lib/python3.11/site-packages", "opt/app/node_modules",
+          "usr/share/doc", "usr/include", "usr/share/locale")
+
+
+def _word(rng: random.Random, parts: tuple[int, int] = (1, 4)) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(*parts)))
+
+
+def _package_paths(rng: random.Random, root: str, budget: int) -> list[str]:
+    """File paths of one package: a few nested subdirectories, Python files paired with __pycache__."""
+    package = f"{root}/{_word(rng)}{rng.choice(('', '_', '-'))}{_word(rng, (0, 2))}"
+    dirs = [package]
+    for _ in range(rng.randint(0, 12)):
+        dirs.append(f"{rng.choice(dirs)}/{_word(rng, (1, 3))}")
+    paths: list[str] = []
+    for _ in range(min(budget, max(1, int(rng.lognormvariate(3.2, 1.2))))):
+        directory = rng.choice(dirs)
+        stem = "_".join(_word(rng) for _ in range(rng.randint(1, 3)))
+        ext = rng.choice(_EXTENSIONS)
+        paths.append(f"{directory}/{stem}{ext}")
+        if ext == ".py" and len(paths) < budget:
+            paths.append(f"{directory}/__pycache__/{stem}.cpython-311.pyc")
+    return paths
+
+
+def _tar_info(name: str, kind: bytes, size: int = 0, mode: int = 0o644, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mode, info.linkname, info.mtime = kind, size, mode, link, MTIME
+    info.uname = info.gname = "root"
+    return info
+
+
+def many_files_tar(workdir: Path, files: int, seed: int = 2024) -> Path:
+    """A plain tar layer of `files` small regular files in a package-like tree (with directory entries
+    and ~1% symlinks), deterministic for a given size and seed; built once and cached."""
+    out = workdir / f"many-files-{files}-v{MANY_FILES_VERSION}.tar"
+    if out.exists():
+        return out
+    log(f"generating {out.name}")
+    rng = random.Random(seed)
+    text = "".join(f"{_word(rng)} = {rng.randint(0, 10**6)}  # {_word(rng)} {_word(rng)}\n"
+                   for _ in range(40_000)).encode()
+    paths: dict[str, None] = {}  # ordered and free of duplicates
+    while len(paths) < files:
+        paths.update(dict.fromkeys(_package_paths(rng, rng.choice(_ROOTS), files - len(paths))))
+    partial = out.with_suffix(".partial")
+    written_dirs: set[str] = set()
+    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in list(paths)[:files]:
+            parts = path.split("/")
+            for depth in range(1, len(parts)):
+                directory = "/".join(parts[:depth])
+                if directory not in written_dirs:
+                    written_dirs.add(directory)
+                    tar.addfile(_tar_info(directory + "/", tarfile.DIRTYPE, mode=0o755))
+            if rng.random() < 0.01:
+                tar.addfile(_tar_info(path + ".link", tarfile.SYMTYPE, mode=0o777, link=parts[-1]))
+            size = min(int(rng.lognormvariate(6.5, 1.3)), 64 << 10)
+            start = rng.randrange(len(text) - size)
+            tar.addfile(_tar_info(path, tarfile.REGTYPE, size), io.BytesIO(text[start:start + size]))
+    partial.rename(out)
+    return out

@@ -369,6 +369,9 @@ def lookup_credentials(host: str, repository: str = "",
             if creds is not None:
                 log.debug("credentials for %s from %s", key, path)
                 return creds
+        if any(k in by_key for k in wanted):
+            log.info("%s has an entry for %s without an inline 'auth' (credential helpers are not "
+                     "supported)", path, host)
     return None
 
 
@@ -516,7 +519,7 @@ class BlobReader:
     ranges_supported: bool | None = True
 
     def __init__(self, digest: str, size: int) -> None:
-        self.digest = check_digest(digest)
+        self.digest = _valid_digest(digest)
         self.size = size
 
     def _clip(self, offset: int, length: int) -> tuple[int, int]:
@@ -605,7 +608,7 @@ class LayoutBlobReader(BlobReader):
 
     def __init__(self, layout: str | os.PathLike[str], digest: str, size: int | None = None) -> None:
         self._where = f"oci:{layout}"
-        path = Path(layout) / "blobs" / "sha256" / check_digest(digest)[len("sha256:"):]
+        path = Path(layout) / "blobs" / "sha256" / _valid_digest(digest)[len("sha256:"):]
         try:
             self._file = open(path, "rb")  # noqa: SIM115 -- kept open for the reader's lifetime
         except FileNotFoundError:
@@ -725,9 +728,8 @@ class _Endpoint:
     base: str  # scheme://host[:port]
     host: str  # host[:port], also the key for auth state and capability notes
     prefix: str  # put before the repository name (mirrors only)
-    mirror: bool
     verify: bool | str
-    credentials_host: str
+    credentials_host: str  # what credentials are looked up by (`docker.io` for Docker Hub's API host)
 
     def name(self, repository: str) -> str:
         return f"{self.prefix}/{repository}" if self.prefix else repository
@@ -841,7 +843,8 @@ class RegistryClient:
         self._explicit = {h: Credentials(*c) for h, c in (credentials or {}).items()}
         self._auth_files = None if auth_files is None else [Path(p) for p in auth_files]
         self._session = requests.Session()
-        self._session.trust_env = False  # no ~/.netrc credentials on requests, nor on redirects
+        # No ~/.netrc credentials added to requests or redirects; proxies come from `_request`.
+        self._session.trust_env = False
         adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
@@ -859,25 +862,35 @@ class RegistryClient:
 
     # ---------------------------------------------------------------------------------- endpoints
 
-    def _endpoint(self, url_or_host: str, prefix: str, mirror: bool) -> _Endpoint:
+    def _endpoint(self, url_or_host: str, credentials_host: str | None = None) -> _Endpoint:
+        """An endpoint for `[scheme://]host[:port][/prefix]`; no scheme means https, or http where
+        `plain_http` says so (by default: loopback hosts)."""
         parts = urlsplit(url_or_host if "://" in url_or_host else f"//{url_or_host}")
         host = parts.netloc
-        settings = self.config.for_host(host)
         scheme = parts.scheme
         if not scheme:
-            plain = settings.plain_http if settings.plain_http is not None else _is_loopback(host)
-            scheme = "http" if plain else "https"
-        verify: bool | str = settings.ca_file or not settings.insecure
-        return _Endpoint(f"{scheme}://{host}", host, prefix or parts.path.strip("/"), mirror, verify,
-                         host)
+            plain = self.config.for_host(host).plain_http
+            scheme = "http" if plain or plain is None and _is_loopback(host) else "https"
+        return _Endpoint(f"{scheme}://{host}", host, parts.path.strip("/"), self._verify(host),
+                         credentials_host or host)
+
+    def _verify(self, host: str) -> bool | str:
+        """requests' `verify` for a host: its CA file, or False when configured `insecure`."""
+        settings = self.config.for_host(host)
+        return settings.ca_file or not settings.insecure
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """session.request with the environment's proxy settings (never for loopback hosts)."""
+        netloc = urlsplit(url).netloc
+        proxies = {} if _is_loopback(netloc) else requests.utils.get_environ_proxies(url)
+        return self._session.request(method, url, proxies=proxies, **kwargs)
 
     def _endpoints(self, ref: Reference, with_mirrors: bool) -> list[_Endpoint]:
-        origin = self._endpoint(ref.registry, "", False)
-        origin = dataclasses.replace(origin, credentials_host=ref.domain)
+        origin = self._endpoint(ref.registry, credentials_host=ref.domain)
         if not with_mirrors:
             return [origin]
         now = time.monotonic()
-        mirrors = [self._endpoint(m, "", True) for m in self.config.for_host(ref.domain).mirrors]
+        mirrors = [self._endpoint(m) for m in self.config.for_host(ref.domain).mirrors]
         with self._lock:
             live = [m for m in mirrors if self._mirror_down.get(m.host, 0) <= now]
         return live + [origin]
@@ -943,12 +956,12 @@ class RegistryClient:
                            f"{realm_parts.netloc}", AuthError)
         query = ([("service", params["service"])] if params.get("service") else []) + [
             ("scope", s) for s in scopes]
-        settings = self.config.for_host(realm_parts.netloc)
         try:
-            resp = self._session.get(
-                realm, params=query, auth=(creds.username, creds.password) if creds else None,
-                timeout=(settings.connect_timeout, max(0.1, min(settings.read_timeout, op.remaining()))),
-                verify=settings.ca_file or not settings.insecure, allow_redirects=True, stream=True)
+            # requests drops the Authorization header itself if the token service redirects elsewhere.
+            resp = self._request("GET", realm, params=query,
+                                 auth=(creds.username, creds.password) if creds else None,
+                                 timeout=self._timeout(op), verify=self._verify(realm_parts.netloc),
+                                 allow_redirects=True, stream=True)
         except requests.RequestException as e:
             raise _Retry(f"token service {realm_parts.netloc}: {type(e).__name__}") from None
         with resp:
@@ -988,8 +1001,8 @@ class RegistryClient:
             auth = self._authorization(ep, repository, scopes, op, refresh, extra_scopes)
             refresh = False
             sent = dict(headers, Authorization=auth) if auth else dict(headers)
-            resp = self._session.request(method, url, headers=sent, data=data, stream=True,
-                                         allow_redirects=False, timeout=self._timeout(op), verify=ep.verify)
+            resp = self._request(method, url, headers=sent, data=data, stream=True, allow_redirects=False,
+                                 timeout=self._timeout(op), verify=ep.verify)
             if resp.status_code == 401 and not refreshed:
                 challenge = _parse_challenge(resp.headers.get("WWW-Authenticate", ""))
                 resp.close()
@@ -1021,10 +1034,8 @@ class RegistryClient:
                 raise op.error("redirect to an unusable location")
             same_host = target.netloc == ep.host and location.startswith(ep.base)
             sent = dict(headers, Authorization=auth) if auth and same_host else dict(headers)
-            settings = self.config.for_host(target.netloc)
-            verify = ep.verify if same_host else settings.ca_file or not settings.insecure
-            resp = self._session.request(method, location, headers=sent, stream=True, allow_redirects=False,
-                                         timeout=self._timeout(op), verify=verify)
+            resp = self._request(method, location, headers=sent, stream=True, allow_redirects=False,
+                                 timeout=self._timeout(op), verify=self._verify(target.netloc))
             if not resp.is_redirect:
                 return resp
         resp.close()
@@ -1067,11 +1078,14 @@ class RegistryClient:
                 return self._attempts(ep, method, ep.url(ref.repository, tail), ref.repository,
                                       (f"repository:{ep.name(ref.repository)}:pull",), headers or {}, data,
                                       set(ok), consume, op, 0)
+            except _UnavailableError as e:
+                with self._lock:
+                    self._mirror_down[ep.host] = time.monotonic() + MIRROR_BACKOFF_SECONDS
+                log.warning("mirror %s failed (%s); skipping it for %.0fs", ep.host, e.detail,
+                            MIRROR_BACKOFF_SECONDS)
             except RegistryError as e:
-                if isinstance(e, _UnavailableError):
-                    with self._lock:
-                        self._mirror_down[ep.host] = time.monotonic() + MIRROR_BACKOFF_SECONDS
-                log.warning("mirror %s failed (%s); trying the next source", ep.host, e.detail)
+                self._note_once(ep.host, f"mirror-{e.detail}", "mirror %s answered %s to %s; using the next "
+                                "source (logged once)", ep.host, e.detail, e.what)
         origin = endpoints[-1]
         scopes = scopes or (f"repository:{ref.repository}:{'pull,push' if push else 'pull'}",)
         return self._attempts(origin, method, url or origin.url(ref.repository, tail), ref.repository,

@@ -27,8 +27,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if reporter is not None:
-        reporter.write_line(f"CI=true: {len(skipped)} test(s) skipped; a skip under CI hides a failure:",
-                            red=True)
+        reporter.write("\n")
+        reporter.write_sep("!", f"CI=true: {len(skipped)} test(s) skipped; a skip under CI hides a failure",
+                           red=True)
         for report in skipped:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             reporter.write_line(f"  {report.nodeid}: {reason}", red=True)

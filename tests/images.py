@@ -214,6 +214,7 @@ def make_oci_image(layout_dir: Path, tag: str, layer_trees: list[Path],
     umoci repack never writes opaque markers, and umoci 0.4.7's `insert --opaque` writes a truncated tar
     (no padding, no end blocks). So for each directory D in opaque_dirs[i] an extra GNU tar layer
     precedes layer i: `D/.wh..wh..opq` plus tree i's D (and D's parent directories).
+    umoci's own layers drop empty-valued xattrs and round mtimes to whole seconds.
     """
     layout_dir.parent.mkdir(parents=True, exist_ok=True)
     image = f"{layout_dir}:{tag}"

@@ -223,6 +223,9 @@ def read_toc_json(read_at: ReadAt, blob_size: int, expected_digest: str | None =
     """Read the footer and the TOC JSON of a blob through `read_at(offset, length)`; verify the digest."""
     tail_len = min(blob_size, FOOTER_SIZE)
     footer = parse_footer(read_at(blob_size - tail_len, tail_len), blob_size)
+    # Compressed data is at most slightly larger than its input: refuse to read a huge "TOC" whole.
+    if footer.toc_end - footer.toc_offset > limit + (limit >> 8) + 65536:
+        raise TOCError(f"compressed TOC of {footer.toc_end - footer.toc_offset} bytes exceeds the limit")
     member = read_at(footer.toc_offset, footer.toc_end - footer.toc_offset)
     if len(member) != footer.toc_end - footer.toc_offset:
         raise TruncatedError("TOC member ends early")
@@ -441,7 +444,7 @@ class Index:
         if first < 0 or length <= 0 or offset >= self._size[entry_id]:
             return []
         files = self._chunk_file
-        lo = bisect.bisect_right(files, offset, first, first + count) - 1
+        lo = max(bisect.bisect_right(files, offset, first, first + count) - 1, first)
         hi = bisect.bisect_left(files, offset + length, first, first + count)
         return [self.chunk(k, entry_id) for k in range(lo, hi)]
 
@@ -571,6 +574,7 @@ class _IndexBuilder:
         if target is None or target == entry_id:
             raise TOCError(f"hardlink target {link_name[:80]!r} is not an earlier entry")
         ix = self.index
+        target = ix._hardlink_of.get(target, target)  # a link to a link shares the first one's inode
         ix._kind[entry_id] = ix._kind[target]
         if ix._kind[target] == KIND_DIR:
             raise TOCError(f"hardlink target {link_name[:80]!r} is a directory")
@@ -882,7 +886,7 @@ def _prioritized_order(members: list[tarfile.TarInfo], prioritized: Iterable[str
         first.append(member)
 
     for path in prioritized:
-        take(normalize_name(path))
+        take(normalize_name(path.lstrip("/")))  # as recorded in a container: absolute, like the reference
     return first, [m for m in members if normalize_name(m.name) not in taken]
 
 

@@ -206,6 +206,8 @@ class RegistryConfig:
     `mirrors` are `[scheme://]host[:port][/prefix]`, tried in order before the origin for reads; the
     prefix is put before the repository name (a Harbor proxy-cache project, say). `plain_http`: None
     means plain HTTP for loopback hosts only. `insecure` skips TLS certificate verification.
+    `operation_timeout` bounds each operation (all its retries, and the whole body of a whole-blob
+    download: raise it for huge layers on slow links); `read_timeout` bounds each wait for bytes.
     """
 
     mirrors: tuple[str, ...] = ()
@@ -1014,7 +1016,7 @@ class RegistryClient:
                     self._challenges[ep.host] = challenge
                 refresh = refreshed = True
                 continue
-            if resp.is_redirect:
+            if resp.is_redirect and method in ("GET", "HEAD"):  # uploads are never redirected here
                 resp = self._follow(ep, resp, method, headers, auth, op)
                 # Signed object-storage URLs expire: a 403 there means "ask the registry again".
                 if resp.status_code == 403 and not reresolved:

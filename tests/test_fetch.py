@@ -187,9 +187,13 @@ def test_load_config_file_env_and_overrides(tmp_path: Path, monkeypatch: pytest.
     assert config.for_host("other.example.com") == RegistryConfig(read_timeout=7, retries=2)
     explicit = load_config(path, retries=1)
     assert explicit.for_host("reg.example.com").retries == 1 and explicit.defaults.retries == 1
-    monkeypatch.setenv("LAZYMOUNT_CONFIG", str(tmp_path / "missing.yaml"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    assert load_config().defaults == RegistryConfig() or Path("/etc/lazymount/config.yaml").exists()
+    user_config = tmp_path / "xdg" / "lazymount" / "config.yaml"
+    assert fetch.config_search_path() == [path, user_config, Path("/etc/lazymount/config.yaml")]
+    monkeypatch.delenv("LAZYMOUNT_CONFIG")
+    user_config.parent.mkdir(parents=True)
+    user_config.write_text("defaults: {retries: 3, plain_http: false}\n")
+    assert load_config().defaults == RegistryConfig(retries=3, plain_http=False)
 
 
 @pytest.mark.parametrize("text", [
@@ -388,6 +392,7 @@ def test_auth_and_not_found_errors(registry: Registry, image: reg.TestImage) -> 
             open_image(ref + ":v1", client=wrong)
         assert info.value.errno == errno.EACCES
         assert registry.host in str(info.value) and REPO in str(info.value)
+        assert PASSWORD not in str(info.value) and "wrong-pw" not in str(info.value)
         nobody = RegistryClient(Config(defaults=FAST), auth_files=[])
         if registry.auth == "basic":
             with pytest.raises(AuthError, match="requires credentials"):

@@ -554,7 +554,7 @@ class ImageView:
 
         try:
             data = self.cache.get(c.digest, load)
-        except toc.DigestError as e:
+        except toc.FormatError as e:
             layer.count("errors")
             log.error("layer %s: %s: chunk at file offset %d failed verification: %s",
                       layer.digest, node.path, c.file_offset, e)

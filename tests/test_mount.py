@@ -1,0 +1,374 @@
+"""lazymount mount/umount/stats against the real stack: docker-registry on loopback, umoci-built images
+converted by `lazymount convert`, pushed with skopeo, mounted with real FUSE.
+
+Ground truth is `umoci unpack` of the source image, compared entry by entry with images.describe_tree.
+Every daemon is stopped by its PID and every mount unmounted in finalizers, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from images import describe_tree, make_oci_image, write_oci_layout
+from reference import read_layout
+from registry import Registry, push_layout
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+NEEDED = ("fusermount3", "umoci", "skopeo", "docker-registry")
+
+MISSING = [t for t in NEEDED if shutil.which(t) is None]
+MISSING += [] if os.path.exists("/dev/fuse") else ["/dev/fuse"]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)}")
+
+
+def lazymount(*args: str, check: bool = True, env: dict | None = None,
+              user: str | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI (as `user` through runuser if given)."""
+    prefix = ["runuser", "-u", user, "--"] if user else []
+    return subprocess.run([*prefix, sys.executable, str(REPO / "lazymount.py"), *args], check=check,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def stats(mountpoint: Path, user: str | None = None) -> dict:
+    return json.loads(lazymount("stats", "--json", str(mountpoint), user=user).stdout)
+
+
+def force_unmount(mountpoint: Path, pid: int | None) -> None:
+    """Finalizer: unmount (then lazily), then stop the daemon by its PID if it is still there."""
+    unmounted = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode == 0
+    if not unmounted and os.path.ismount(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+
+
+@contextlib.contextmanager
+def mounted(ref: str, mountpoint: Path, *options: str, env: dict | None = None,
+            user: str | None = None) -> Iterator[int]:
+    """Mount with `lazymount mount` (background daemon); yield the daemon's PID; always clean up."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    pid = None
+    try:
+        lazymount("mount", ref, str(mountpoint), *options, env=env, user=user)
+        pid = stats(mountpoint, user)["pid"]
+        yield pid
+    finally:
+        force_unmount(mountpoint, pid)
+
+
+def umoci_unpack(layout: Path, tag: str, bundle: Path) -> Path:
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)], check=True,
+                   capture_output=True)
+    return bundle / "rootfs"
+
+
+def convert(src: Path, dst: Path, tag: str) -> None:
+    lazymount("convert", "-q", f"oci:{src}:{tag}", f"oci:{dst}:{tag}")
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    reg = Registry(tmp_path_factory.mktemp("registry")).start()
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+def _implied_dir_layer(work: Path) -> Path:
+    """A layer holding only `real/added-by-upper` and `fresh/implied/leaf`: no entries for the dirs."""
+    tree = work / "implied-tree"
+    (tree / "real").mkdir(parents=True)
+    (tree / "real" / "added-by-upper").write_bytes(b"implied parent keeps lower metadata\n")
+    (tree / "fresh" / "implied").mkdir(parents=True)
+    (tree / "fresh" / "implied" / "leaf").write_bytes(b"leaf\n")
+    out = work / "implied.tar"
+    subprocess.run(["tar", "--create", "--file", str(out), "--directory", str(tree), "--format=pax",
+                    "--numeric-owner", "--no-recursion", "real/added-by-upper", "fresh/implied/leaf"],
+                   check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def edge_image(tmp_path_factory: pytest.TempPathFactory, edge_tree: Path) -> tuple[Path, str]:
+    """A 4-layer OCI layout: the edge tree; whiteouts of a file, a dir and one hardlink name plus new
+    and changed files; an opaque `names/`; a hand-made layer implying existing and new directories."""
+    work = tmp_path_factory.mktemp("edge-image")
+    lower, upper = work / "t0", work / "t1"
+    subprocess.run(["cp", "-a", str(edge_tree), str(lower)], check=True)
+    subprocess.run(["cp", "-a", str(lower), str(upper)], check=True)
+    (upper / "hello.txt").unlink()
+    shutil.rmtree(upper / "times")
+    (upper / "links" / "hard-b").unlink()
+    (upper / "links" / "hard-b").write_bytes(b"no longer a hardlink\n")
+    (upper / "data" / "4m-plus-1").write_bytes(os.urandom(MIB + 7))
+    (upper / "newdir").mkdir()
+    (upper / "newdir" / "file").write_bytes(b"new in the upper layer\n")
+    shutil.rmtree(upper / "names" / "ünïcödé")
+    (upper / "names" / "only-after-opaque").write_bytes(b"opaque\n")
+    os.utime(upper / "names", (1_700_000_001, 1_700_000_001))
+    staged = make_oci_image(work / "staged", "v1", [lower, upper], opaque_dirs={1: ["names"]})
+    _, _, layers = read_layout(staged, "v1")
+    layout = write_oci_layout(work / "src", "v1", [path for path, _ in layers] + [_implied_dir_layer(work)])
+    return layout, "v1"
+
+
+@pytest.fixture(scope="module")
+def edge_expected(edge_image: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    layout, tag = edge_image
+    return describe_tree(umoci_unpack(layout, tag, tmp_path_factory.mktemp("unpack") / "bundle"))
+
+
+@pytest.fixture(scope="module")
+def edge_pushed(edge_image: tuple[Path, str], registry: Registry,
+                tmp_path_factory: pytest.TempPathFactory) -> str:
+    layout, tag = edge_image
+    converted = tmp_path_factory.mktemp("edge-conv") / "oci"
+    convert(layout, converted, tag)
+    push_layout(converted, tag, registry, "edge")
+    push_layout(layout, tag, registry, "edge-plain")
+    return f"{registry.host}/edge:{tag}"
+
+
+# Directories no layer has an entry for: umoci creates them at unpack time with the current mtime;
+# lazymount shows mtime 0 (deterministic).  Everything else about them must match.
+NEW_IMPLIED_DIRS = ("fresh", "fresh/implied")
+
+
+def _assert_same_tree(actual: dict, expected: dict) -> None:
+    """Entry by entry; eStargz TOCs hold whole seconds rounded (the writers' choice), describe_tree
+    truncates: an mtime may be one second later than umoci's."""
+    assert sorted(actual) == sorted(expected)
+    for name, want in expected.items():
+        if name in NEW_IMPLIED_DIRS:
+            want = {**want, "mtime": 0}
+        got = actual[name]
+        assert got["mtime"] - want["mtime"] in (0, 1), name
+        assert {**got, "mtime": 0} == {**want, "mtime": 0}, name
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+
+def test_merged_tree_equals_umoci_unpack(edge_pushed: str, edge_expected: dict, tmp_path: Path) -> None:
+    """Every entry of the mounted eStargz image equals `umoci unpack`: whiteouts, opaque and implied
+    directories, hardlink groups (one inode, visible nlink), xattrs, devices, modes, owners, mtimes."""
+    mnt = tmp_path / "mnt"
+    with mounted(edge_pushed, mnt, "--cache-dir", str(tmp_path / "cache"), "--no-background-fetch"):
+        _assert_same_tree(describe_tree(mnt), edge_expected)
+        root = os.stat(mnt)
+        assert root.st_ino == 1
+        hard = [os.stat(mnt / p) for p in ("links/hard-a", "hard-c")]
+        assert hard[0].st_ino == hard[1].st_ino and hard[0].st_nlink == 2
+        assert os.stat(mnt / "data/big-9m").st_blocks == -(-os.stat(mnt / "data/big-9m").st_size // 512)
+        assert not any(n.startswith(".wh.") or "landmark" in n for n in os.listdir(mnt / "names"))
+        with pytest.raises(OSError) as e:
+            (mnt / "newdir" / "x").write_bytes(b"")
+        assert e.value.errno == errno.EROFS
+        with pytest.raises(OSError) as e:
+            open(mnt / "newdir" / "file", "r+b")  # noqa: SIM115
+        assert e.value.errno == errno.EROFS
+        fs = os.statvfs(mnt)
+        assert fs.f_bsize == 4096 and fs.f_blocks > 0 and fs.f_namemax == 255
+        mounts = Path("/proc/self/mountinfo").read_text()
+        line = next(x for x in mounts.splitlines() if f" {mnt} " in x)
+        assert "nosuid" in line and "nodev" in line and "ro" in line.split()[5].split(",")
+        # coreutils cp uses SEEK_DATA/SEEK_HOLE: it must finish and copy the sparse file exactly
+        copy = tmp_path / "sparse-copy"
+        subprocess.run(["cp", str(mnt / "sparse/holes-10m"), str(copy)], check=True, timeout=60)
+        assert sha256(copy) == edge_expected["sparse/holes-10m"]["sha256"]
+
+
+def test_plain_layers_downloaded_in_background(edge_pushed: str, edge_expected: dict, registry: Registry,
+                                               tmp_path: Path) -> None:
+    """An image of plain gzip layers mounts too: each layer is downloaded whole, verified, converted
+    locally and served; the fact is logged once per layer."""
+    mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
+    with mounted(f"{registry.host}/edge-plain:v1", mnt, "--cache-dir", str(tmp_path / "cache"),
+                 "--log-file", str(log_file)):
+        _assert_same_tree(describe_tree(mnt), edge_expected)
+        layers = stats(mnt)["layers"]
+        assert {layer["state"] for layer in layers} == {"local"}
+    log = log_file.read_text()
+    for layer in layers:
+        assert log.count(f"layer {layer['digest']} (application/vnd.oci.image.layer.v1.tar") == 1
+
+
+def _random_tree(root: Path, files: dict[str, int], seed: int = 7) -> Path:
+    import random
+    rng = random.Random(seed)
+    for name, size in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(size))
+    return root
+
+
+@pytest.fixture(scope="module")
+def big_image(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> tuple[str, Path, dict]:
+    """One eStargz layer of ~42 MiB random data in 4 MiB chunks plus small files; (ref, tree, digests)."""
+    work = tmp_path_factory.mktemp("big")
+    files = {"small.txt": 100, **{f"blob/part{i}.bin": 6 * MIB + i for i in range(6)},
+             **{f"etc/conf{i}": 2000 + i for i in range(20)}}
+    tree = _random_tree(work / "tree", files)
+    src = make_oci_image(work / "src", "v1", [tree])
+    converted = work / "conv"
+    convert(src, converted, "v1")
+    push_layout(converted, "v1", registry, "big")
+    return f"{registry.host}/big:v1", tree, {name: sha256(tree / name) for name in files}
+
+
+def test_one_small_file_fetches_only_its_chunk(big_image: tuple[str, Path, dict], tmp_path: Path) -> None:
+    ref, tree, _ = big_image
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, "--cache-dir", str(tmp_path / "cache"), "--no-prefetch", "--no-background-fetch"):
+        assert (mnt / "small.txt").read_bytes() == (tree / "small.txt").read_bytes()
+        layer = stats(mnt)["layers"][0]
+    assert layer["chunks_fetched"] == 1 and layer["requests"] == 1
+    assert layer["bytes_served"] == 100
+    assert 0 < layer["bytes_fetched"] < 1000  # one gzip member of 100 random bytes, not the 36 MiB
+
+
+def _read_all(mnt: Path, names: list[str]) -> dict[str, str]:
+    return {name: sha256(mnt / name) for name in names}
+
+
+def test_two_mounts_share_a_bounded_cache(big_image: tuple[str, Path, dict], tmp_path: Path) -> None:
+    """Two mounts on one cache dir, read concurrently from 8 threads: every byte right; the disk cache
+    never grows past --cache-size."""
+    ref, _, digests = big_image
+    cache_dir, bound = tmp_path / "cache", 10 * MIB
+    options = ("--cache-dir", str(cache_dir), "--cache-size", str(bound), "--no-prefetch",
+               "--no-background-fetch")
+    names = sorted(digests)
+    with mounted(ref, tmp_path / "m1", *options), mounted(ref, tmp_path / "m2", *options):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            jobs = [pool.submit(_read_all, tmp_path / m, names[k::2]) for m in ("m1", "m2") for k in (0, 1)]
+            jobs += [pool.submit(_read_all, tmp_path / m, names[::-1]) for m in ("m1", "m2") for _ in (0, 1)]
+            for job in jobs:
+                for name, digest in job.result().items():
+                    assert digest == digests[name], name
+        for m in ("m1", "m2"):
+            assert stats(tmp_path / m)["cache"]["bytes_on_disk"] <= bound
+    on_disk = sum(p.stat().st_size for p in (cache_dir / "chunks").rglob("*") if p.is_file())
+    assert 0 < on_disk <= bound
+
+
+def _blob_file(registry: Registry, digest: str) -> Path:
+    hexdigest = digest.split(":", 1)[1]
+    return registry.workdir / "storage/docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
+
+
+def _restart_on_same_port(registry: Registry) -> None:
+    with open(registry.workdir / "registry.log", "ab") as logfile:
+        command = ["docker-registry", "serve", str(registry.workdir / "config.yml")]
+        registry.process = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT)
+    assert registry._wait_ready()
+
+
+@pytest.fixture()
+def fast_fail_env(tmp_path: Path) -> dict:
+    config = tmp_path / "config.yaml"
+    config.write_text("defaults: {retries: 1, retry_backoff: 0.05, connect_timeout: 2, read_timeout: 5, "
+                      "operation_timeout: 10}\n")
+    return dict(os.environ, LAZYMOUNT_CONFIG=str(config))
+
+
+def test_registry_down_gives_eio_then_recovers(tmp_path: Path, fast_fail_env: dict,
+                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With the registry stopped a read fails with EIO after the retry budget, the mount stays up, and
+    the same read succeeds once the registry is back."""
+    reg = Registry(tmp_path_factory.mktemp("registry-down")).start()
+    try:
+        tree = _random_tree(tmp_path / "tree", {"a.bin": 300_000, "b.bin": 200_000})
+        src = make_oci_image(tmp_path / "src", "v1", [tree])
+        convert(src, tmp_path / "conv", "v1")
+        push_layout(tmp_path / "conv", "v1", reg, "down")
+        mnt = tmp_path / "mnt"
+        with mounted(f"{reg.host}/down:v1", mnt, "--cache-dir", str(tmp_path / "cache"), "--no-prefetch",
+                     "--no-background-fetch", env=fast_fail_env):
+            reg.stop()
+            with pytest.raises(OSError) as e:
+                (mnt / "a.bin").read_bytes()
+            assert e.value.errno == errno.EIO
+            assert sorted(os.listdir(mnt)) == ["a.bin", "b.bin"]
+            _restart_on_same_port(reg)
+            assert (mnt / "a.bin").read_bytes() == (tree / "a.bin").read_bytes()
+            assert (mnt / "b.bin").read_bytes() == (tree / "b.bin").read_bytes()
+    finally:
+        reg.close()
+
+
+def test_corrupt_blob_byte_gives_eio_never_wrong_data(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+                                                       ) -> None:
+    """One byte flipped inside a file's compressed bytes in registry storage: reading that file is EIO
+    (logged with layer and path), the other file still reads right, and nothing wrong is cached."""
+    reg = Registry(tmp_path_factory.mktemp("registry-corrupt")).start()
+    try:
+        tree = _random_tree(tmp_path / "tree", {"victim.bin": 500_000, "other.bin": 1000})
+        src = make_oci_image(tmp_path / "src", "v1", [tree])
+        convert(src, tmp_path / "conv", "v1")
+        _, _, layers = read_layout(tmp_path / "conv", "v1")
+        push_layout(tmp_path / "conv", "v1", reg, "corrupt")
+        blob = _blob_file(reg, layers[0][1]["digest"])
+        offset = _member_offset(layers[0][0], "victim.bin") + 200_000
+        data = bytearray(blob.read_bytes())
+        data[offset] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
+        with mounted(f"{reg.host}/corrupt:v1", mnt, "--cache-dir", str(tmp_path / "cache"), "--no-prefetch",
+                     "--no-background-fetch", "--log-file", str(log_file)):
+            for _ in range(2):
+                with pytest.raises(OSError) as e:
+                    (mnt / "victim.bin").read_bytes()
+                assert e.value.errno == errno.EIO
+            assert (mnt / "other.bin").read_bytes() == (tree / "other.bin").read_bytes()
+        log = log_file.read_text()
+        assert f"layer {layers[0][1]['digest']}: /victim.bin:" in log
+    finally:
+        reg.close()
+
+
+def _member_offset(blob: Path, name: str) -> int:
+    """Compressed offset of a file's first gzip member, from the blob's TOC (read as a tar.gz)."""
+    with tarfile.open(blob, "r:gz") as tar:
+        toc_json = json.load(tar.extractfile("stargz.index.json"))
+    return next(e["offset"] for e in toc_json["entries"] if e.get("name") == name)
+
+
+def test_umount_clears_a_mount_whose_daemon_was_killed(big_image: tuple[str, Path, dict],
+                                                        tmp_path: Path) -> None:
+    ref, _, _ = big_image
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, "--cache-dir", str(tmp_path / "cache"), "--no-background-fetch") as pid:
+        os.kill(pid, 9)
+        while Path(f"/proc/{pid}").exists():
+            time.sleep(0.02)
+        with pytest.raises(OSError) as e:
+            os.listdir(mnt)
+        assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        lazymount("umount", str(mnt))
+        assert not os.path.ismount(mnt)

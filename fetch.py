@@ -964,6 +964,8 @@ class RegistryClient:
                                  auth=(creds.username, creds.password) if creds else None,
                                  timeout=self._timeout(op), verify=self._verify(realm_parts.netloc),
                                  allow_redirects=True, stream=True)
+        except requests.exceptions.SSLError:
+            raise  # not worth retrying: reported by _attempts
         except requests.RequestException as e:
             raise _Retry(f"token service {realm_parts.netloc}: {type(e).__name__}") from None
         with resp:
@@ -1110,6 +1112,9 @@ class RegistryClient:
                         retry_after = _retry_after(resp.headers.get("Retry-After"))
                         raise _Retry(f"HTTP {resp.status_code}", retry_after)
                     raise self._status_error(resp, op)
+            except requests.exceptions.SSLError:
+                raise op.error("TLS handshake or certificate verification failed",
+                               _UnavailableError) from None
             except requests.RequestException as e:
                 # Never str(e): requests puts URLs (signed ones too) into its messages.
                 failure = _Retry(type(e).__name__)

@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import http.server
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import random
 import secrets
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import tarfile
@@ -116,6 +118,28 @@ class HTTPService:
 # ---------------------------------------------------------------------------------------- token issuer
 
 
+def _self_signed(key: rsa.RSAPrivateKey, common_name: str, ip: str | None = None) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(hours=1))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True))
+    if ip is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def write_self_signed(cert_path: Path, key_path: Path, ip: str) -> None:
+    """A new key and a self-signed CA certificate valid for `ip`, as PEM files."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert_path.write_bytes(_self_signed(key, ip, ip).public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -163,14 +187,7 @@ class TokenIssuer(HTTPService):
     def rotate_key(self) -> None:
         """Sign with a new key from now on (a registry must be restarted to trust its certificate)."""
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(hours=1))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(self.key, hashes.SHA256()))
+        cert = _self_signed(self.key, ISSUER)
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         self.kid = libtrust_key_id(self.key.public_key())
 
@@ -211,8 +228,10 @@ class TokenIssuer(HTTPService):
 class Registry:
     """Debian's docker-registry on 127.0.0.1:<free port>; auth is 'anonymous', 'basic' or 'token'."""
 
-    def __init__(self, workdir: Path, auth: str = "anonymous") -> None:
+    def __init__(self, workdir: Path, auth: str = "anonymous", tls: bool = False) -> None:
         self.workdir, self.auth = workdir, auth
+        # With tls, the registry serves HTTPS with a self-signed certificate for 127.0.0.1 (`ca_file`).
+        self.ca_file: Path | None = workdir / "registry-cert.pem" if tls else None
         self.username, self.password = USERNAME, PASSWORD
         self.token_issuer: TokenIssuer | None = None
         self.process: subprocess.Popen | None = None
@@ -224,13 +243,17 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.ca_file else 'http'}://{self.host}"
 
     def _config(self) -> dict:
         config = {"version": 0.1, "log": {"level": "info", "accesslog": {"disabled": True}},
                   "storage": {"filesystem": {"rootdirectory": str(self.workdir / "storage")},
                               "delete": {"enabled": True}},
                   "http": {"addr": self.host, "secret": secrets.token_hex(16)}}
+        if self.ca_file is not None:
+            key_path = self.workdir / "registry-key.pem"
+            write_self_signed(self.ca_file, key_path, "127.0.0.1")
+            config["http"]["tls"] = {"certificate": str(self.ca_file), "key": str(key_path)}
         if self.auth == "basic":
             htpasswd = self.workdir / "htpasswd"
             hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()
@@ -277,7 +300,11 @@ class Registry:
             if self.process is None or self.process.poll() is not None:
                 return False
             with contextlib.suppress(OSError):
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                if self.ca_file is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                else:
+                    context = ssl.create_default_context(cafile=self.ca_file)
+                    conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=2, context=context)
                 conn.request("GET", "/v2/")
                 status = conn.getresponse().status
                 conn.close()

@@ -380,6 +380,27 @@ def test_credentials_from_docker_config(basic_registry: Registry, image: reg.Tes
     assert img.digest == image.manifest_digest
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_tls_registry(tmp_path: Path, image: reg.TestImage) -> None:
+    registry = Registry(tmp_path / "registry", "basic", tls=True)
+    try:
+        registry.start()
+        reg.push_layout(image.layout, image.tag, registry, REPO)
+        ref = f"{registry.host}/{REPO}:v1"
+
+        def client(**tls: Any) -> RegistryClient:
+            return client_for(registry, Config({registry.host: _with(plain_http=False, **tls)}, FAST))
+
+        assert open_image(ref, client=client(ca_file=str(registry.ca_file))).digest == image.manifest_digest
+        with pytest.raises(RegistryError, match="TLS handshake or certificate verification failed"):
+            bounded(lambda: open_image(ref, client=client()))
+        assert open_image(ref, client=client(insecure=True)).digest == image.manifest_digest
+        with pytest.raises(RegistryError):  # a TLS registry is not spoken to in plain HTTP by default
+            bounded(lambda: open_image(ref, client=client_for(registry)))
+    finally:
+        registry.close()
+
+
 # ------------------------------------------------------------------------------------------- failures
 
 

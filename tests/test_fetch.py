@@ -548,12 +548,15 @@ def test_dead_mirror_then_live_origin(proxy: FaultProxy, basic_registry: Registr
 
 
 def test_live_mirror_is_used_first(proxy: FaultProxy, basic_registry: Registry, image: reg.TestImage) -> None:
+    # A Harbor-style proxy cache: the mirror holds the image under a project prefix.
+    reg.push_layout(image.layout, image.tag, basic_registry, f"hub-cache/{REPO}")
     origin = f"127.0.0.1:{reg.free_port()}"  # nothing listens: only the mirror can answer
-    config = Config({origin: RegistryConfig(mirrors=(proxy.url,), **_fast())}, FAST)
+    config = Config({origin: RegistryConfig(mirrors=(f"{proxy.url}/hub-cache",), **_fast())}, FAST)
     client = client_for(basic_registry, config, host=proxy.host)
     img = bounded(lambda: open_image(f"{origin}/{REPO}:v1", client=client))
     assert img.digest == image.manifest_digest
     assert img.blob(image.layer_digest).read_at(10, 10) == image.layer[10:20]
+    assert all(path.startswith(f"/v2/hub-cache/{REPO}/") for _, path, _ in proxy.seen)
 
 
 def test_stalled_server_recovers(proxy: FaultProxy, basic_registry: Registry, image: reg.TestImage) -> None:

@@ -271,9 +271,10 @@ def _registry_config(values: Mapping[str, Any], base: RegistryConfig, where: str
 def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
     """Load the YAML config (`path`, else the first file of `config_search_path()` that exists).
 
-    Layout: ``defaults: {SETTING: VALUE}`` and ``registries: {HOST: {SETTING: VALUE}}`` with the fields
-    of `RegistryConfig`. Keyword `overrides` (explicit arguments, e.g. ``retries=2``) win over the file
-    for every registry.
+    This module reads two top-level keys, ``registry_defaults: {SETTING: VALUE}`` and
+    ``registries: {HOST: {SETTING: VALUE}}``, settings being the fields of `RegistryConfig`; other
+    top-level keys belong to other modules. Keyword `overrides` (explicit arguments, e.g. ``retries=2``)
+    win over the file for every registry.
     """
     candidates = [Path(path)] if path is not None else config_search_path()
     data: Any = {}
@@ -288,9 +289,11 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
             raise InvalidInputError(f"cannot read config {candidate}: {type(e).__name__}") from None
         source = str(candidate)
         break
-    if not isinstance(data, dict) or not set(data) <= {"defaults", "registries"}:
-        raise InvalidInputError(f"{source}: top level must be a mapping with 'defaults' and 'registries'")
-    defaults = _registry_config(data.get("defaults") or {}, RegistryConfig(), f"{source}: defaults")
+    if not isinstance(data, dict) or not isinstance(data.get("registry_defaults") or {}, dict) \
+            or not isinstance(data.get("registries") or {}, dict):
+        raise InvalidInputError(f"{source}: top level, registry_defaults and registries must be mappings")
+    defaults = _registry_config(data.get("registry_defaults") or {}, RegistryConfig(),
+                                f"{source}: registry_defaults")
     registries = {}
     for host, values in (data.get("registries") or {}).items():
         if not isinstance(values, dict):

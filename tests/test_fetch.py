@@ -175,7 +175,7 @@ def test_parse_reference_rejects(text: str) -> None:
 
 def test_load_config_file_env_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text("defaults:\n  read_timeout: 7\n  retries: 2\n"
+    path.write_text("registry_defaults:\n  read_timeout: 7\n  retries: 2\ncache: {other: module}\n"
                     "registries:\n  docker.io:\n    mirrors: [harbor.example.com/dockerhub]\n"
                     "  reg.example.com:\n    insecure: true\n    ca_file: /etc/ca.pem\n    retries: 9\n")
     monkeypatch.setenv("LAZYMOUNT_CONFIG", str(path))
@@ -192,13 +192,14 @@ def test_load_config_file_env_and_overrides(tmp_path: Path, monkeypatch: pytest.
     assert fetch.config_search_path() == [path, user_config, Path("/etc/lazymount/config.yaml")]
     monkeypatch.delenv("LAZYMOUNT_CONFIG")
     user_config.parent.mkdir(parents=True)
-    user_config.write_text("defaults: {retries: 3, plain_http: false}\n")
+    user_config.write_text("registry_defaults: {retries: 3, plain_http: false}\n")
     assert load_config().defaults == RegistryConfig(retries=3, plain_http=False)
 
 
 @pytest.mark.parametrize("text", [
-    "defaults: {retries: many}\n", "registries: {h: {mirrors: http://x}}\n", "defaults: {colour: blue}\n",
-    "[1, 2]\n", "registries: {h: {insecure: 1}}\n", "defaults: {read_timeout: -1}\n",
+    "registry_defaults: {retries: many}\n", "registries: {h: {mirrors: http://x}}\n", "registries: [a]\n",
+    "registry_defaults: {colour: blue}\n", "[1, 2]\n", "registries: {h: {insecure: 1}}\n",
+    "registry_defaults: {read_timeout: -1}\n", "registries: {h: {ca_file: 3}}\n", "a: [\n",
 ])
 def test_load_config_rejects(tmp_path: Path, text: str) -> None:
     path = tmp_path / "config.yaml"

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import struct
+import sys
 import tarfile
 import tempfile
 import zlib
@@ -184,12 +185,20 @@ def _gunzip_bounded(data: bytes, limit: int, what: str) -> bytes:
     return bytes(out)
 
 
-def _unzstd_bounded(data: bytes, limit: int, what: str) -> bytes:
+def _unzstd(data: bytes, want: int, what: str) -> bytes:
+    """Up to `want` bytes of zstd frames, read in pieces: python-zstandard's read(n) allocates n bytes."""
+    out = bytearray()
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-        out = reader.read(limit + 1)
+        while len(out) < want and (piece := reader.read(min(want - len(out), 1 << 20))):
+            out += piece
     except zstandard.ZstdError as e:
         raise FormatError(f"{what}: corrupt zstd data ({e})") from None
+    return bytes(out)
+
+
+def _unzstd_bounded(data: bytes, limit: int, what: str) -> bytes:
+    out = _unzstd(data, limit + 1, what)
     if len(out) > limit:
         raise FormatError(f"{what}: inflates past {limit} bytes")
     return out
@@ -415,11 +424,16 @@ class Index:
 
     def walk(self, dir_id: int = ROOT, prefix: str = "") -> Iterator[tuple[str, int]]:
         """(path, entry id) of every entry below `dir_id`, depth first, parents before children."""
-        for name, child in self.children(dir_id):
-            path = prefix + name
-            yield path, child
-            if self._kind[child] == KIND_DIR:
-                yield from self.walk(child, path + "/")
+        stack = [(prefix, self.children(dir_id))]  # not recursive: a hostile TOC may nest 2000 deep
+        while stack:
+            prefix, children = stack[-1]
+            for name, child in children:
+                yield prefix + name, child
+                if self._kind[child] == KIND_DIR:
+                    stack.append((prefix + name + "/", self.children(child)))
+                    break
+            else:
+                stack.pop()
 
     def chunks(self, entry_id: int) -> list[Chunk]:
         """The chunks of a regular file, in file order."""
@@ -673,11 +687,10 @@ def decompress_chunk(data: bytes, chunk: Chunk, fmt: str = GZIP) -> bytes:
     """
     want = chunk.inner_offset + chunk.size
     what = f"chunk at {chunk.comp_offset}"
+    if want > sys.maxsize:  # a hostile TOC's size or innerOffset; zlib would raise OverflowError
+        raise FormatError(f"{what}: size {chunk.size} at inner offset {chunk.inner_offset} is impossible")
     if fmt == ZSTD:
-        try:
-            out = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read(want)
-        except zstandard.ZstdError as e:
-            raise FormatError(f"{what}: corrupt zstd data ({e})") from None
+        out = _unzstd(data, want, what)
     else:
         out = bytearray()
         while len(out) < want and data:

@@ -346,7 +346,8 @@ class Fault:
     'stall' (wait `seconds` before answering; with `partial`, after half the body), 'ignore_range'
     (forward without Range: the registry answers 200 whole), 'reject_multirange' (400 to multi-range),
     'whole_multirange' (multi-range answered 200 whole), 'bad_content_range' (206 with a shifted
-    Content-Range), 'redirect' (307 to `target` + the same path, with a fake signature).
+    Content-Range), 'redirect' (307 to `target` + the same path, with a fake signature), 'corrupt'
+    (flip the last byte of the body).
     `times` < 0 means forever.
     """
 
@@ -383,6 +384,8 @@ class _ProxyHandler(_Handler):
         headers = {k: v for k, v in self.headers.items()
                    if not (kind in ("ignore_range", "whole_multirange") and k.lower() == "range")}
         status, reply_headers, body = proxy.forward(self.command, self.path, headers, data)
+        if kind == "corrupt" and body:
+            body = body[:-1] + bytes([body[-1] ^ 0xFF])
         if kind == "bad_content_range" and status == 206:
             start, end_total = reply_headers["Content-Range"].split("-", 1)
             end, total = end_total.split("/")

@@ -586,6 +586,24 @@ def test_wrong_content_range_is_rejected(proxy: FaultProxy, basic_registry: Regi
         blob.read_at(10, 10)
 
 
+def test_corrupted_downloads_are_refused(proxy: FaultProxy, basic_registry: Registry,
+                                         image: reg.TestImage) -> None:
+    client = client_for(basic_registry, host=proxy.host)
+    img = open_image(f"{proxy.host}/{REPO}:v1", client=client)
+    proxy.add(Fault("corrupt", path="/manifests/v1"), Fault("corrupt", path=f"/manifests/{img.digest}"),
+              Fault("corrupt", path=f"/blobs/{img.config_descriptor.digest}"),
+              Fault("corrupt", path=f"/blobs/{image.layer_digest}"))
+    with pytest.raises(RegistryError, match="not the digest asked or announced"):
+        open_image(f"{proxy.host}/{REPO}:v1", client=client)  # Docker-Content-Digest disagrees
+    with pytest.raises(RegistryError, match="not the digest asked or announced"):
+        open_image(f"{proxy.host}/{REPO}@{img.digest}", client=client)
+    with pytest.raises(RegistryError, match="digest mismatch"):
+        open_image(f"{proxy.host}/{REPO}:v1", client=client)  # the config
+    with pytest.raises(RegistryError, match="digest mismatch"):
+        img.blob(image.layer_digest).read_all()
+    assert proxy.applied == ["corrupt"] * 4
+
+
 def test_push_restarts_after_failed_upload(proxy: FaultProxy, basic_registry: Registry) -> None:
     proxy.add(Fault("status", path="/blobs/uploads/", method="PATCH", status=500),
               Fault("reset", path="/blobs/uploads/", method="PUT"))

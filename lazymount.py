@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import cache
 import convert
@@ -343,11 +344,15 @@ def _mount_in_background(args: argparse.Namespace) -> None:
     if pid == 0:
         os.close(read_fd)
         code = 1
+        # Until the mount answers, stderr (libfuse's and fusermount3's complaints) goes to a temp file
+        # whose fuse lines explain a failure; afterwards to /dev/null.
+        captured = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the daemon
         try:
             os.setsid()
             if os.fork():
                 os._exit(0)
             _redirect_to_null(0, 1)
+            os.dup2(captured.fileno(), 2)
 
             def ready() -> None:
                 os.write(write_fd, b"ok\n")
@@ -358,7 +363,7 @@ def _mount_in_background(args: argparse.Namespace) -> None:
             code = 0
         except toc.LazymountError as e:
             with contextlib.suppress(OSError):
-                os.write(write_fd, f"{e}\n".encode())
+                os.write(write_fd, f"{e}{_fuse_complaints(captured)}\n".encode())
         except BaseException as e:  # noqa: BLE001 -- the daemon must report and exit, never return
             log.debug("daemon failed", exc_info=True)
             with contextlib.suppress(OSError):
@@ -372,6 +377,14 @@ def _mount_in_background(args: argparse.Namespace) -> None:
         message = pipe.read().decode(errors="replace").strip()
     if message != "ok":
         raise MountError(message or "the mount daemon exited before mounting (try --foreground -v)")
+
+
+def _fuse_complaints(captured: BinaryIO) -> str:
+    """The lines libfuse or fusermount3 wrote to stderr, as a suffix for an error message."""
+    captured.seek(0)
+    lines = captured.read(1 << 16).decode(errors="replace").splitlines()
+    lines = [line.strip() for line in lines if line.startswith(("fuse", "fusermount"))]
+    return f" ({'; '.join(lines)})" if lines else ""
 
 
 def _redirect_to_null(*fds: int) -> None:

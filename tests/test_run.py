@@ -1,0 +1,165 @@
+"""`lazymount run`, `mount` and `umount` as a real unprivileged user: only setuid fusermount3 and
+bubblewrap, an image pulled lazily from docker-registry on loopback.
+
+The image is a small Debian-based root filesystem made from the host's own files (dash, python3.11 with
+the libraries ldd names and its standard library), so the test needs no network.  A root fixture
+creates the user `lazytest` if absent (and removes it only then) and opens /dev/fuse to it for the
+duration of the module (it is 0600 on these machines), restoring its mode afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from images import make_oci_image
+from registry import Registry, push_layout
+from test_mount import MISSING, convert, lazymount, mounted, registry  # noqa: F401 -- fixture
+
+USER = "lazytest"
+STDLIB_SKIP = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
+               "__pycache__", "config-3.*", "distutils", "unittest", "site-packages", "dist-packages")
+
+pytestmark = [
+    pytest.mark.skipif(bool(MISSING) or shutil.which("bwrap") is None or os.geteuid() != 0,
+                       reason=f"needs root to set up, bwrap and {', '.join(MISSING) or 'the test tools'}"),
+]
+
+
+@pytest.fixture(scope="module")
+def user_home() -> Iterator[Path]:
+    """A home directory owned by the unprivileged test user, who may use /dev/fuse meanwhile."""
+    created = subprocess.run(["id", USER], capture_output=True).returncode != 0
+    if created:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
+                       check=True)
+    entry = pwd.getpwnam(USER)
+    fuse_mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    home = Path(tempfile.mkdtemp(prefix="lazymount-user-", dir="/tmp"))
+    try:
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        os.chmod("/dev/fuse", 0o666)
+        yield home
+    finally:
+        os.chmod("/dev/fuse", fuse_mode)
+        shutil.rmtree(home, ignore_errors=True)
+        if created:
+            subprocess.run(["userdel", USER], check=False)
+
+
+def _copy_with_libraries(binary: Path, rootfs: Path) -> None:
+    """Copy a host binary and every library ldd names to the same paths in rootfs (usrmerge layout)."""
+    out = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True).stdout
+    paths = [binary, *(Path(p) for p in re.findall(r"(/\S+) \(0x", out))]
+    for path in paths:
+        real = Path(os.path.realpath(path))
+        target = rootfs / real.relative_to("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(real, target)
+        alias = target.parent / path.name  # the soname link, e.g. libz.so.1 -> libz.so.1.2.13
+        if alias != target and not alias.exists():
+            os.symlink(real.name, alias)
+
+
+def _debian_rootfs(rootfs: Path) -> Path:
+    """dash as /bin/sh, python3.11 with its standard library, /etc/passwd with a user `tester`."""
+    for link in ("bin", "lib", "lib64", "sbin"):
+        target = f"usr/{link}"
+        (rootfs / target).mkdir(parents=True, exist_ok=True)
+        os.symlink(target, rootfs / link)
+    _copy_with_libraries(Path("/usr/bin/dash"), rootfs)
+    _copy_with_libraries(Path("/usr/bin/python3.11"), rootfs)
+    os.symlink("dash", rootfs / "usr/bin/sh")
+    os.symlink("python3.11", rootfs / "usr/bin/python3")
+    loader = rootfs / "usr/lib64/ld-linux-x86-64.so.2"
+    if not loader.exists() and Path("/lib64/ld-linux-x86-64.so.2").exists():
+        os.symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", loader)
+    shutil.copytree("/usr/lib/python3.11", rootfs / "usr/lib/python3.11", symlinks=True,
+                    ignore=shutil.ignore_patterns(*STDLIB_SKIP))
+    for directory in ("proc", "dev", "tmp", "etc", "work", "home/tester"):
+        (rootfs / directory).mkdir(parents=True, exist_ok=True)
+    os.chmod(rootfs / "tmp", 0o1777)
+    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
+                                       "tester:x:1000:1000::/home/tester:/bin/sh\n")
+    (rootfs / "etc/group").write_text("root:x:0:\ntester:x:1000:\n")
+    (rootfs / "etc/debian_version").write_text(Path("/etc/debian_version").read_text())
+    (rootfs / "work/hello.py").write_text(
+        "import os, sys\nprint('py', os.getcwd(), os.getuid(), os.environ['GREETING'])\n"
+        "sys.exit(int(sys.argv[1]))\n")
+    return rootfs
+
+
+@pytest.fixture(scope="module")
+def debian_image(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> str:  # noqa: F811
+    work = tmp_path_factory.mktemp("debian")
+    layout = make_oci_image(work / "src", "v1", [_debian_rootfs(work / "rootfs")])
+    subprocess.run(["umoci", "config", "--image", f"{layout}:v1", "--config.user", "tester",
+                    "--config.workingdir", "/work", "--config.env", "PATH=/usr/bin:/bin",
+                    "--config.env", "GREETING=hello from the image", "--config.cmd", "/bin/sh",
+                    "--config.cmd", "-c", "--config.cmd", "echo default command"], check=True)
+    convert(layout, work / "conv", "v1")
+    push_layout(work / "conv", "v1", registry, "debian")
+    return f"{registry.host}/debian:v1"
+
+
+def _as_user(home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {"HOME": str(home), "PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
+    return lazymount(*args, check=False, env=env, user=USER)
+
+
+def _lazymount_mounts() -> list[str]:
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return [line for line in lines if "fuse.lazymount" in line]
+
+
+def test_run_shell_and_python_as_user(debian_image: str, user_home: Path) -> None:
+    """Output and exit codes pass through; the image's Env, WorkingDir and User apply; nothing stays
+    mounted afterwards."""
+    cache = ("--cache-dir", str(user_home / "cache"))
+    before = _lazymount_mounts()
+    result = _as_user(user_home, "run", *cache, debian_image, "--", "/bin/sh", "-c", "echo ok; exit 7")
+    assert (result.returncode, result.stdout, result.stderr) == (7, "ok\n", "")
+    result = _as_user(user_home, "run", *cache, debian_image, "--", "python3", "hello.py", "3")
+    assert (result.returncode, result.stdout) == (3, "py /work 1000 hello from the image\n"), result.stderr
+    result = _as_user(user_home, "run", *cache, debian_image)
+    assert (result.returncode, result.stdout) == (0, "default command\n"), result.stderr
+    shared = user_home / "shared"
+    shared.mkdir()
+    (shared / "in.txt").write_text("from the host\n")
+    os.chown(shared, pwd.getpwnam(USER).pw_uid, -1)
+    result = _as_user(user_home, "run", *cache, "--bind", f"{shared}:/home/tester", debian_image, "--",
+                      "/bin/sh", "-c", 'read -r l </home/tester/in.txt && echo "$l" && test -w /tmp '
+                      "&& test -e /proc/self/status")
+    assert (result.returncode, result.stdout) == (0, "from the host\n"), result.stderr
+    assert _lazymount_mounts() == before
+
+
+def test_mount_read_umount_as_user(debian_image: str, user_home: Path) -> None:
+    mnt = user_home / "mnt"
+    mnt.mkdir()
+    os.chown(mnt, pwd.getpwnam(USER).pw_uid, -1)
+    env = {"HOME": str(user_home), "PATH": os.environ["PATH"]}
+    with mounted(debian_image, mnt, "--cache-dir", str(user_home / "cache"), env=env, user=USER):
+        line = next(x for x in _lazymount_mounts() if f" {mnt} " in x)
+        assert {"nosuid", "nodev", "ro"} <= set(line.split()[5].split(","))
+        cat = subprocess.run(["runuser", "-u", USER, "--", "cat", str(mnt / "etc/passwd")],
+                             capture_output=True, text=True, check=True)
+        assert "tester:x:1000" in cat.stdout
+        result = _as_user(user_home, "umount", str(mnt))
+        assert result.returncode == 0, result.stderr
+        assert not os.path.ismount(mnt)
+
+
+def test_cli_reports_missing_image_in_one_line(registry: Registry, user_home: Path) -> None:  # noqa: F811
+    result = _as_user(user_home, "run", "--cache-dir", str(user_home / "cache"), f"{registry.host}/nope:v1",
+                      "--", "true")
+    assert result.returncode == 1
+    assert result.stderr.startswith("lazymount: error:") and len(result.stderr.splitlines()) == 1

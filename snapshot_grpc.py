@@ -1,0 +1,1030 @@
+"""lazymount's containerd remote snapshotter: the Snapshots gRPC service (a containerd proxy plugin).
+
+What belongs here: the `containerd.services.snapshots.v1.Snapshots` service over an overlayfs backend laid
+out like containerd's built-in overlayfs snapshotter (`ROOT/snapshots/ID/fs` and `work`), its metadata
+(keys, parents, kinds, labels, timestamps, usage) in SQLite, containerd's filter syntax for List, the
+remote-layer flow (a layer is mounted lazily, committed under its chain ID and answered ALREADY_EXISTS, or
+declined so containerd downloads it), restoring remote layers, the health service, Prometheus metrics and
+the daemon's command line.  What never does: FUSE, registry HTTP or the eStargz format — a layer is mounted
+by `lazymount mount --layer` (lazymount.py, tree.py) and probed through fetch.py and toc.py.
+
+Containerd registers it with ``[proxy_plugins.lazymount] type = "snapshot" address = "SOCKET"``
+(contrib/containerd-config.toml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import errno
+import importlib
+import logging
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+import prometheus_client
+from google.protobuf import empty_pb2, timestamp_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import fetch
+import mount_pb2
+import snapshots_pb2
+import snapshots_pb2_grpc
+import toc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "containerd.services.snapshots.v1.Snapshots"
+DEFAULT_ADDRESS = "/run/lazymount/snapshotter.sock"
+DEFAULT_ROOT = "/var/lib/lazymount-snapshotter"
+SCHEMA_VERSION = 1
+MAX_LABEL_BYTES = 4096  # containerd: a label's key and value together
+LIST_BATCH = 100  # Info messages per ListSnapshotsResponse
+MOUNT_TIMEOUT = 300.0  # seconds one `lazymount mount --layer` may take (TOC fetch included)
+IMAGE_CACHE_SIZE = 32  # resolved images kept to find the descriptors of their layers
+GRACE_SECONDS = 10.0  # in-flight calls may finish this long after SIGTERM
+
+# Labels containerd and its clients set on Prepare (see DESIGN.md "containerd remote snapshotter").
+TARGET_LABEL = "containerd.io/snapshot.ref"  # the chain ID the layer would be committed as
+REMOTE_LABEL = "containerd.io/snapshot/remote"  # marks a snapshot that is a lazily mounted layer
+REFERENCE_LABELS = ("containerd.io/snapshot/remote/stargz.reference", "containerd.io/snapshot/cri.image-ref")
+DIGEST_LABELS = ("containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest")
+LOG_KEY = "remote-snapshot-prepared"  # stable: integration tests grep for it
+
+VIEW, ACTIVE, COMMITTED = snapshots_pb2.VIEW, snapshots_pb2.ACTIVE, snapshots_pb2.COMMITTED
+_KIND_NAMES = {VIEW: "view", ACTIVE: "active", COMMITTED: "committed"}
+
+REQUESTS = prometheus_client.Counter("lazymount_snapshotter_requests", "Snapshots service calls",
+                                     ["method", "code"])
+LATENCY = prometheus_client.Histogram("lazymount_snapshotter_request_seconds",
+                                      "Snapshots service call duration", ["method"])
+REMOTE_PREPARES = prometheus_client.Counter("lazymount_snapshotter_remote_prepares",
+                                            "Prepare calls with a layer target, by outcome", ["prepared"])
+REMOTE_RESTORES = prometheus_client.Counter("lazymount_snapshotter_remote_restores",
+                                            "Remote layer mounts found dead and mounted again", ["result"])
+REMOTE_MOUNTED = prometheus_client.Gauge("lazymount_snapshotter_remote_layers",
+                                         "Remote layers committed in the metadata")
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class SnapshotError(toc.LazymountError):
+    """A snapshot operation failed; `code` is the gRPC status containerd maps back to its errdefs."""
+
+    code = grpc.StatusCode.UNKNOWN
+
+
+class NotFoundError(SnapshotError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(SnapshotError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class InvalidArgumentError(SnapshotError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FailedPreconditionError(SnapshotError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnavailableError(SnapshotError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeclinedError(toc.LazymountError):
+    """A layer cannot be mounted lazily; the message is the reason logged under LOG_KEY."""
+
+
+# --------------------------------------------------------------------------------------------- filters
+# containerd's filter syntax (containerd/filters): selectors joined by ',' must all match, the filters
+# of one request are alternatives.  selector := fieldpath [("==" | "!=" | "~=") value];
+# fieldpath := field ("." field)*; a field is [A-Za-z0-9_]+ or a quoted string; a value is quoted or runs
+# to the next ',' or space.  Quotes are '"' (Go string syntax) and, for "~=" values only, '/' and '|'.
+
+_QUOTES = '"/|'
+_OPERATORS = ("==", "!=", "~=")
+_FIELD_RE = re.compile(r"[A-Za-z0-9_]+")
+
+
+@dataclass(frozen=True)
+class _Selector:
+    fieldpath: tuple[str, ...]
+    operator: str  # "" tests presence
+    value: str = ""
+
+    def match(self, fields: Callable[[tuple[str, ...]], str | None]) -> bool:
+        value = fields(self.fieldpath)
+        if self.operator == "":
+            return value is not None
+        if self.operator == "==":
+            return value is not None and value == self.value
+        if self.operator == "!=":
+            return (value or "") != self.value
+        try:
+            return re.search(self.value, value or "") is not None
+        except re.error:
+            log.warning("filter: invalid regular expression %r matches nothing", self.value)
+            return False
+
+
+class _FilterScanner:
+    """Tokens of one filter string, as containerd's scanner cuts them."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.pos, self.after_operator = text, 0, False
+
+    def error(self, message: str) -> InvalidArgumentError:
+        return InvalidArgumentError(f"filters: parse error: [{self.text}] at {self.pos}: {message}")
+
+    def peek(self) -> str:
+        """The next raw character ('' at the end)."""
+        return self.text[self.pos:self.pos + 1]
+
+    def scan(self) -> tuple[str, str]:
+        """(kind, text): kind is eof, quoted, separator, operator, value or field."""
+        text = self.text
+        while self.pos < len(text) and text[self.pos].isspace():
+            self.pos += 1
+        if self.pos >= len(text):
+            return "eof", ""
+        start, ch = self.pos, text[self.pos]
+        if ch in _QUOTES:
+            end = start + 1
+            while end < len(text) and text[end] != ch:
+                if text[end] == "\n":
+                    break
+                end += 2 if text[end] == "\\" else 1
+            if end >= len(text) or text[end] != ch:
+                raise self.error("quoted literal not terminated")
+            self.pos = end + 1
+            return "quoted", text[start:self.pos]
+        if ch in ",.":
+            self.pos += 1
+            self.after_operator = False
+            return "separator", ch
+        if ch in "=!~":
+            while self.pos < len(text) and text[self.pos] in "=!~":
+                self.pos += 1
+            self.after_operator = True
+            return "operator", text[start:self.pos]
+        if self.after_operator:
+            while self.pos < len(text) and text[self.pos] != "," and not text[self.pos].isspace():
+                self.pos += 1
+            self.after_operator = False
+            return "value", text[start:self.pos]
+        match = _FIELD_RE.match(text, start)
+        if match is None:
+            raise self.error(f"unexpected input {ch!r}")
+        self.pos = match.end()
+        return "field", match.group()
+
+
+def _unquote(scanner: _FilterScanner, quoted: str, alternative_quotes: bool) -> str:
+    quote = quoted[0]
+    if quote != '"':
+        if not alternative_quotes:
+            raise scanner.error("invalid quote encountered")
+        return quoted[1:-1].replace("\\" + quote, quote)
+    try:
+        value = ast.literal_eval(quoted)
+    except (ValueError, SyntaxError):
+        raise scanner.error(f"unquoting {quoted!r} failed") from None
+    if not isinstance(value, str):
+        raise scanner.error(f"unquoting {quoted!r} failed")
+    return value
+
+
+def _parse_filter(text: str) -> list[_Selector]:
+    scanner = _FilterScanner(text)
+    selectors = []
+    while True:
+        path = []
+        while True:
+            kind, token = scanner.scan()
+            if kind == "field":
+                path.append(token)
+            elif kind == "quoted":
+                path.append(_unquote(scanner, token, False))
+            else:
+                raise scanner.error("expected field or quoted")
+            if scanner.peek() != ".":
+                break
+            scanner.scan()
+        if scanner.peek() in (",", ""):
+            selectors.append(_Selector(tuple(path), ""))
+        else:
+            kind, operator = scanner.scan()
+            if kind != "operator" or operator not in _OPERATORS:
+                raise scanner.error(f'expected an operator ("=="|"!="|"~="), not {operator!r}')
+            kind, token = scanner.scan()
+            if kind in ("value", "field"):
+                value = token
+            elif kind == "quoted":
+                value = _unquote(scanner, token, operator == "~=")
+            else:
+                raise scanner.error("expected value or quoted")
+            selectors.append(_Selector(tuple(path), operator, value))
+        following = scanner.peek()
+        if following == "":
+            return selectors
+        if following != ",":
+            raise scanner.error(f"unexpected input {following!r}")
+        scanner.scan()
+
+
+def parse_filters(filters: Sequence[str]) -> Callable[[Info], bool]:
+    """A predicate true for an Info matching any of `filters` (all Infos when there are none or '')."""
+    alternatives = [_parse_filter(f) for f in filters if f]
+    if len(alternatives) < len(filters) or not alternatives:
+        return lambda info: True
+    return lambda info: any(all(s.match(info.field) for s in selectors) for selectors in alternatives)
+
+
+# -------------------------------------------------------------------------------------------- metadata
+
+
+@dataclass
+class Info:
+    """What Stat answers of a snapshot (times in nanoseconds since the epoch)."""
+
+    name: str
+    parent: str
+    kind: int
+    created: int
+    updated: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def field(self, path: tuple[str, ...]) -> str | None:
+        """The filter adaptor of containerd's snapshot storage: kind, name, parent and labels.KEY."""
+        head = path[0] if path else ""
+        if head == "kind":
+            return _KIND_NAMES.get(self.kind)
+        if head == "name":
+            return self.name
+        if head == "parent":
+            return self.parent
+        if head == "labels" and self.labels:
+            return self.labels.get(".".join(path[1:]))
+        return None
+
+    def to_proto(self) -> snapshots_pb2.Info:
+        def stamp(ns: int) -> timestamp_pb2.Timestamp:
+            return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+        return snapshots_pb2.Info(name=self.name, parent=self.parent, kind=self.kind,
+                                  created_at=stamp(self.created), updated_at=stamp(self.updated),
+                                  labels=self.labels)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot's directory id, kind, and the ids of its parents, nearest first."""
+
+    id: int
+    kind: int
+    parent_ids: tuple[int, ...]
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it names the directory snapshots/ID
+    name TEXT NOT NULL UNIQUE,             -- the key of an active or view snapshot, or a committed name
+    parent_id INTEGER REFERENCES snapshots(id) ON DELETE RESTRICT,  -- a committed snapshot
+    kind INTEGER NOT NULL,                 -- snapshots_pb2.Kind
+    created INTEGER NOT NULL,              -- nanoseconds since the epoch, UTC
+    updated INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,       -- usage, recorded on commit
+    inodes INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+CREATE TABLE IF NOT EXISTS labels (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, key)
+);
+"""
+
+
+class MetaStore:
+    """Snapshot metadata in one SQLite file; every change happens inside `transaction()`."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise SnapshotError(f"{path}: metadata schema {version}, this version reads {SCHEMA_VERSION}")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Serialized; commits when the block ends normally, rolls back when it raises."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- reads (inside a transaction) --------------------------------------------------------------
+
+    def _row(self, db: sqlite3.Connection, name: str) -> tuple:
+        row = db.execute("SELECT s.id, s.name, p.name, s.kind, s.created, s.updated, s.size, s.inodes "
+                         "FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id WHERE s.name = ?",
+                         (name,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"snapshot {name}: not found")
+        return row
+
+    def _labels(self, db: sqlite3.Connection, snapshot_id: int) -> dict[str, str]:
+        return dict(db.execute("SELECT key, value FROM labels WHERE snapshot_id = ?", (snapshot_id,)))
+
+    def get(self, db: sqlite3.Connection, name: str) -> tuple[int, Info, tuple[int, int]]:
+        """(id, info, (size, inodes)) of the snapshot called `name`."""
+        sid, name, parent, kind, created, updated, size, inodes = self._row(db, name)
+        return sid, Info(name, parent or "", kind, created, updated, self._labels(db, sid)), (size, inodes)
+
+    def walk(self, db: sqlite3.Connection) -> Iterator[Info]:
+        labels: dict[int, dict[str, str]] = {}
+        for sid, key, value in db.execute("SELECT snapshot_id, key, value FROM labels"):
+            labels.setdefault(sid, {})[key] = value
+        rows = db.execute("SELECT s.id, s.name, p.name, s.kind, s.created, s.updated FROM snapshots s "
+                          "LEFT JOIN snapshots p ON p.id = s.parent_id ORDER BY s.name").fetchall()
+        for sid, name, parent, kind, created, updated in rows:
+            yield Info(name, parent or "", kind, created, updated, labels.get(sid, {}))
+
+    def parent_ids(self, db: sqlite3.Connection, snapshot_id: int) -> tuple[int, ...]:
+        """The ids of a snapshot's parents, nearest first."""
+        rows = db.execute("WITH RECURSIVE chain(id, depth) AS ("
+                          " SELECT parent_id, 1 FROM snapshots WHERE id = ? AND parent_id IS NOT NULL"
+                          " UNION ALL SELECT s.parent_id, chain.depth + 1 FROM snapshots s JOIN chain"
+                          " ON s.id = chain.id WHERE s.parent_id IS NOT NULL)"
+                          " SELECT id FROM chain ORDER BY depth", (snapshot_id,))
+        return tuple(r[0] for r in rows)
+
+    def snapshot(self, db: sqlite3.Connection, name: str) -> Snapshot:
+        """An active or view snapshot with its parent chain (what Mounts needs)."""
+        sid, _, _, kind, *_ = self._row(db, name)
+        if kind not in (ACTIVE, VIEW):
+            raise FailedPreconditionError(f"requested snapshot {name} not active or view")
+        return Snapshot(sid, kind, self.parent_ids(db, sid))
+
+    def remote_layers(self, db: sqlite3.Connection,
+                      ids: Sequence[int] | None = None) -> list[tuple[int, Info]]:
+        """(id, info) of the remote snapshots among `ids` (all of them when None)."""
+        rows = db.execute("SELECT s.id, s.name FROM snapshots s JOIN labels l ON l.snapshot_id = s.id "
+                          "WHERE l.key = ? ORDER BY s.id", (REMOTE_LABEL,)).fetchall()
+        wanted = None if ids is None else set(ids)
+        return [(sid, self.get(db, name)[1]) for sid, name in rows if wanted is None or sid in wanted]
+
+    def ids(self, db: sqlite3.Connection) -> set[int]:
+        return {r[0] for r in db.execute("SELECT id FROM snapshots")}
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def _put_labels(self, db: sqlite3.Connection, snapshot_id: int, labels: Mapping[str, str]) -> None:
+        db.execute("DELETE FROM labels WHERE snapshot_id = ?", (snapshot_id,))
+        db.executemany("INSERT INTO labels (snapshot_id, key, value) VALUES (?, ?, ?)",
+                       [(snapshot_id, k, v) for k, v in labels.items()])
+
+    def create(self, db: sqlite3.Connection, kind: int, key: str, parent: str,
+               labels: Mapping[str, str]) -> Snapshot:
+        parent_id = None
+        if parent:
+            row = db.execute("SELECT id, kind FROM snapshots WHERE name = ?", (parent,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"missing parent {parent!r} bucket: not found")
+            if row[1] != COMMITTED:
+                raise InvalidArgumentError(f"parent {parent!r} is not committed snapshot")
+            parent_id = row[0]
+        if db.execute("SELECT 1 FROM snapshots WHERE name = ?", (key,)).fetchone():
+            raise AlreadyExistsError(f"snapshot {key}: already exists")
+        now = time.time_ns()
+        sid = db.execute("INSERT INTO snapshots (name, parent_id, kind, created, updated) "
+                         "VALUES (?, ?, ?, ?, ?)", (key, parent_id, kind, now, now)).lastrowid
+        assert sid is not None
+        self._put_labels(db, sid, labels)
+        return Snapshot(sid, kind, self.parent_ids(db, sid))
+
+    def commit(self, db: sqlite3.Connection, key: str, name: str, usage: tuple[int, int],
+               labels: Mapping[str, str]) -> None:
+        """Turn the active snapshot `key` into the committed `name` (same id; labels replaced)."""
+        if db.execute("SELECT 1 FROM snapshots WHERE name = ?", (name,)).fetchone():
+            raise AlreadyExistsError(f"committed snapshot {name}: already exists")
+        sid, _, _, kind, *_ = self._row(db, key)
+        if kind != ACTIVE:
+            raise FailedPreconditionError(f"snapshot {key!r} is not active")
+        now = time.time_ns()
+        db.execute("UPDATE snapshots SET name = ?, kind = ?, created = ?, updated = ?, size = ?, inodes = ? "
+                   "WHERE id = ?", (name, COMMITTED, now, now, *usage, sid))
+        self._put_labels(db, sid, labels)
+
+    def remove(self, db: sqlite3.Connection, key: str) -> tuple[int, Info]:
+        sid, info, _ = self.get(db, key)
+        if db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (sid,)).fetchone():
+            raise FailedPreconditionError("cannot remove snapshot with child")
+        db.execute("DELETE FROM snapshots WHERE id = ?", (sid,))
+        return sid, info
+
+    def update(self, db: sqlite3.Connection, info: Info, paths: Sequence[str]) -> Info:
+        """Set the labels (all, or those named `labels.KEY` / `labels`) as containerd's storage does."""
+        sid, current, _ = self.get(db, info.name)
+        labels = dict(current.labels)
+        for path in paths:
+            if path.startswith("labels."):
+                key = path[len("labels."):]
+                labels[key] = info.labels.get(key, "")
+            elif path == "labels":
+                labels = dict(info.labels)
+            else:
+                raise InvalidArgumentError(f"cannot update {path!r} field on snapshot {info.name!r}")
+        if not paths:
+            labels = dict(info.labels)
+        current.labels, current.updated = labels, time.time_ns()
+        db.execute("UPDATE snapshots SET updated = ? WHERE id = ?", (current.updated, sid))
+        self._put_labels(db, sid, labels)
+        return current
+
+
+def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    for key, value in labels.items():
+        if len(key.encode()) + len(value.encode()) > MAX_LABEL_BYTES:
+            raise InvalidArgumentError(f"label key and value length (\"{key[:64]}\"...) > {MAX_LABEL_BYTES}")
+    return dict(labels)
+
+
+def disk_usage(root: Path) -> tuple[int, int]:
+    """(bytes, inodes) under root like containerd's fs.DiskUsage: st_blocks are 512-byte units, and a
+    hardlinked inode counts once."""
+    seen: set[tuple[int, int]] = set()
+    size = 0
+    stack = [str(root)]
+    first = os.lstat(root)
+    seen.add((first.st_dev, first.st_ino))
+    size += first.st_blocks * 512
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    size += st.st_blocks * 512
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return size, len(seen)
+
+
+# --------------------------------------------------------------------------------------- remote layers
+
+
+class LayerMounter(Protocol):
+    """What the snapshotter needs of a lazy file system: one read-only tree per layer, shaped as an
+    overlayfs lower directory (whiteouts as 0:0 character devices, `trusted.overlay.opaque=y`)."""
+
+    def mount(self, reference: str, layer_digest: str, mountpoint: Path) -> None:
+        """Mount the layer at `mountpoint` or raise DeclinedError with the reason."""
+
+    def alive(self, mountpoint: Path) -> bool:
+        """Whether the layer's mount at `mountpoint` answers."""
+
+    def unmount(self, mountpoint: Path) -> None:
+        """Unmount (also a mount whose server died); no error if nothing is mounted there."""
+
+
+def _mount_state(mountpoint: Path) -> str:
+    """`alive`, `dead` (a mount whose server is gone: ENOTCONN) or `absent` (a plain directory)."""
+    try:
+        own = os.stat(mountpoint).st_dev
+    except OSError as e:
+        return "absent" if e.errno == errno.ENOENT else "dead"
+    return "alive" if own != os.stat(mountpoint.parent).st_dev else "absent"
+
+
+class DaemonMounter:
+    """Mounts each layer with `lazymount mount --layer` (its own daemon process, which survives a restart
+    of the snapshotter) after probing the registry: the layer must be eStargz (a TOC digest annotation
+    and an eStargz footer) and its registry must answer Range requests."""
+
+    def __init__(self, root: Path, config_path: str | None) -> None:
+        self.root, self.config_path = root, config_path
+        self._config: fetch.Config | None = None
+        self._images: OrderedDict[str, fetch.Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _lazymount(self):
+        """The FUSE side, imported at call time: the snapshotter serves ordinary layers without it."""
+        if not os.path.exists("/dev/fuse"):
+            raise DeclinedError("lazy mount unavailable: no /dev/fuse")
+        try:
+            module = importlib.import_module("lazymount")
+        except (ImportError, OSError) as e:  # mfusepy raises OSError without libfuse
+            raise DeclinedError(f"lazy mount unavailable: {type(e).__name__}: {e}") from None
+        if not hasattr(module, "unmount"):
+            raise DeclinedError("lazy mount unavailable: lazymount has no per-layer mount")
+        return module
+
+    def _image(self, reference: str) -> fetch.Image:
+        with self._lock:
+            image = self._images.get(reference)
+            if image is not None:
+                self._images.move_to_end(reference)
+                return image
+            if self._config is None:
+                self._config = fetch.load_config(self.config_path)
+            config = self._config
+        image = fetch.open_image(reference, config)
+        with self._lock:
+            self._images[reference] = image
+            while len(self._images) > IMAGE_CACHE_SIZE:
+                self._images.popitem(last=False)
+        return image
+
+    def probe(self, reference: str, layer_digest: str) -> None:
+        """Raise DeclinedError unless the layer is eStargz in a registry that answers Range requests."""
+        try:
+            image = self._image(reference)
+            descriptor = next((d for d in image.layers if d.digest == layer_digest), None)
+            if descriptor is None:
+                raise DeclinedError(f"layer {layer_digest} is not in {reference}")
+            if toc_digest_annotation(descriptor) is None:
+                raise DeclinedError("layer is not eStargz (no TOC digest annotation)")
+            with image.blob(layer_digest) as blob:
+                tail = blob.read_at(max(0, blob.size - toc.FOOTER_SIZE), toc.FOOTER_SIZE)
+                if blob.ranges_supported is False:
+                    raise DeclinedError("registry ignores Range requests")
+            toc.parse_footer(tail, descriptor.size)
+        except toc.FooterError as e:
+            raise DeclinedError(f"layer is not eStargz ({e})") from None
+        except (fetch.RegistryError, fetch.InvalidInputError, OSError) as e:
+            raise DeclinedError(f"registry unreachable or refused: {e}") from None
+
+    def mount(self, reference: str, layer_digest: str, mountpoint: Path) -> None:
+        self._lazymount()
+        self.probe(reference, layer_digest)
+        logs = self.root / "logs"
+        logs.mkdir(exist_ok=True)
+        command = [sys.executable, "-m", "lazymount", "-v", "mount", "--layer", layer_digest,
+                   "--cache-dir", str(self.root / "cache"), "-o", "allow_other",
+                   "--log-file", str(logs / f"{layer_digest[7:]}.log"), reference, str(mountpoint)]
+        env = dict(os.environ)
+        if self.config_path:
+            env["LAZYMOUNT_CONFIG"] = str(Path(self.config_path).absolute())
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=MOUNT_TIMEOUT,
+                                    check=False, cwd=Path(__file__).parent)
+        except subprocess.TimeoutExpired:
+            self.unmount(mountpoint)
+            raise DeclinedError(f"mounting took over {MOUNT_TIMEOUT:.0f} s") from None
+        if result.returncode != 0:
+            message = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
+            raise DeclinedError(f"mount failed: {message[0].removeprefix('lazymount: error: ')}")
+
+    def alive(self, mountpoint: Path) -> bool:
+        return _mount_state(mountpoint) == "alive"
+
+    def unmount(self, mountpoint: Path) -> None:
+        if _mount_state(mountpoint) != "absent":
+            try:
+                self._lazymount().unmount(mountpoint)
+            except toc.LazymountError as e:
+                log.warning("unmounting %s: %s", mountpoint, e)
+
+
+def toc_digest_annotation(descriptor: fetch.Descriptor) -> str | None:
+    """The TOC digest an eStargz layer's descriptor carries, if any."""
+    return descriptor.annotations.get("containerd.io/snapshot/stargz/toc.digest")
+
+
+def _remote_source(labels: Mapping[str, str]) -> tuple[str, str]:
+    """(image reference, layer digest) from the labels ctr-remote or the CRI plugin set."""
+    reference = next((labels[k] for k in REFERENCE_LABELS if labels.get(k)), "")
+    digest = next((labels[k] for k in DIGEST_LABELS if labels.get(k)), "")
+    if not reference or not digest:
+        raise DeclinedError("no remote image labels (image reference and layer digest)")
+    try:
+        toc.check_digest(digest)
+    except toc.LazymountError:
+        raise DeclinedError(f"invalid layer digest {digest[:80]!r}") from None
+    return reference, digest
+
+
+# ------------------------------------------------------------------------------------------ snapshotter
+
+
+class Snapshotter:
+    """The overlayfs snapshotter with remote layers; the gRPC service is a thin adapter over this."""
+
+    def __init__(self, root: Path, mounter: LayerMounter) -> None:
+        self.root, self.mounter = root, mounter
+        self.snapshots_dir = root / "snapshots"
+        self.snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = MetaStore(root / "metadata.db")
+        self._index_off = os.path.exists("/sys/module/overlay/parameters/index")
+        self._restore_locks: dict[int, threading.Lock] = {}
+        self._restore_guard = threading.Lock()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _fs(self, sid: int) -> Path:
+        return self.snapshots_dir / str(sid) / "fs"
+
+    def _work(self, sid: int) -> Path:
+        return self.snapshots_dir / str(sid) / "work"
+
+    # -- creating ----------------------------------------------------------------------------------
+
+    def _create(self, kind: int, key: str, parent: str, labels: Mapping[str, str]) -> Snapshot:
+        labels = _check_labels(labels)
+        with self.store.transaction() as db:
+            snapshot = self.store.create(db, kind, key, parent, labels)
+            directory = self.snapshots_dir / str(snapshot.id)
+            try:
+                directory.mkdir(mode=0o700)
+                self._fs(snapshot.id).mkdir(mode=0o755)
+                if kind == ACTIVE:
+                    self._work(snapshot.id).mkdir(mode=0o711)
+                if snapshot.parent_ids:
+                    st = os.stat(self._fs(snapshot.parent_ids[0]))
+                    os.lchown(self._fs(snapshot.id), st.st_uid, st.st_gid)
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+        return snapshot
+
+    def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[mount_pb2.Mount]:
+        """An active snapshot; with a layer target, first try to mount the layer lazily (then raise
+        AlreadyExistsError: containerd skips the download)."""
+        target = labels.get(TARGET_LABEL)
+        if target:
+            existing = self._committed_target(target, parent)
+            if existing:
+                raise AlreadyExistsError(f"target snapshot {target!r}: already exists")
+        snapshot = self._create(ACTIVE, key, parent, labels)
+        if target:
+            self._try_remote(snapshot, key, target, labels)
+        return self._mounts(snapshot)
+
+    def _committed_target(self, target: str, parent: str) -> bool:
+        with self.store.transaction() as db:
+            try:
+                _, info, _ = self.store.get(db, target)
+            except NotFoundError:
+                return False
+        return info.kind == COMMITTED and info.parent == parent and REMOTE_LABEL in info.labels
+
+    def _try_remote(self, snapshot: Snapshot, key: str, target: str, labels: Mapping[str, str]) -> None:
+        mountpoint = self._fs(snapshot.id)
+        try:
+            reference, digest = _remote_source(labels)
+        except DeclinedError as e:
+            self._log_prepared(False, str(e), "-", key)
+            return
+        try:
+            self.mounter.mount(reference, digest, mountpoint)
+        except DeclinedError as e:
+            self._log_prepared(False, str(e), digest, key)
+            return
+        try:
+            with self.store.transaction() as db:
+                self.store.commit(db, key, target, (0, 0), {**labels, REMOTE_LABEL: "remote snapshot"})
+        except SnapshotError as e:
+            # The layer is mounted on this active snapshot's directory: keep the key unusable rather
+            # than hand out a directory the file system has touched (as stargz-snapshotter does).
+            self._log_prepared(False, f"commit failed: {e}", digest, key)
+            raise
+        REMOTE_MOUNTED.inc()
+        self._log_prepared(True, "mounted lazily", digest, key)
+        raise AlreadyExistsError(f"target snapshot {target!r}: already exists")
+
+    @staticmethod
+    def _log_prepared(prepared: bool, reason: str, digest: str, key: str) -> None:
+        REMOTE_PREPARES.labels(prepared=str(prepared).lower()).inc()
+        log.log(logging.INFO if prepared else logging.WARNING, '%s: %s reason="%s" layer=%s key=%s',
+                LOG_KEY, str(prepared).lower(), reason, digest, key)
+
+    def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[mount_pb2.Mount]:
+        return self._mounts(self._create(VIEW, key, parent, labels))
+
+    def mounts(self, key: str) -> list[mount_pb2.Mount]:
+        with self.store.transaction() as db:
+            snapshot = self.store.snapshot(db, key)
+        return self._mounts(snapshot)
+
+    def _mounts(self, snapshot: Snapshot) -> list[mount_pb2.Mount]:
+        """The mounts of containerd's overlayfs snapshotter, after checking the remote layers below."""
+        self._ensure_remote_layers(snapshot.parent_ids)
+        if not snapshot.parent_ids:
+            flag = "ro" if snapshot.kind == VIEW else "rw"
+            return [mount_pb2.Mount(type="bind", source=str(self._fs(snapshot.id)), options=[flag, "rbind"])]
+        if snapshot.kind != ACTIVE and len(snapshot.parent_ids) == 1:
+            return [mount_pb2.Mount(type="bind", source=str(self._fs(snapshot.parent_ids[0])),
+                                    options=["ro", "rbind"])]
+        options = ["index=off"] if self._index_off else []
+        if snapshot.kind == ACTIVE:
+            options += [f"workdir={self._work(snapshot.id)}", f"upperdir={self._fs(snapshot.id)}"]
+        options.append("lowerdir=" + ":".join(str(self._fs(p)) for p in snapshot.parent_ids))
+        return [mount_pb2.Mount(type="overlay", source="overlay", options=options)]
+
+    # -- remote layer health -----------------------------------------------------------------------
+
+    def _ensure_remote_layers(self, ids: Sequence[int]) -> None:
+        """Mount again every remote layer among `ids` whose mount died; UnavailableError if one cannot."""
+        if not ids:
+            return
+        with self.store.transaction() as db:
+            remote = self.store.remote_layers(db, ids)
+        for sid, info in remote:
+            if not self.mounter.alive(self._fs(sid)):
+                self._restore(sid, info)
+
+    def _restore(self, sid: int, info: Info) -> None:
+        with self._restore_guard:
+            lock = self._restore_locks.setdefault(sid, threading.Lock())
+        with lock:
+            mountpoint = self._fs(sid)
+            if self.mounter.alive(mountpoint):
+                return
+            log.warning("remote layer %s (%s) is not mounted: mounting it again", info.name, mountpoint)
+            self.mounter.unmount(mountpoint)
+            try:
+                self.mounter.mount(*_remote_source(info.labels), mountpoint)
+            except DeclinedError as e:
+                REMOTE_RESTORES.labels(result="failed").inc()
+                log.error("remote layer %s unavailable: %s", info.name, e)
+                raise UnavailableError(f"layer {info.name!r} unavailable: {e}") from None
+            REMOTE_RESTORES.labels(result="restored").inc()
+
+    def restore_remote_layers(self) -> None:
+        """Before serving: mount again every recorded remote layer that is not mounted (failures are
+        logged; Mounts reports them as UNAVAILABLE until a later attempt succeeds)."""
+        with self.store.transaction() as db:
+            remote = self.store.remote_layers(db)
+        REMOTE_MOUNTED.set(len(remote))
+        for sid, info in remote:
+            if self.mounter.alive(self._fs(sid)):
+                log.info("remote layer %s still mounted", info.name)
+                continue
+            with contextlib.suppress(UnavailableError):
+                self._restore(sid, info)
+
+    # -- the rest of the API -----------------------------------------------------------------------
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
+        labels = _check_labels(labels)
+        with self.store.transaction() as db:
+            sid, info, _ = self.store.get(db, key)
+        if info.kind != ACTIVE:
+            raise FailedPreconditionError(f"snapshot {key!r} is not active")
+        usage = disk_usage(self._fs(sid))  # outside the transaction: a big layer takes a while
+        with self.store.transaction() as db:
+            self.store.commit(db, key, name, usage, labels)
+
+    def remove(self, key: str) -> None:
+        with self.store.transaction() as db:
+            sid, info = self.store.remove(db, key)
+        if REMOTE_LABEL in info.labels:
+            REMOTE_MOUNTED.dec()
+        self._remove_directory(self.snapshots_dir / str(sid))
+
+    def _remove_directory(self, directory: Path) -> None:
+        fs = directory / "fs"
+        self.mounter.unmount(fs)
+        if _mount_state(fs) != "absent":
+            log.error("%s is still mounted: not removing %s", fs, directory)
+            return
+        try:
+            shutil.rmtree(directory)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("removing %s: %s", directory, e)
+
+    def stat(self, key: str) -> Info:
+        with self.store.transaction() as db:
+            return self.store.get(db, key)[1]
+
+    def update(self, info: Info, paths: Sequence[str]) -> Info:
+        _check_labels(info.labels)
+        with self.store.transaction() as db:
+            return self.store.update(db, info, paths)
+
+    def walk(self, filters: Sequence[str]) -> list[Info]:
+        match = parse_filters(filters)
+        with self.store.transaction() as db:
+            return [info for info in self.store.walk(db) if match(info)]
+
+    def usage(self, key: str) -> tuple[int, int]:
+        with self.store.transaction() as db:
+            sid, info, usage = self.store.get(db, key)
+        return disk_usage(self._fs(sid)) if info.kind == ACTIVE else usage
+
+    def cleanup(self) -> None:
+        """Remove the directories no snapshot owns (left by a crash between mkdir and commit)."""
+        with self.store.transaction() as db:
+            ids = self.store.ids(db)
+        for directory in self.snapshots_dir.iterdir():
+            if not (directory.name.isdigit() and int(directory.name) in ids):
+                log.info("cleanup: removing %s", directory)
+                self._remove_directory(directory)
+
+
+# ------------------------------------------------------------------------------------------ gRPC layer
+
+
+class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
+    """containerd.services.snapshots.v1.Snapshots over a Snapshotter: errors become gRPC status codes
+    (containerd maps them back to errdefs), every call is counted and timed."""
+
+    def __init__(self, snapshotter: Snapshotter) -> None:
+        self.sn = snapshotter
+
+    def _call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], object]):
+        code = grpc.StatusCode.OK
+        start = time.perf_counter()
+        try:
+            return fn()
+        except SnapshotError as e:
+            code = e.code
+            log.debug("%s: %s: %s", method, code.name, e)
+            context.abort(code, str(e))
+        except toc.LazymountError as e:
+            code = grpc.StatusCode.UNKNOWN
+            log.warning("%s: %s", method, e)
+            context.abort(code, str(e))
+        except OSError as e:
+            code = grpc.StatusCode.UNKNOWN
+            log.warning("%s: %s", method, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            context.abort(code, f"{method}: {e}")
+        finally:
+            REQUESTS.labels(method=method, code=code.name).inc()
+            LATENCY.labels(method=method).observe(time.perf_counter() - start)
+
+    def Prepare(self, request, context):  # noqa: N802 -- gRPC method names
+        return self._call("Prepare", context, lambda: snapshots_pb2.PrepareSnapshotResponse(
+            mounts=self.sn.prepare(request.key, request.parent, request.labels)))
+
+    def View(self, request, context):  # noqa: N802
+        return self._call("View", context, lambda: snapshots_pb2.ViewSnapshotResponse(
+            mounts=self.sn.view(request.key, request.parent, request.labels)))
+
+    def Mounts(self, request, context):  # noqa: N802
+        return self._call("Mounts", context, lambda: snapshots_pb2.MountsResponse(
+            mounts=self.sn.mounts(request.key)))
+
+    def Commit(self, request, context):  # noqa: N802
+        def commit() -> empty_pb2.Empty:
+            self.sn.commit(request.name, request.key, request.labels)
+            return empty_pb2.Empty()
+        return self._call("Commit", context, commit)
+
+    def Remove(self, request, context):  # noqa: N802
+        def remove() -> empty_pb2.Empty:
+            self.sn.remove(request.key)
+            return empty_pb2.Empty()
+        return self._call("Remove", context, remove)
+
+    def Stat(self, request, context):  # noqa: N802
+        return self._call("Stat", context, lambda: snapshots_pb2.StatSnapshotResponse(
+            info=self.sn.stat(request.key).to_proto()))
+
+    def Update(self, request, context):  # noqa: N802
+        sent = request.info
+        info = Info(sent.name, sent.parent, sent.kind, 0, 0, dict(sent.labels))
+        return self._call("Update", context, lambda: snapshots_pb2.UpdateSnapshotResponse(
+            info=self.sn.update(info, list(request.update_mask.paths)).to_proto()))
+
+    def List(self, request, context):  # noqa: N802
+        infos = self._call("List", context, lambda: self.sn.walk(list(request.filters)))
+        for start in range(0, len(infos), LIST_BATCH):
+            batch = infos[start:start + LIST_BATCH]
+            yield snapshots_pb2.ListSnapshotsResponse(info=[i.to_proto() for i in batch])
+
+    def Usage(self, request, context):  # noqa: N802
+        def usage() -> snapshots_pb2.UsageResponse:
+            size, inodes = self.sn.usage(request.key)
+            return snapshots_pb2.UsageResponse(size=size, inodes=inodes)
+        return self._call("Usage", context, usage)
+
+    def Cleanup(self, request, context):  # noqa: N802
+        def cleanup() -> empty_pb2.Empty:
+            self.sn.cleanup()
+            return empty_pb2.Empty()
+        return self._call("Cleanup", context, cleanup)
+
+
+# ------------------------------------------------------------------------------------------ the daemon
+
+
+def _listen_address(address: str) -> str:
+    """A gRPC address: a path is a unix socket (a stale socket file is removed)."""
+    if address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")) or ":" in address and "/" not in address:
+        return address
+    path = Path(address).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return f"unix:{path}"
+
+
+def _start_metrics(address: str):
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SnapshotError(f"--metrics-address {address!r} is not HOST:PORT")
+    server, _thread = prometheus_client.start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+    log.info("metrics on http://%s/metrics", address)
+    return server
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Restore remote layers, serve until SIGTERM or SIGINT, then stop gracefully."""
+    root = Path(args.root).absolute()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    snapshotter = Snapshotter(root, DaemonMounter(root, args.config))
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    metrics = _start_metrics(args.metrics_address) if args.metrics_address else None
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="snapshots"))
+    health_servicer = health.HealthServicer()
+    try:
+        snapshotter.restore_remote_layers()
+        snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        address = _listen_address(args.address)
+        if not server.add_insecure_port(address):
+            raise SnapshotError(f"cannot listen on {address}")
+        server.start()
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("lazymount snapshotter serving %s on %s (root %s)", SERVICE_NAME, address, root)
+        stop.wait()
+        log.info("stopping: letting in-flight calls finish (up to %.0f s)", GRACE_SECONDS)
+        health_servicer.enter_graceful_shutdown()
+        server.stop(GRACE_SECONDS).wait()
+    finally:
+        server.stop(None)
+        if metrics is not None:
+            metrics.shutdown()
+        snapshotter.close()
+    log.info("stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lazymount snapshotter", description=__doc__.splitlines()[0])
+    parser.add_argument("--address", default=DEFAULT_ADDRESS,
+                        help=f"unix socket to serve (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--root", default=DEFAULT_ROOT,
+                        help=f"snapshots and metadata (default {DEFAULT_ROOT})")
+    parser.add_argument("--config", metavar="FILE", help="registry config YAML (see fetch.load_config)")
+    parser.add_argument("--metrics-address", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the snapshotter daemon in the foreground; return the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s lazymount-snapshotter %(levelname)s: %(message)s")
+    try:
+        serve(args)
+    except (toc.LazymountError, OSError) as e:
+        log.error("%s", e, exc_info=log.isEnabledFor(logging.DEBUG))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -95,10 +95,12 @@ def _start(tmp_path_factory: pytest.TempPathFactory, auth: str, image: reg.TestI
 def registry(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
              image: reg.TestImage) -> Iterator[Registry]:
     r = _start(tmp_path_factory, request.param, image)
-    request.addfinalizer(r.close)
-    if r.token_issuer is not None:
-        r.token_issuer.issued = _issued_tokens  # shared list: every issued token is checked against logs
-    yield r
+    try:
+        if r.token_issuer is not None:
+            r.token_issuer.issued = _issued_tokens  # shared: every issued token is checked against logs
+        yield r
+    finally:
+        r.close()
 
 
 @pytest.fixture(scope="module")

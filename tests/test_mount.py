@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from images import describe_tree, make_oci_image, write_oci_layout
-from reference import read_layout
+from reference import Containerd, read_layout, ref_convert
 from registry import Registry, push_layout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,6 +143,17 @@ def edge_expected(edge_image: tuple[Path, str], tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="module")
+def edge_reference_pushed(edge_image: tuple[Path, str], registry: Registry, containerd: Containerd,
+                          tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The edge image converted by the reference (`ctr-remote image convert --estargz`) and pushed."""
+    layout, tag = edge_image
+    converted = tmp_path_factory.mktemp("edge-ref") / "oci"
+    ref_convert(containerd, layout, tag, converted)
+    push_layout(converted, tag, registry, "edge-ref")
+    return f"{registry.host}/edge-ref:{tag}"
+
+
+@pytest.fixture(scope="module")
 def edge_pushed(edge_image: tuple[Path, str], registry: Registry,
                 tmp_path_factory: pytest.TempPathFactory) -> str:
     layout, tag = edge_image
@@ -200,6 +211,15 @@ def test_merged_tree_equals_umoci_unpack(edge_pushed: str, edge_expected: dict, 
         copy = tmp_path / "sparse-copy"
         subprocess.run(["cp", str(mnt / "sparse/holes-10m"), str(copy)], check=True, timeout=60)
         assert sha256(copy) == edge_expected["sparse/holes-10m"]["sha256"]
+
+
+def test_reference_converted_image_equals_umoci_unpack(edge_reference_pushed: str, edge_expected: dict,
+                                                       tmp_path: Path) -> None:
+    """The same image converted by ctr-remote (gzip level 9, its own TOC writer) mounts identically."""
+    mnt = tmp_path / "mnt"
+    with mounted(edge_reference_pushed, mnt, "--cache-dir", str(tmp_path / "cache")):
+        _assert_same_tree(describe_tree(mnt), edge_expected)
+        assert {layer["state"] for layer in stats(mnt)["layers"]} == {"lazy"}
 
 
 def test_plain_layers_downloaded_in_background(edge_pushed: str, edge_expected: dict, registry: Registry,

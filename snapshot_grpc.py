@@ -65,6 +65,9 @@ REMOTE_LABEL = "containerd.io/snapshot/remote"  # marks a snapshot that is a laz
 REFERENCE_LABELS = ("containerd.io/snapshot/remote/stargz.reference", "containerd.io/snapshot/cri.image-ref")
 DIGEST_LABELS = ("containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest")
 LOG_KEY = "remote-snapshot-prepared"  # stable: integration tests grep for it
+# containerd's snapshots.UnpackKeyPrefix: the key of an active snapshot a layer is unpacked into is
+# "NAMESPACE/N/extract-NONCE CHAINID" (`ctr images pull` unpacks without a TARGET_LABEL).
+UNPACK_KEY_PREFIX = "extract-"
 
 VIEW, ACTIVE, COMMITTED = snapshots_pb2.VIEW, snapshots_pb2.ACTIVE, snapshots_pb2.COMMITTED
 _KIND_NAMES = {VIEW: "view", ACTIVE: "active", COMMITTED: "committed"}
@@ -414,9 +417,10 @@ class MetaStore:
     # -- writes ------------------------------------------------------------------------------------
 
     def _put_labels(self, db: sqlite3.Connection, snapshot_id: int, labels: Mapping[str, str]) -> None:
+        """Replace the labels; an empty value removes its key (containerd's boltutil.WriteLabels)."""
         db.execute("DELETE FROM labels WHERE snapshot_id = ?", (snapshot_id,))
         db.executemany("INSERT INTO labels (snapshot_id, key, value) VALUES (?, ?, ?)",
-                       [(snapshot_id, k, v) for k, v in labels.items()])
+                       [(snapshot_id, k, v) for k, v in labels.items() if v])
 
     def create(self, db: sqlite3.Connection, kind: int, key: str, parent: str,
                labels: Mapping[str, str]) -> Snapshot:
@@ -471,9 +475,9 @@ class MetaStore:
                 raise InvalidArgumentError(f"cannot update {path!r} field on snapshot {info.name!r}")
         if not paths:
             labels = dict(info.labels)
-        current.labels, current.updated = labels, time.time_ns()
+        current.labels, current.updated = {k: v for k, v in labels.items() if v}, time.time_ns()
         db.execute("UPDATE snapshots SET updated = ? WHERE id = ?", (current.updated, sid))
-        self._put_labels(db, sid, labels)
+        self._put_labels(db, sid, current.labels)
         return current
 
 
@@ -687,13 +691,14 @@ class Snapshotter:
         """An active snapshot; with a layer target, first try to mount the layer lazily (then raise
         AlreadyExistsError: containerd skips the download)."""
         target = labels.get(TARGET_LABEL)
-        if target:
-            existing = self._committed_target(target, parent)
-            if existing:
-                raise AlreadyExistsError(f"target snapshot {target!r}: already exists")
+        if target and self._committed_target(target, parent):
+            raise AlreadyExistsError(f"target snapshot {target!r}: already exists")
         snapshot = self._create(ACTIVE, key, parent, labels)
         if target:
             self._try_remote(snapshot, key, target, labels)
+        elif key.rpartition("/")[2].startswith(UNPACK_KEY_PREFIX):
+            self._log_prepared(False, f"no {TARGET_LABEL} label: the client unpacks the layer itself",
+                               "-", key)
         return self._mounts(snapshot)
 
     def _committed_target(self, target: str, parent: str) -> bool:

@@ -74,54 +74,61 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                       level=args.level, workers=args.jobs, progress=not args.quiet)
     if args.prioritize:
         options.prioritize_all = _read_path_list(args.prioritize)
-    if args.src.startswith("oci:"):
-        if not args.dst.startswith("oci:"):
-            raise convert.ImageError("an oci: source needs an oci:DIR[:TAG] destination")
-        manifest = convert.convert_image(args.src, args.dst, options)
-        for layer in manifest["layers"]:
-            print(f"{layer['digest']}  {layer['size']:>12}  "
-                  f"toc {layer['annotations'].get(convert.TOC_DIGEST_ANNOTATION, '-')}")
+    if _is_local_file(args.src):
+        info = convert.convert_layer_file(Path(args.src), Path(args.dst), options, options.prioritize_all)
+        print(json.dumps({"digest": info.digest, "size": info.size, "diffID": info.diff_id,
+                          "tocDigest": info.toc_digest, "uncompressedSize": info.uncompressed_size,
+                          "entries": info.entries, "annotations": info.annotations}, indent=2))
         return 0
-    info = convert.convert_layer_file(Path(args.src), Path(args.dst), options, options.prioritize_all)
-    print(json.dumps({"digest": info.digest, "size": info.size, "diffID": info.diff_id,
-                      "tocDigest": info.toc_digest, "uncompressedSize": info.uncompressed_size,
-                      "entries": info.entries, "annotations": info.annotations}, indent=2))
+    refs = fetch.parse_reference(args.src), fetch.parse_reference(args.dst)
+    manifest = convert.convert_image(args.src, args.dst, options, registry_client(args, *refs), args.platform)
+    for layer in manifest["layers"]:
+        print(f"{layer['digest']}  {layer['size']:>12}  "
+              f"toc {layer['annotations'].get(convert.TOC_DIGEST_ANNOTATION, '-')}")
     return 0
 
 
-def _file_reader(path: Path):
-    f = open(path, "rb")  # noqa: SIM115 - closed by the caller through the returned handle
+def _is_local_file(text: str) -> bool:
+    """A layer file argument, as opposed to an image reference: an existing file or a path-like name."""
+    return not text.startswith("oci:") and (text.startswith(("/", "./", "../")) or Path(text).is_file())
 
-    def read_at(offset: int, length: int) -> bytes:
-        f.seek(offset)
-        return f.read(length)
-    return f, read_at
+
+class _LocalBlob:
+    """A layer blob file, with the read_at/size of fetch's blob readers."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        self.size = os.fstat(self.file.fileno()).st_size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return os.pread(self.file.fileno(), length, offset)
+
+    def __enter__(self) -> _LocalBlob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    if args.src.startswith("oci:"):
-        directory, tag = convert.parse_oci_ref(args.src)
-        layout = convert.OCILayout(directory)
-        _, manifest = layout.manifest(tag)
-        layers = [(d["digest"], layout.blob_path(d["digest"]),
-                   (d.get("annotations") or {}).get(convert.TOC_DIGEST_ANNOTATION))
-                  for d in manifest["layers"]]
-        if args.layer:
-            layers = [layer for layer in layers if layer[0] == args.layer]
-            if not layers:
-                raise convert.ImageError(f"{args.src} has no layer {args.layer}")
+    if _is_local_file(args.src):
+        blobs = [(args.src, _LocalBlob(Path(args.src)), None)]
     else:
-        layers = [(args.src, Path(args.src), None)]
+        ref = fetch.parse_reference(args.src)
+        image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
+        layers = [d for d in image.layers if args.layer in (None, d.digest)]
+        if not layers:
+            raise convert.ImageError(f"{args.src} has no layer {args.layer}")
+        blobs = [(d.digest, image.blob(d.digest), d.annotations.get(convert.TOC_DIGEST_ANNOTATION))
+                 for d in layers]
     reports = []
-    for name, path, toc_digest in layers:
-        f, read_at = _file_reader(path)
-        with f:
-            size = path.stat().st_size
+    for name, reader, toc_digest in blobs:
+        with reader:
             if args.toc:
-                _, toc_json = toc.read_toc_json(read_at, size, toc_digest)
+                _, toc_json = toc.read_toc_json(reader.read_at, reader.size, toc_digest)
                 sys.stdout.write(toc_json.decode("utf-8", "replace") + "\n")
                 continue
-            reports.append({"layer": name, **convert.describe_layer(read_at, size, toc_digest)})
+            reports.append({"layer": name, **convert.describe_layer(reader.read_at, reader.size, toc_digest)})
     if args.json:
         print(json.dumps(reports, indent=2))
     else:
@@ -266,19 +273,22 @@ def _parse_fuse_options(text: str | None) -> dict[str, str | bool]:
     return options
 
 
-def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
-    """Resolve the image, read every eStargz layer's TOC, and set up the cache and the view."""
-    overrides = {"plain_http": True} if args.plain_http else {}
-    config = fetch.load_config(**overrides)
-    ref = fetch.parse_reference(args.image)
+def registry_client(args: argparse.Namespace, *refs: fetch.Reference) -> fetch.RegistryClient:
+    """A registry client configured from the config file and the --creds/--plain-http flags."""
+    config = fetch.load_config(args.config, **({"plain_http": True} if args.plain_http else {}))
     credentials = None
     if args.creds:
         user, sep, password = args.creds.partition(":")
         if not sep:
             raise fetch.InvalidInputError("--creds takes USER:PASSWORD")
-        credentials = {ref.domain: (user, password)}
-    client = fetch.RegistryClient(config, credentials) if ref.layout is None else None
-    image = fetch.open_image(ref, config, platform=args.platform, client=client)
+        credentials = {ref.domain: (user, password) for ref in refs if ref.layout is None}
+    return fetch.RegistryClient(config, credentials)
+
+
+def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
+    """Resolve the image, read every eStargz layer's TOC, and set up the cache and the view."""
+    ref = fetch.parse_reference(args.image)
+    image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
     descriptors = image.layers
     if args.layer:
         descriptors = [d for d in descriptors if d.digest == args.layer]
@@ -339,6 +349,8 @@ def _serve(args: argparse.Namespace, notify: Callable[[], None]) -> None:
 
 def _mount_in_background(args: argparse.Namespace) -> None:
     """Fork the daemon (before any thread exists), wait until its mount answers or it fails."""
+    if args.cache_dir:
+        args.cache_dir = os.path.abspath(args.cache_dir)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -351,6 +363,7 @@ def _mount_in_background(args: argparse.Namespace) -> None:
             os.setsid()
             if os.fork():
                 os._exit(0)
+            os.chdir("/")  # pin no directory of the caller's
             _redirect_to_null(0, 1)
             os.dup2(captured.fileno(), 2)
 
@@ -542,9 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a layer or an image to eStargz")
-    p.add_argument("src", help="layer file (.tar, .tar.gz, .tar.zst) or oci:DIR[:TAG]")
-    p.add_argument("dst", help="output blob file, or oci:DIR[:TAG]")
+    registry = argparse.ArgumentParser(add_help=False)
+    registry.add_argument("--platform", metavar="P", help="os/arch[/variant] to pick from an index")
+    registry.add_argument("--creds", metavar="U:P", help="registry credentials (else the auth files)")
+    registry.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to registries")
+    registry.add_argument("--config", metavar="FILE", help="YAML config (default: $LAZYMOUNT_CONFIG, "
+                          "~/.config/lazymount/config.yaml, /etc/lazymount/config.yaml)")
+
+    p = sub.add_parser("convert", parents=[registry], help="convert a layer or an image to eStargz")
+    p.add_argument("src", help="layer file (.tar, .tar.gz, .tar.zst), REGISTRY/NAME[:TAG] or oci:DIR[:TAG]")
+    p.add_argument("dst", help="output blob file, REGISTRY/NAME[:TAG] or oci:DIR[:TAG]")
     p.add_argument("--prioritize", type=Path, metavar="FILE",
                    help="paths (one a line) to place first, before .prefetch.landmark")
     p.add_argument("--chunk-size", type=parse_size, default=toc.DEFAULT_CHUNK_SIZE, metavar="N")
@@ -554,21 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("inspect", help="show the layers of an eStargz blob or image")
-    p.add_argument("src", help="layer blob file or oci:DIR[:TAG]")
+    p = sub.add_parser("inspect", parents=[registry], help="show the layers of an eStargz blob or image")
+    p.add_argument("src", help="layer blob file, REGISTRY/NAME[:TAG] or oci:DIR[:TAG]")
     p.add_argument("--toc", action="store_true", help="print the TOC JSON")
     p.add_argument("--layer", metavar="DIGEST", help="only this layer of an image")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
-    image = argparse.ArgumentParser(add_help=False)
+    image = argparse.ArgumentParser(add_help=False, parents=[registry])
     image.add_argument("image", help="REGISTRY/NAME[:TAG|@DIGEST] or oci:DIR[:TAG]")
     image.add_argument("--cache-dir", metavar="D", help="chunk cache directory (default ~/.cache/lazymount)")
     image.add_argument("--cache-size", type=parse_size, default=cache.DEFAULT_DISK_BYTES, metavar="N",
                        help="bound of the on-disk chunk cache (default 10G)")
-    image.add_argument("--platform", metavar="P", help="os/arch[/variant] to pick from an index")
-    image.add_argument("--creds", metavar="U:P", help="registry credentials")
-    image.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to the registry")
     image.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                        help="fetch the landmark range [0, prefetch_end) at mount time")
     image.add_argument("--background-fetch", action=argparse.BooleanOptionalAction, default=True,

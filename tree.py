@@ -34,6 +34,8 @@ OPAQUE_MARKER = ".wh..wh..opq"
 ROOT_INO = 1
 BLOCK_SIZE = 4096  # st_blksize and statfs block size
 PREFETCH_SPAN = 16 << 20  # compressed bytes fetched in one request by prefetch and background fetch
+READ_AHEAD_BYTES = 8 << 20  # how far ahead of a sequential reader chunks are loaded
+READ_AHEAD_THREADS = 2
 READY_TIMEOUT = 600.0  # how long a file system call waits for a layer still being downloaded
 _KIND_MODE = {toc.KIND_DIR: stat.S_IFDIR, toc.KIND_REG: stat.S_IFREG, toc.KIND_SYMLINK: stat.S_IFLNK,
               toc.KIND_CHAR: stat.S_IFCHR, toc.KIND_BLOCK: stat.S_IFBLK, toc.KIND_FIFO: stat.S_IFIFO}
@@ -412,13 +414,15 @@ class ImageView:
         self.cache, self.work_dir = chunk_cache, Path(work_dir)
         self.prefetch, self.background = prefetch, background
         self._tree_args = (raw, opaque_xattr)
+        # starting -> prefetched -> background -> done, or off
+        self.fetch_state = "starting" if prefetch or background else "off"
         self._tree: MergedTree | None = None
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._busy = 0
         self._idle = threading.Condition()
         self._threads: list[threading.Thread] = []
-        self._ahead = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="readahead")
+        self._ahead = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "readahead")
         if all(layer.index is not None for layer in self.layers):
             self._build_tree()
 
@@ -481,8 +485,10 @@ class ImageView:
                 if end:
                     chunks = [c for c in _layer_chunks(layer.index) if c.comp_end <= end]
                     self._fetch_chunks(layer, chunks, "prefetched_bytes", low_priority=False)
+            self.fetch_state = "prefetched"
         if not self.background:
             return
+        self.fetch_state = "background"
         with contextlib.suppress(OSError):  # below normal priority: only this thread
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         for layer in lazy:
@@ -490,6 +496,7 @@ class ImageView:
             self._fetch_chunks(layer, _layer_chunks(layer.index), "background_bytes", low_priority=True)
             if self._stop.is_set():
                 return
+        self.fetch_state = "done"
         log.info("background fetch complete")
 
     def _fetch_chunks(self, layer: Layer, chunks: list[toc.Chunk], counter: str, low_priority: bool) -> None:
@@ -569,18 +576,20 @@ class ImageView:
 
     def _read_ahead(self, layer: Layer, node: Node, last: toc.Chunk, offset: int, length: int,
                     state: ReadState) -> None:
-        """On sequential access, load the chunk after the last one read, once, in the background."""
+        """On sequential access, load the chunks of the next READ_AHEAD_BYTES in the background, so
+        fetching one overlaps decompressing another."""
         sequential = offset == state.next_offset
         state.next_offset = offset + length
         following = last.file_offset + last.size
-        if not sequential or following <= state.ahead_until:
+        start, end = max(following, state.ahead_until), following + READ_AHEAD_BYTES
+        if not sequential or start >= end:
             return
         assert layer.index is not None
-        upcoming = layer.index.chunk_range(node.entry, following, 1)
-        if upcoming and not self.cache.contains(upcoming[0].digest):
-            state.ahead_until = following + upcoming[0].size
-            with contextlib.suppress(RuntimeError):  # shut down while unmounting
-                self._ahead.submit(self._quiet_chunk, layer, upcoming[0], node)
+        for c in layer.index.chunk_range(node.entry, start, end - start):
+            state.ahead_until = c.file_offset + c.size
+            if not self.cache.contains(c.digest):
+                with contextlib.suppress(RuntimeError):  # shut down while unmounting
+                    self._ahead.submit(self._quiet_chunk, layer, c, node)
 
     def _quiet_chunk(self, layer: Layer, c: toc.Chunk, node: Node) -> None:
         with contextlib.suppress(OSError):
@@ -600,7 +609,7 @@ class ImageView:
             layers.append(entry)
         totals = {key: sum(layer[key] for layer in layers) for key in vars(LayerStats())}
         return {"layers": layers, "totals": totals, "cache": self.cache.stats(),
-                "nodes": self._tree.nodes if self._tree else 0}
+                "fetch_state": self.fetch_state, "nodes": self._tree.nodes if self._tree else 0}
 
 
 def _layer_chunks(index: toc.Index) -> list[toc.Chunk]:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -154,12 +155,17 @@ def edge_reference_pushed(edge_image: tuple[Path, str], registry: Registry, cont
 
 
 @pytest.fixture(scope="module")
-def edge_pushed(edge_image: tuple[Path, str], registry: Registry,
-                tmp_path_factory: pytest.TempPathFactory) -> str:
+def edge_converted(edge_image: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     layout, tag = edge_image
     converted = tmp_path_factory.mktemp("edge-conv") / "oci"
     convert(layout, converted, tag)
-    push_layout(converted, tag, registry, "edge")
+    return converted
+
+
+@pytest.fixture(scope="module")
+def edge_pushed(edge_image: tuple[Path, str], edge_converted: Path, registry: Registry) -> str:
+    layout, tag = edge_image
+    push_layout(edge_converted, tag, registry, "edge")
     push_layout(layout, tag, registry, "edge-plain")
     return f"{registry.host}/edge:{tag}"
 
@@ -372,11 +378,72 @@ def test_corrupt_blob_byte_gives_eio_never_wrong_data(tmp_path: Path, tmp_path_f
         reg.close()
 
 
-def _member_offset(blob: Path, name: str) -> int:
-    """Compressed offset of a file's first gzip member, from the blob's TOC (read as a tar.gz)."""
+def _toc_entries(blob: Path) -> list[dict]:
+    """The TOC entries of an eStargz blob, read as the tar.gz it also is."""
     with tarfile.open(blob, "r:gz") as tar:
-        toc_json = json.load(tar.extractfile("stargz.index.json"))
-    return next(e["offset"] for e in toc_json["entries"] if e.get("name") == name)
+        return json.load(tar.extractfile("stargz.index.json"))["entries"]
+
+
+def _member_offset(blob: Path, name: str) -> int:
+    """Compressed offset of a file's first gzip member."""
+    return next(e["offset"] for e in _toc_entries(blob) if e.get("name") == name)
+
+
+def test_layer_mount_shows_whiteouts_as_overlayfs_expects(edge_converted: Path, edge_pushed: str,
+                                                          tmp_path: Path) -> None:
+    """`--layer DIGEST` mounts one layer as an overlayfs lower dir: a whiteout is a 0:0 char device,
+    an opaque directory carries trusted.overlay.opaque=y."""
+    _, _, layers = read_layout(edge_converted, "v1")
+    names = {d["digest"]: {e.get("name") for e in _toc_entries(path)} for path, d in layers}
+    whiteout = next(digest for digest, n in names.items() if ".wh.hello.txt" in n)
+    opaque = next(digest for digest, n in names.items() if "names/.wh..wh..opq" in n)
+    for digest, check in ((whiteout, "whiteout"), (opaque, "opaque")):
+        mnt = tmp_path / check
+        with mounted(edge_pushed, mnt, "--layer", digest, "--cache-dir", str(tmp_path / "cache")):
+            if check == "whiteout":
+                st = os.lstat(mnt / "hello.txt")
+                assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+                assert not (mnt / ".wh.hello.txt").exists()
+            else:
+                assert os.getxattr(mnt / "names", "trusted.overlay.opaque") == b"y"
+                assert ".wh..wh..opq" not in os.listdir(mnt / "names")
+
+
+def wait_for(mountpoint: Path, state: str) -> dict:
+    """Poll `lazymount stats` until fetch_state is `state` (a wait, not a timing assertion)."""
+    deadline = time.monotonic() + 120
+    while (current := stats(mountpoint))["fetch_state"] != state:
+        assert time.monotonic() < deadline, f"fetch_state stayed {current['fetch_state']}"
+        time.sleep(0.05)
+    return current
+
+
+def test_landmark_prefetch_then_background_fetch(registry: Registry, tmp_path: Path) -> None:
+    """Files before .prefetch.landmark are in the cache right after mounting; the background fetch
+    then brings in everything else, so later reads fetch nothing."""
+    tree = _random_tree(tmp_path / "tree", {"hot/a.bin": 5 * MIB, "hot/b.txt": 300, "cold/c.bin": 6 * MIB})
+    src = make_oci_image(tmp_path / "src", "v1", [tree])
+    (tmp_path / "hot.list").write_text("hot/a.bin\nhot/b.txt\n")
+    lazymount("convert", "-q", "--prioritize", str(tmp_path / "hot.list"), f"oci:{src}:v1",
+              f"oci:{tmp_path}/conv:v1")
+    push_layout(tmp_path / "conv", "v1", registry, "landmark")
+    ref = f"{registry.host}/landmark:v1"
+    mnt = tmp_path / "m1"
+    with mounted(ref, mnt, "--cache-dir", str(tmp_path / "c1"), "--no-background-fetch"):
+        layer = wait_for(mnt, "prefetched")["layers"][0]
+        assert layer["prefetched_bytes"] > 5 * MIB and layer["background_bytes"] == 0
+        for name in ("hot/a.bin", "hot/b.txt"):
+            assert sha256(mnt / name) == sha256(tree / name)
+        assert stats(mnt)["layers"][0]["chunks_fetched"] == 0
+        assert sha256(mnt / "cold/c.bin") == sha256(tree / "cold/c.bin")
+        assert stats(mnt)["layers"][0]["chunks_fetched"] == 2
+    mnt = tmp_path / "m2"
+    with mounted(ref, mnt, "--cache-dir", str(tmp_path / "c2")):
+        layer = wait_for(mnt, "done")["layers"][0]
+        assert layer["background_bytes"] > 6 * MIB
+        for name in ("hot/a.bin", "hot/b.txt", "cold/c.bin"):
+            assert sha256(mnt / name) == sha256(tree / name)
+        assert stats(mnt)["layers"][0]["chunks_fetched"] == 0
 
 
 def test_umount_clears_a_mount_whose_daemon_was_killed(big_image: tuple[str, Path, dict],

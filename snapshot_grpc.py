@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import errno
 import importlib
 import logging
 import os
@@ -529,10 +528,16 @@ class LayerMounter(Protocol):
 def _mount_state(mountpoint: Path) -> str:
     """`alive`, `dead` (a mount whose server is gone: ENOTCONN) or `absent` (a plain directory)."""
     try:
-        own = os.stat(mountpoint).st_dev
-    except OSError as e:
-        return "absent" if e.errno == errno.ENOENT else "dead"
-    return "alive" if own != os.stat(mountpoint.parent).st_dev else "absent"
+        if os.stat(mountpoint).st_dev == os.stat(mountpoint.parent).st_dev:
+            return "absent"
+        # stat may be answered from the kernel's attribute cache even after the FUSE server died;
+        # statfs is never cached, so it reaches the server.
+        os.statvfs(mountpoint)
+    except FileNotFoundError:
+        return "absent"
+    except OSError:
+        return "dead"
+    return "alive"
 
 
 class DaemonMounter:

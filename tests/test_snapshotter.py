@@ -11,6 +11,7 @@ Every process is stopped by its PID and every mount undone in finalizers.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from images import make_oci_image
-from reference import Containerd
+from reference import Containerd, read_layout
 from registry import Registry, free_port, push_layout
 
 import snapshot_grpc
@@ -641,3 +642,83 @@ def test_containerd_snapshotter_restart(stack: tuple[Containerd, Snapshotter], s
         assert _ctr_run(containerd, image, "after-restart", "echo ok") == "ok\n"
     finally:
         containerd.ctr("containers", "rm", "kept", check=False)
+
+
+@pytest.fixture(scope="module")
+def lazy_image(shell_image: Path, registry: Registry,
+               tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
+    """The shell image converted to eStargz by `lazymount convert` and pushed: (reference, layer digests)."""
+    converted = tmp_path_factory.mktemp("estargz") / "layout"
+    subprocess.run([sys.executable, str(REPO / "lazymount.py"), "convert", "-q", f"oci:{shell_image}:v1",
+                    f"oci:{converted}:v1"], check=True, capture_output=True)
+    push_layout(converted, "v1", registry, "lazy/shell")
+    _, _, layers = read_layout(converted, "v1")
+    return f"{registry.host}/lazy/shell:v1", [descriptor["digest"] for _, descriptor in layers]
+
+
+def _remote_snapshots(containerd: Containerd) -> list[str]:
+    """Names of the snapshots containerd knows as remote (it copies the label from the snapshotter)."""
+    infos = [json.loads(containerd.ctr("snapshots", "--snapshotter", "lazymount", "info", name,
+                                       text=True).stdout) for name in _snapshot_names(containerd)]
+    return [i["Name"] for i in infos if snapshot_grpc.REMOTE_LABEL in (i.get("Labels") or {})]
+
+
+def _layer_mounts(daemon: Snapshotter) -> dict[str, int]:
+    """mountpoint -> PID of the `lazymount mount --layer` daemon serving it, for the snapshotter's layers."""
+    out = {}
+    for fs in (daemon.root / "snapshots").glob("*/fs"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            out[str(fs)] = json.loads(os.getxattr(fs, "user.lazymount.stats"))["pid"]
+    return out
+
+
+@needs_containerd
+def test_containerd_rpull_estargz_is_lazy(stack: tuple[Containerd, Snapshotter],
+                                          lazy_image: tuple[str, list]) -> None:
+    """`ctr-remote images rpull` of an eStargz image: every layer is mounted remotely, no layer blob enters
+    containerd's content store, and containers run from the lazy layers."""
+    containerd, daemon = stack
+    image, layers = lazy_image
+    containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", image)
+    assert daemon.log().count("remote-snapshot-prepared: true") == len(layers) == 2
+    content = containerd.ctr("content", "ls", "-q", text=True).stdout.split()
+    assert not set(layers) & set(content)
+    assert len(_layer_mounts(daemon)) == 2
+    assert len(_remote_snapshots(containerd)) == 2
+    assert _ctr_run(containerd, image, "lazy-run", 'read line < /hello.txt; echo "$line"') == \
+        "hello from a lazymount snapshot\n"
+
+
+@needs_containerd
+def test_containerd_dead_layer_mount_is_restored(stack: tuple[Containerd, Snapshotter],
+                                                 lazy_image: tuple[str, list]) -> None:
+    """A layer daemon killed: the next container start mounts the layer again; a snapshotter killed and
+    restarted adopts the live layer mounts."""
+    containerd, daemon = stack
+    image, _ = lazy_image
+    containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", image)
+    before = _layer_mounts(daemon)
+    victim, pid = sorted(before.items())[0]
+    os.kill(pid, signal.SIGKILL)
+    assert _ctr_run(containerd, image, "restored-run", "echo ok") == "ok\n"
+    after = _layer_mounts(daemon)
+    assert set(after) == set(before) and after[victim] != pid
+    assert "is not mounted: mounting it again" in daemon.log()
+
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    assert _layer_mounts(daemon) == after, "live layer mounts are kept across a restart"
+    assert _ctr_run(containerd, image, "after-restart-lazy", "echo ok") == "ok\n"
+
+
+@needs_containerd
+def test_containerd_image_removal_unmounts_layers(stack: tuple[Containerd, Snapshotter],
+                                                  lazy_image: tuple[str, list]) -> None:
+    """Removing the image lets containerd's GC remove the remote snapshots: their mounts go away."""
+    containerd, daemon = stack
+    image, _ = lazy_image
+    containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", image)
+    assert len(_layer_mounts(daemon)) == 2
+    containerd.ctr("images", "rm", "--sync", image)
+    assert _layer_mounts(daemon) == {}
+    assert _remote_snapshots(containerd) == []

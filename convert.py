@@ -1,16 +1,17 @@
 """Converting layers and whole images to eStargz (or zstd:chunked), and describing what a layer holds.
 
-What belongs here: the image-level work around toc.write_layer — OCI image layouts on disk (read and
-write), which layers to convert and which to keep, manifests, configs and annotations, progress.  What
-never does: the byte format (toc.py), HTTP (fetch.py), FUSE.
+What belongs here: the image-level work around toc.write_layer — which layers to convert and which to
+keep, manifests, configs and annotations, writing OCI layouts or pushing to a registry (through
+fetch.py), parallel transfers and progress.  What never does: the byte format (toc.py), HTTP details
+(fetch.py), FUSE.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+import fetch
 import toc
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,9 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
-MAX_MANIFEST_BYTES = 4 << 20
-MAX_CONFIG_BYTES = 8 << 20
 
 
 class ImageError(toc.LazymountError):
@@ -55,34 +53,8 @@ class ConvertOptions:
     progress: bool = True
 
 
-def _read_json(path: Path, limit: int, what: str) -> dict:
-    try:
-        size = path.stat().st_size
-        if size > limit:
-            raise ImageError(f"{what} {path} is {size} bytes, over the {limit}-byte limit")
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise ImageError(f"{what} {path} does not exist") from None
-    except ValueError as e:
-        raise ImageError(f"{what} {path} is not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ImageError(f"{what} {path} is not a JSON object")
-    return doc
-
-
-def parse_oci_ref(ref: str) -> tuple[Path, str | None]:
-    """Split `oci:DIR[:TAG]` into the layout directory and the tag (None: the only image)."""
-    if not ref.startswith("oci:"):
-        raise ImageError(f"{ref!r} is not an oci:DIR[:TAG] reference")
-    body = ref[4:]
-    directory, sep, tag = body.rpartition(":")
-    if not sep or "/" in tag or not directory:
-        return Path(body), None
-    return Path(directory), tag
-
-
 class OCILayout:
-    """An OCI image layout directory, as skopeo and umoci write it."""
+    """The writing side of an OCI image layout directory (reading goes through fetch.open_image)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -90,30 +62,14 @@ class OCILayout:
     def blob_path(self, digest: str) -> Path:
         return self.root / "blobs" / "sha256" / toc.check_digest(digest)[7:]
 
-    def read_blob_json(self, descriptor: dict, limit: int, what: str) -> dict:
-        """Read a small JSON blob and verify it against its descriptor's digest."""
-        path = self.blob_path(descriptor.get("digest", ""))
-        doc = _read_json(path, limit, what)
-        if toc.sha256_digest(path.read_bytes()) != descriptor["digest"]:
-            raise toc.DigestError(f"{what} {path} does not match its digest")
-        return doc
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).exists()
 
-    def manifest(self, tag: str | None) -> tuple[dict, dict]:
-        """The (manifest descriptor, manifest) for `tag`, or of the only image when tag is None."""
-        index = _read_json(self.root / "index.json", MAX_MANIFEST_BYTES, "image index")
-        descriptors = index.get("manifests") or []
-        if tag is not None:
-            descriptors = [d for d in descriptors if _ref_name(d) == tag]
-        if len(descriptors) != 1:
-            what = f"tag {tag!r}" if tag else "a single image (give a :TAG)"
-            raise ImageError(f"{self.root}: index.json has {len(descriptors)} manifests for {what}")
-        desc = descriptors[0]
-        manifest = self.read_blob_json(desc, MAX_MANIFEST_BYTES, "manifest")
-        if manifest.get("mediaType", desc.get("mediaType")) in (OCI_INDEX, DOCKER_LIST):
-            raise ImageError(f"{self.root}: tag {tag!r} is a multi-platform index; convert one platform")
-        if not isinstance(manifest.get("layers"), list) or not isinstance(manifest.get("config"), dict):
-            raise ImageError(f"{self.root}: manifest has no layers or config")
-        return desc, manifest
+    def add_blob_file(self, digest: str, path: Path) -> None:
+        """Move a finished blob file (already verified by the caller) into place."""
+        target = self.blob_path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
 
     def add_blob_bytes(self, data: bytes) -> str:
         digest = toc.sha256_digest(data)
@@ -130,8 +86,12 @@ class OCILayout:
         if not layout.exists():
             layout.write_text('{"imageLayoutVersion":"1.0.0"}')
         index_path = self.root / "index.json"
-        index = _read_json(index_path, MAX_MANIFEST_BYTES, "image index") if index_path.exists() else {
-            "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+        if index_path.exists():
+            try:
+                index = json.loads(index_path.read_bytes())
+            except ValueError:
+                raise ImageError(f"{index_path} is not valid JSON") from None
         descriptor = dict(descriptor)
         if tag:
             descriptor["annotations"] = {REF_NAME_ANNOTATION: tag}
@@ -165,9 +125,6 @@ class _ProgressReader:
         self.bar.update(len(data))
         return data
 
-    def readable(self) -> bool:
-        return True
-
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False,
@@ -187,97 +144,163 @@ def convert_layer_file(src: Path, dst: Path, options: ConvertOptions,
     return info[0]
 
 
-def estargz_annotations(path: Path) -> dict[str, str] | None:
-    """The eStargz annotations of a blob that already is eStargz/zstd:chunked, or None if it is not."""
-    size = path.stat().st_size
+def _uncompressed_size(path: Path) -> int:
     with open(path, "rb") as f:
-        def read_at(offset: int, length: int) -> bytes:
-            f.seek(offset)
-            return f.read(length)
+        stream = toc.open_layer_source(f)
+        return sum(len(block) for block in iter(lambda: stream.read(1 << 20), b""))
+
+
+class _LayoutSink:
+    """Writes the converted image into an OCI layout."""
+
+    def __init__(self, ref: fetch.Reference) -> None:
+        self.layout = OCILayout(Path(ref.layout))
+        self.tag = ref.tag
+        self.staging = self.layout.root / "blobs" / "sha256"
+        self.staging.mkdir(parents=True, exist_ok=True)
+
+    def has_blob(self, digest: str) -> bool:
+        return self.layout.has_blob(digest)
+
+    def put_blob(self, digest: str, path: Path) -> None:
+        self.layout.add_blob_file(digest, path)
+
+    def copy_blob(self, image: fetch.Image, digest: str, tmp: Path) -> None:
+        if not self.has_blob(digest):
+            with image.blob(digest) as reader:
+                reader.download(self.layout.blob_path(digest))
+
+    def put_bytes(self, data: bytes) -> str:
+        return self.layout.add_blob_bytes(data)
+
+    def put_manifest(self, data: bytes) -> None:
+        self.layout.tag(self.tag, {"mediaType": OCI_MANIFEST, "digest": self.put_bytes(data),
+                                   "size": len(data)})
+
+
+class _RegistrySink:
+    """Pushes the converted image to a registry: only blobs it lacks, mounted across repositories
+    of the same registry where possible."""
+
+    def __init__(self, ref: fetch.Reference, client: fetch.RegistryClient) -> None:
+        self.ref, self.client = ref, client
+        self.staging = None
+
+    def has_blob(self, digest: str) -> bool:
         try:
-            _, toc_json = toc.read_toc_json(read_at, size)
-        except toc.FooterError:
-            return None
-        f.seek(0)
-        uncompressed = sum(len(b) for b in _iter_decompressed(toc.open_layer_source(f)))
-    return {TOC_DIGEST_ANNOTATION: toc.sha256_digest(toc_json),
-            UNCOMPRESSED_SIZE_ANNOTATION: str(uncompressed)}
+            self.client.blob_size(self.ref, digest)
+        except fetch.NotFoundError:
+            return False
+        return True
+
+    def put_blob(self, digest: str, path: Path) -> None:
+        self.client.push_blob(self.ref, digest, path)
+
+    def copy_blob(self, image: fetch.Image, digest: str, tmp: Path) -> None:
+        source = image.reference
+        if source.layout is None and source.registry == self.ref.registry:
+            if self.client.mount_blob(self.ref, digest, source.repository):
+                return
+        elif self.has_blob(digest):
+            return
+        path = tmp / f"copy-{digest[7:]}"
+        with image.blob(digest) as reader:
+            reader.download(path)
+        self.client.push_blob(self.ref, digest, path)
+        path.unlink()
+
+    def put_bytes(self, data: bytes) -> str:
+        digest = toc.sha256_digest(data)
+        self.client.push_blob(self.ref, digest, data)
+        return digest
+
+    def put_manifest(self, data: bytes) -> None:
+        self.client.push_manifest(self.ref, self.ref.tag or "latest", data, OCI_MANIFEST)
 
 
-def _iter_decompressed(stream: BinaryIO):
-    while block := stream.read(1 << 20):
-        yield block
+def convert_image(src_ref: str, dst_ref: str, options: ConvertOptions,
+                  client: fetch.RegistryClient | None = None, platform: str | None = None) -> dict:
+    """Convert every layer of an image (registry or `oci:` layout) and write it to another image.
 
-
-def convert_image(src_ref: str, dst_ref: str, options: ConvertOptions) -> dict:
-    """Convert every layer of the image at `oci:DIR[:TAG]` and write the result to another layout.
-
-    Layers that already are eStargz are kept byte for byte.  Returns the new manifest.
+    Layers that already are eStargz are kept byte for byte, without download where the destination
+    has them or can mount them.  Source blobs are downloaded in parallel while earlier layers convert;
+    converted blobs are pushed while later ones convert.  Returns the new manifest.
     """
-    src_dir, src_tag = parse_oci_ref(src_ref)
-    dst_dir, dst_tag = parse_oci_ref(dst_ref)
-    src, dst = OCILayout(src_dir), OCILayout(dst_dir)
-    _, manifest = src.manifest(src_tag)
-    config = src.read_blob_json(manifest["config"], MAX_CONFIG_BYTES, "config")
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest["layers"]):
+    image = fetch.open_image(src_ref, platform=platform, client=client)
+    dst = fetch.parse_reference(dst_ref)
+    if dst.layout is None and client is None:
+        client = fetch.RegistryClient()
+    sink = _LayoutSink(dst) if dst.layout is not None else _RegistrySink(dst, client)
+    diff_ids = (image.config.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(image.layers):
         raise ImageError(f"{src_ref}: config rootfs.diff_ids does not match the manifest's layers")
-    new_layers = []
-    for position, layer in enumerate(manifest["layers"]):
-        descriptor, diff_id = convert_layer(src, dst, layer, options, f"layer {position + 1}")
-        new_layers.append(descriptor)
-        if diff_id:
-            diff_ids[position] = diff_id
-    config_bytes = json.dumps(config, separators=(",", ":")).encode()
-    new_manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": dst.add_blob_bytes(config_bytes),
-                   "size": len(config_bytes)},
-        "layers": new_layers,
-    }
-    if manifest.get("annotations"):
-        new_manifest["annotations"] = manifest["annotations"]
-    manifest_bytes = json.dumps(new_manifest, separators=(",", ":")).encode()
-    dst.tag(dst_tag, {"mediaType": OCI_MANIFEST, "digest": dst.add_blob_bytes(manifest_bytes),
-                      "size": len(manifest_bytes)})
-    return new_manifest
+    with tempfile.TemporaryDirectory(prefix=".lazymount-convert-", dir=sink.staging) as tmp, \
+            concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="transfer") as pool:
+        work = Path(tmp)
+        plans = list(pool.map(lambda d: _plan_layer(image, d, options), image.layers))
+        downloads = {d.digest: pool.submit(_download, image, d.digest, work)
+                     for d, plan in zip(image.layers, plans, strict=True) if plan is None}
+        uploads, new_layers = [], []
+        for position, (descriptor, kept) in enumerate(zip(image.layers, plans, strict=True)):
+            label = f"layer {position + 1}/{len(image.layers)}"
+            if kept is not None:
+                log.info("%s %s is already eStargz: kept as it is", label, descriptor.digest)
+                uploads.append(pool.submit(sink.copy_blob, image, descriptor.digest, work))
+                new_layers.append({**descriptor.to_json(), "annotations": {**descriptor.annotations, **kept}})
+                continue
+            source = downloads.pop(descriptor.digest).result()
+            out = work / f"out-{position}"
+            prioritized = options.prioritized.get(descriptor.digest, options.prioritize_all)
+            info = convert_layer_file(source, out, options, prioritized)
+            source.unlink()
+            log.info("%s %s -> %s (%d entries)", label, descriptor.digest, info.digest, info.entries)
+            uploads.append(pool.submit(sink.put_blob, info.digest, out))
+            diff_ids[position] = info.diff_id
+            new_layers.append({"mediaType": LAYER_ZSTD if options.fmt == toc.ZSTD else LAYER_GZIP,
+                               "digest": info.digest, "size": info.size,
+                               "annotations": {**descriptor.annotations, **info.annotations}})
+        for upload in uploads:
+            upload.result()
+    config_bytes = json.dumps(image.config, separators=(",", ":")).encode()
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": sink.put_bytes(config_bytes),
+                           "size": len(config_bytes)},
+                "layers": new_layers}
+    if image.manifest.get("annotations"):
+        manifest["annotations"] = image.manifest["annotations"]
+    sink.put_manifest(json.dumps(manifest, separators=(",", ":")).encode())
+    return manifest
 
 
-def convert_layer(src: OCILayout, dst: OCILayout, layer: dict, options: ConvertOptions,
-                  label: str) -> tuple[dict, str | None]:
-    """Convert (or keep) one layer; return its new descriptor and new DiffID (None when kept)."""
-    src_path = src.blob_path(layer.get("digest", ""))
-    if not src_path.exists():
-        raise ImageError(f"{label}: blob {layer['digest']} is missing from {src.root}")
-    annotations = dict(layer.get("annotations") or {})
-    prioritized = options.prioritized.get(layer["digest"], options.prioritize_all)
-    if prioritized is None:
-        existing = estargz_annotations(src_path)
-        if existing is not None:
-            log.info("%s %s is already eStargz: kept as it is", label, layer["digest"])
-            _link_or_copy(src_path, dst.blob_path(layer["digest"]))
-            return {**layer, "annotations": {**annotations, **existing}}, None
-    tmp = dst.root / "blobs" / "sha256" / f".convert-{os.getpid()}-{layer['digest'][7:23]}"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    info = convert_layer_file(src_path, tmp, options, prioritized)
-    os.replace(tmp, dst.blob_path(info.digest))
-    log.info("%s %s -> %s (%d entries)", label, layer["digest"], info.digest, info.entries)
-    annotations.update(info.annotations)
-    media_type = LAYER_ZSTD if options.fmt == toc.ZSTD else LAYER_GZIP
-    return {"mediaType": media_type, "digest": info.digest, "size": info.size,
-            "annotations": annotations}, info.diff_id
+def _download(image: fetch.Image, digest: str, work: Path) -> Path:
+    path = work / f"src-{digest[7:]}"
+    with image.blob(digest) as reader:
+        reader.download(path)
+    return path
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if dst.exists():
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        with open(src, "rb") as f:
-            _atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+def _plan_layer(image: fetch.Image, descriptor: fetch.Descriptor, options: ConvertOptions) -> dict | None:
+    """The eStargz annotations of a layer to keep as it is, or None if it must be converted.
+
+    Reads only the footer and TOC (two ranges) unless the layer is eStargz without annotations, which
+    needs one download to learn its uncompressed size.
+    """
+    if descriptor.digest in options.prioritized or options.prioritize_all is not None:
+        return None
+    with image.blob(descriptor.digest) as reader:
+        annotated = descriptor.annotations.get(TOC_DIGEST_ANNOTATION)
+        try:
+            _, toc_json = toc.read_toc_json(reader.read_at, reader.size, annotated)
+        except toc.FooterError:
+            if annotated:
+                raise ImageError(f"layer {descriptor.digest} is annotated as eStargz but is not") from None
+            return None
+        if annotated and UNCOMPRESSED_SIZE_ANNOTATION in descriptor.annotations:
+            return {}
+        with tempfile.TemporaryDirectory() as tmp:
+            reader.download(Path(tmp) / "blob")
+            size = _uncompressed_size(Path(tmp) / "blob")
+    return {TOC_DIGEST_ANNOTATION: toc.sha256_digest(toc_json), UNCOMPRESSED_SIZE_ANNOTATION: str(size)}
 
 
 def describe_layer(read_at: toc.ReadAt, size: int, expected_toc_digest: str | None = None) -> dict:

@@ -1327,21 +1327,9 @@ class RegistryClient:
 
     def _push_blob_once(self, ref: Reference, digest: str, data: bytes | Path, size: int,
                         mount_from: str | None, chunk_size: int, op: _Op) -> str:
-        try:
-            self._call(ref, "HEAD", f"blobs/{digest}", op.what, lambda resp, op: None, push=True, op=op)
+        if self._has_blob(ref, digest, op):
             return "exists"
-        except NotFoundError:
-            pass
-        tail, scopes = "blobs/uploads/", (f"repository:{ref.repository}:pull,push",)
-        if mount_from and mount_from != ref.repository:
-            if not all(_COMPONENT_RE.fullmatch(c) for c in mount_from.split("/")):
-                raise InvalidInputError(f"invalid repository name {mount_from[:100]!r}")
-            tail += "?" + urlencode({"mount": digest, "from": mount_from})
-            scopes += (f"repository:{mount_from}:pull",)
-        started = self._call(ref, "POST", tail, op.what, lambda resp, op: (resp.status_code, resp.url,
-                                                                            resp.headers.get("Location")),
-                             ok=(201, 202), push=True, scopes=scopes, op=op, headers={"Content-Length": "0"})
-        status, request_url, location = started
+        status, request_url, location = self._start_upload(ref, digest, mount_from, op)
         if status == 201:
             return "mounted"
 
@@ -1366,6 +1354,38 @@ class RegistryClient:
         self._call(ref, "PUT", "", op.what, lambda resp, op: None, ok=(201,), push=True, op=op,
                    url=_add_query(upload, digest=digest), data=body, headers=octets, idempotent=False)
         return "uploaded"
+
+    def mount_blob(self, ref: Reference | str, digest: str, from_repository: str) -> bool:
+        """Make a blob of another repository of the same registry available in `ref`'s repository
+        without uploading it (or find it there already); False if the registry would need the data."""
+        ref = _as_reference(ref)
+        digest = _valid_digest(digest)
+        settings = self.config.for_host(ref.domain)
+        op = _Op(ref.registry, ref.repository, f"mount blob {digest}",
+                 time.monotonic() + settings.operation_timeout)
+        if self._has_blob(ref, digest, op):
+            return True
+        return self._start_upload(ref, digest, from_repository, op)[0] == 201
+
+    def _has_blob(self, ref: Reference, digest: str, op: _Op) -> bool:
+        try:
+            self._call(ref, "HEAD", f"blobs/{digest}", op.what, lambda resp, op: None, push=True, op=op)
+        except NotFoundError:
+            return False
+        return True
+
+    def _start_upload(self, ref: Reference, digest: str, mount_from: str | None,
+                      op: _Op) -> tuple[int, str, str | None]:
+        """POST an upload (a cross-repository mount when `mount_from` is given): status, URL, Location."""
+        tail, scopes = "blobs/uploads/", (f"repository:{ref.repository}:pull,push",)
+        if mount_from and mount_from != ref.repository:
+            if not all(_COMPONENT_RE.fullmatch(c) for c in mount_from.split("/")):
+                raise InvalidInputError(f"invalid repository name {mount_from[:100]!r}")
+            tail += "?" + urlencode({"mount": digest, "from": mount_from})
+            scopes += (f"repository:{mount_from}:pull",)
+        return self._call(ref, "POST", tail, op.what, lambda resp, op: (resp.status_code, resp.url,
+                                                                         resp.headers.get("Location")),
+                          ok=(201, 202), push=True, scopes=scopes, op=op, headers={"Content-Length": "0"})
 
     def push_manifest(self, ref: Reference | str, reference: str, data: bytes, media_type: str) -> str:
         """PUT a manifest or index under a tag or its digest; return its digest."""
@@ -1451,7 +1471,8 @@ class _LayoutSource:
                 raise InvalidInputError(f"{path} is over {MAX_MANIFEST_SIZE} bytes")
             return path.read_bytes()
         except OSError as e:
-            raise NotFoundError(f"oci:{self.layout}", "-", "index.json", type(e).__name__) from None
+            reason = e.strerror or type(e).__name__
+            raise NotFoundError(f"oci:{self.layout}", "-", "index.json", reason) from None
 
     def blob(self, digest: str, size: int | None, spill_path: str | os.PathLike[str] | None) -> BlobReader:
         return LayoutBlobReader(self.layout, digest, size)

@@ -204,7 +204,7 @@ def bad_inputs(edge_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     (["convert", "-q", "{d}/empty", "{d}/out"], 1, "not a valid tar"),
     (["convert", "-q", "{d}/gzip-garbage", "{d}/out"], 1, "corrupt or truncated"),
     (["convert", "-q", "{d}/cut.tar.gz", "{d}/out"], 1, "truncated"),
-    (["convert", "-q", "oci:{d}/no-layout:x", "oci:{d}/out2:x"], 1, "does not exist"),
+    (["convert", "-q", "oci:{d}/no-layout:x", "oci:{d}/out2:x"], 1, "index.json: No such file"),
 ])
 def test_cli_bad_input(bad_inputs: Path, args: list[str], status: int, message: str) -> None:
     """Bad input: a one-line message, the right exit status, never a traceback or a partial output."""

@@ -390,7 +390,7 @@ class Index:
         return Entry(entry_id, self.names[entry_id], kind, self._mode[entry_id], self._uid[entry_id],
                      self._gid[entry_id], self._size[entry_id], self._mtime[entry_id],
                      self._symlink.get(entry_id, ""), dev[0], dev[1], self._nlink.get(entry_id, 1),
-                     self._xattrs.get(entry_id, {}))
+                     dict(self._xattrs.get(entry_id, {})))
 
     def _child_key(self, i: int) -> tuple[int, str]:
         return self._parent[self._order[i]], self.names[self._order[i]]
@@ -519,7 +519,8 @@ class _IndexBuilder:
         seconds = self.mtimes.get(value)
         if seconds is None:
             try:
-                seconds = int(datetime.fromisoformat(value).timestamp())
+                parsed = datetime.fromisoformat(value)
+                seconds = int((parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp())
             except ValueError:
                 raise TOCError(f"modtime {value[:40]!r} is not RFC 3339") from None
             if len(self.mtimes) < 4096:
@@ -903,6 +904,20 @@ def _prioritized_order(members: list[tarfile.TarInfo], prioritized: Iterable[str
     return first, [m for m in members if normalize_name(m.name) not in taken]
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive quietly at a truncated or corrupt header; a layer must not lose files."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            raise TruncatedError(f"source layer is truncated or corrupt at a tar header ({e})") from None
+
+
+_TAR_OPTIONS = {"encoding": "utf-8", "errors": "surrogateescape", "tarinfo": _CheckedTarInfo}
+
+
 class _Landmark(tarfile.TarInfo):
     """A landmark file the writer adds; its content is LANDMARK_CONTENT."""
 
@@ -929,7 +944,7 @@ def write_layer(src: BinaryIO, dst: BinaryIO, *, chunk_size: int = DEFAULT_CHUNK
         with tempfile.TemporaryFile() as spool:
             source = open_layer_source(src, workers)
             if prioritized is None:
-                tar = tarfile.open(fileobj=source, mode="r|", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+                tar = tarfile.open(fileobj=source, mode="r|", **_TAR_OPTIONS)  # noqa: SIM115
                 ordered: Iterable = [_landmark_info(NO_PREFETCH_LANDMARK)]
                 ordered = _chain(ordered, tar)
                 prefetched = 0
@@ -937,7 +952,7 @@ def write_layer(src: BinaryIO, dst: BinaryIO, *, chunk_size: int = DEFAULT_CHUNK
                 # Reordering needs random access: spool the uncompressed tar to disk first.
                 _copy_stream(source, spool)
                 spool.seek(0)
-                tar = tarfile.open(fileobj=spool, mode="r:", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+                tar = tarfile.open(fileobj=spool, mode="r:", **_TAR_OPTIONS)  # noqa: SIM115
                 first, rest = _prioritized_order(tar.getmembers(), prioritized)
                 prefetched = sum(1 for m in first if m.isreg() and m.size)
                 ordered = [*first, _landmark_info(PREFETCH_LANDMARK), *rest]

@@ -75,7 +75,8 @@ class _FileBlob:
 class LayerStats:
     """Counters of one layer, as `lazymount stats` shows them."""
 
-    bytes_fetched: int = 0  # compressed bytes read from the blob (registry or local copy)
+    index_bytes: int = 0  # footer and TOC bytes read at mount time
+    bytes_fetched: int = 0  # compressed chunk bytes read from the blob (registry or local copy)
     requests: int = 0
     chunks_fetched: int = 0
     chunk_hits: int = 0  # chunk reads answered by the cache
@@ -108,8 +109,14 @@ class Layer:
         """Read the TOC if the blob is eStargz with a TOC digest annotation; False if it is not eStargz."""
         if self.toc_digest is None:
             return False
+
+        def read_at(offset: int, length: int) -> bytes:
+            data = self.blob.read_at(offset, length)
+            self.count("index_bytes", len(data))
+            return data
+
         try:
-            self.index = toc.read_index(self.blob.read_at, self.blob.size, self.toc_digest)
+            self.index = toc.read_index(read_at, self.blob.size, self.toc_digest)
         except toc.FooterError:
             return False
         return True

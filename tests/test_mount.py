@@ -163,6 +163,16 @@ def edge_converted(edge_image: tuple[Path, str], tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture(scope="module")
+def edge_zstd_pushed(edge_image: tuple[Path, str], registry: Registry,
+                     tmp_path_factory: pytest.TempPathFactory) -> str:
+    layout, tag = edge_image
+    converted = tmp_path_factory.mktemp("edge-zstd") / "oci"
+    lazymount("convert", "-q", "--zstd", f"oci:{layout}:{tag}", f"oci:{converted}:{tag}")
+    push_layout(converted, tag, registry, "edge-zstd")
+    return f"{registry.host}/edge-zstd:{tag}"
+
+
+@pytest.fixture(scope="module")
 def edge_pushed(edge_image: tuple[Path, str], edge_converted: Path, registry: Registry) -> str:
     layout, tag = edge_image
     push_layout(edge_converted, tag, registry, "edge")
@@ -219,13 +229,19 @@ def test_merged_tree_equals_umoci_unpack(edge_pushed: str, edge_expected: dict, 
         assert sha256(copy) == edge_expected["sparse/holes-10m"]["sha256"]
 
 
-def test_reference_converted_image_equals_umoci_unpack(edge_reference_pushed: str, edge_expected: dict,
-                                                       tmp_path: Path) -> None:
-    """The same image converted by ctr-remote (gzip level 9, its own TOC writer) mounts identically."""
+@pytest.mark.parametrize("variant", ["ctr-remote", "zstd"])
+def test_other_conversions_equal_umoci_unpack(variant: str, request: pytest.FixtureRequest,
+                                              edge_expected: dict, tmp_path: Path) -> None:
+    """The same image converted by ctr-remote (gzip level 9, its own TOC writer) and by our
+    zstd:chunked writer mounts identically."""
+    ref = request.getfixturevalue("edge_reference_pushed" if variant == "ctr-remote" else "edge_zstd_pushed")
     mnt = tmp_path / "mnt"
-    with mounted(edge_reference_pushed, mnt, "--cache-dir", str(tmp_path / "cache")):
+    with mounted(ref, mnt, "--cache-dir", str(tmp_path / "cache")):
         _assert_same_tree(describe_tree(mnt), edge_expected)
-        assert {layer["state"] for layer in stats(mnt)["layers"]} == {"lazy"}
+        layers = stats(mnt)["layers"]
+        assert {layer["state"] for layer in layers} == {"lazy"}
+        want = "estargz" if variant == "ctr-remote" else "zstd:chunked"
+        assert {layer["format"] for layer in layers} == {want}
 
 
 def test_plain_layers_downloaded_in_background(edge_pushed: str, edge_expected: dict, registry: Registry,

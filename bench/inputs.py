@@ -20,7 +20,7 @@ from isal import igzip
 
 MKBENCHIMAGE = REPO.parent / "shared" / "bench" / "mkbenchimage.sh"
 STANDARD_TAG = "torch"
-MANY_FILES_VERSION = 1  # bump when the generator changes, so cached tars are rebuilt
+MANY_FILES_VERSION = 2  # bump when the generator changes, so cached tars are rebuilt
 MTIME = 1_700_000_000
 
 
@@ -58,8 +58,10 @@ _SYLLABLES = ("ab", "ac", "al", "an", "ar", "base", "co", "con", "core", "da", "
               "fi", "for", "ge", "im", "in", "io", "la", "le", "li", "lo", "ma", "me", "mo", "na", "net",
               "no", "op", "or", "pa", "pe", "po", "pro", "ra", "re", "ri", "ro", "sa", "se", "si", "so",
               "ta", "te", "ti", "to", "tra", "un", "ut", "va", "ve", "xa", "zo")
+# Files always have an extension or an upper-case name, directories never: a name is never both.
 _EXTENSIONS = (".py", ".py", ".py", ".pyi", ".so", ".json", ".txt", ".h", ".js", ".js", ".md", ".html",
                ".css", ".yaml", ".c", "")
+_BARE_NAMES = ("LICENSE", "README", "METADATA", "RECORD", "COPYING", "NOTICE", "AUTHORS", "Makefile")
 _ROOTS = ("usr/lib/python3/dist-packages", "usr/local/lib/python3.11/site-packages", "opt/app/node_modules",
           "usr/share/doc", "usr/include", "usr/share/locale")
 
@@ -77,8 +79,8 @@ def _package_paths(rng: random.Random, root: str, budget: int) -> list[str]:
     paths: list[str] = []
     for _ in range(min(budget, max(1, int(rng.lognormvariate(3.2, 1.2))))):
         directory = rng.choice(dirs)
-        stem = "_".join(_word(rng) for _ in range(rng.randint(1, 3)))
         ext = rng.choice(_EXTENSIONS)
+        stem = "_".join(_word(rng) for _ in range(rng.randint(1, 3))) if ext else rng.choice(_BARE_NAMES)
         paths.append(f"{directory}/{stem}{ext}")
         if ext == ".py" and len(paths) < budget:
             paths.append(f"{directory}/__pycache__/{stem}.cpython-311.pyc")

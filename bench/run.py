@@ -89,14 +89,15 @@ def use_source(rev: str | None, workdir: Path) -> str:
     return described
 
 
-def section(report: Report, started: float, measured: str) -> str:
+def section(report: Report, started: float, load: float, measured: str) -> str:
     """The BENCHMARKS.md section of one report, markers included."""
     lines = [
         _begin(report.name),
         f"## {report.name}: {report.title}",
         "",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}",
-        f"- Machine: {machine()}",
+        f"- Machine: {machine()}; load average {load:.2f} when the benchmark started (other work on the "
+        "machine slows the numbers down)",
         f"- Command: `{_command()}` (from the repository root)",
         f"- Code measured: {measured}",
         "",
@@ -128,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     measured = use_source(args.rev, args.workdir)
     for name in args.only or BENCHMARKS:
-        started = time.time()
+        started, load = time.time(), os.getloadavg()[0]
         log(f"running {name}")
         report = BENCHMARKS[name](args.workdir, args.quick)
         print(f"\n## {report.name}: {report.title}\n\n{report.markdown()}\n", flush=True)
         if not args.quick:
-            write_section(BENCHMARKS_MD, name, section(report, started, measured))
+            write_section(BENCHMARKS_MD, name, section(report, started, load, measured))
             log(f"{name}: section written to {BENCHMARKS_MD}")
     return 0
 

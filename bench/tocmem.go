@@ -7,7 +7,8 @@
 // It prints one JSON object: retained (live heap bytes after a GC, reader and verifier kept alive),
 // allocated (bytes allocated while parsing), entries (tree entries reachable from the root, the root
 // included), nameBytes (the bytes of their names: full paths, as TOCEntry.Name holds them), seconds,
-// and the process's VmRSS and VmHWM in KiB.
+// and the growth of the process's RSS: rssGrowth (after parsing, reader alive) and peakGrowth (VmHWM,
+// reset before parsing), both in bytes.
 //
 // Build: GOPATH=/usr/share/gocode GO111MODULE=off go build -o tocmem tocmem.go
 package main
@@ -50,6 +51,11 @@ func run(blob string, tocDigest digest.Digest) error {
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
+	rssBefore := procStatus("VmRSS:")
+	// Writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS.
+	if err := os.WriteFile("/proc/self/clear_refs", []byte("5"), 0); err != nil {
+		return err
+	}
 	start := time.Now()
 	r, err := estargz.Open(io.NewSectionReader(f, 0, info.Size()))
 	if err != nil {
@@ -71,13 +77,13 @@ func run(blob string, tocDigest digest.Digest) error {
 	runtime.KeepAlive(r)
 	runtime.KeepAlive(verifier)
 	return json.NewEncoder(os.Stdout).Encode(map[string]any{
-		"retained":  after.HeapAlloc - before.HeapAlloc,
-		"allocated": after.TotalAlloc - before.TotalAlloc,
-		"entries":   entries,
-		"nameBytes": nameBytes,
-		"seconds":   seconds,
-		"rssKiB":    rss,
-		"hwmKiB":    hwm,
+		"retained":   after.HeapAlloc - before.HeapAlloc,
+		"allocated":  after.TotalAlloc - before.TotalAlloc,
+		"entries":    entries,
+		"nameBytes":  nameBytes,
+		"seconds":    seconds,
+		"rssGrowth":  (rss - rssBefore) * 1024,
+		"peakGrowth": (hwm - rssBefore) * 1024,
 	})
 }
 
@@ -102,11 +108,11 @@ func count(dir *estargz.TOCEntry) (entries int, nameBytes int) {
 	return entries, nameBytes
 }
 
-// procStatus reads one KiB figure (e.g. "VmRSS:") from /proc/self/status; -1 when absent.
+// procStatus reads one KiB figure (e.g. "VmRSS:") from /proc/self/status; 0 when absent.
 func procStatus(key string) int64 {
 	data, err := os.ReadFile("/proc/self/status")
 	if err != nil {
-		return -1
+		return 0
 	}
 	for _, line := range strings.Split(string(data), "\n") {
 		if strings.HasPrefix(line, key) {
@@ -118,5 +124,5 @@ func procStatus(key string) int64 {
 			}
 		}
 	}
-	return -1
+	return 0
 }

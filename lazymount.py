@@ -557,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     registry = argparse.ArgumentParser(add_help=False)
     registry.add_argument("--platform", metavar="P", help="os/arch[/variant] to pick from an index")
-    registry.add_argument("--creds", metavar="U:P", help="registry credentials (else the auth files)")
+    registry.add_argument("--creds", metavar="U:P", default=os.environ.get("LAZYMOUNT_CREDS"),
+                          help="registry credentials (default: $LAZYMOUNT_CREDS, which other users cannot "
+                               "read as they can a command line; else the auth files)")
     registry.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to registries")
     registry.add_argument("--config", metavar="FILE", help="YAML config (default: $LAZYMOUNT_CONFIG, "
                           "~/.config/lazymount/config.yaml, /etc/lazymount/config.yaml)")

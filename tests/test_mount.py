@@ -475,3 +475,27 @@ def test_umount_clears_a_mount_whose_daemon_was_killed(big_image: tuple[str, Pat
         assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
         lazymount("umount", str(mnt))
         assert not os.path.ismount(mnt)
+
+
+def test_basic_auth_credentials_never_shown(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A registry behind basic auth: $LAZYMOUNT_CREDS (or --creds) mounts it; a wrong password is a
+    one-line error, and no password reaches an error, the daemon's log or its command line."""
+    reg = Registry(tmp_path_factory.mktemp("registry-auth"), auth="basic").start()
+    try:
+        tree = _random_tree(tmp_path / "tree", {"secret.bin": 1000})
+        src = make_oci_image(tmp_path / "src", "v1", [tree])
+        convert(src, tmp_path / "conv", "v1")
+        push_layout(tmp_path / "conv", "v1", reg, "private")
+        ref, log_file = f"{reg.host}/private:v1", tmp_path / "daemon.log"
+        env = dict(os.environ, LAZYMOUNT_CREDS=f"{reg.username}:{reg.password}")
+        with mounted(ref, tmp_path / "mnt", "--cache-dir", str(tmp_path / "cache"), "--log-file",
+                     str(log_file), env=env) as pid:
+            assert (tmp_path / "mnt/secret.bin").read_bytes() == (tree / "secret.bin").read_bytes()
+            assert reg.password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        wrong = lazymount("mount", ref, str(tmp_path / "mnt"), "--creds", f"{reg.username}:wrong-Pa55",
+                          "--cache-dir", str(tmp_path / "cache"), check=False)
+        assert wrong.returncode == 1 and len(wrong.stderr.splitlines()) == 1, wrong.stderr
+        assert "wrong-Pa55" not in wrong.stderr
+        assert reg.password not in log_file.read_text()
+    finally:
+        reg.close()

@@ -11,6 +11,7 @@ Every process is stopped by its PID and every mount undone in finalizers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from images import make_oci_image
 from reference import Containerd, read_layout
-from registry import Registry, free_port, push_layout
+from registry import Fault, FaultProxy, Registry, free_port, push_layout
 
 import snapshot_grpc
 import snapshots_pb2 as pb
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0
 GC_ROOT = "containerd.io/gc.root"
 OPT = {GC_ROOT: "lazymount-test"}  # the testsuite passes this label on every call
+TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts bind and overlayfs: needs root")
 
@@ -200,6 +202,13 @@ def sn(tmp_path: Path) -> Iterator[Snapshotter]:
         yield daemon
     finally:
         daemon.stop()
+
+
+def test_generated_stubs_are_current() -> None:
+    """The committed *_pb2*.py are what protos/generate.sh makes from the vendored protos."""
+    result = subprocess.run(["sh", str(REPO / "protos" / "generate.sh"), "--check", sys.executable],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
 
 
 # ------------------------------------------------------- containerd's snapshotter test suite, mirrored
@@ -645,14 +654,19 @@ def test_containerd_snapshotter_restart(stack: tuple[Containerd, Snapshotter], s
 
 
 @pytest.fixture(scope="module")
-def lazy_image(shell_image: Path, registry: Registry,
-               tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
-    """The shell image converted to eStargz by `lazymount convert` and pushed: (reference, layer digests)."""
+def estargz_layout(shell_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shell image converted to eStargz by `lazymount convert` (tag v1)."""
     converted = tmp_path_factory.mktemp("estargz") / "layout"
     subprocess.run([sys.executable, str(REPO / "lazymount.py"), "convert", "-q", f"oci:{shell_image}:v1",
                     f"oci:{converted}:v1"], check=True, capture_output=True)
-    push_layout(converted, "v1", registry, "lazy/shell")
-    _, _, layers = read_layout(converted, "v1")
+    return converted
+
+
+@pytest.fixture(scope="module")
+def lazy_image(estargz_layout: Path, registry: Registry) -> tuple[str, list]:
+    """The eStargz shell image pushed: (reference, layer digests)."""
+    push_layout(estargz_layout, "v1", registry, "lazy/shell")
+    _, _, layers = read_layout(estargz_layout, "v1")
     return f"{registry.host}/lazy/shell:v1", [descriptor["digest"] for _, descriptor in layers]
 
 
@@ -708,6 +722,7 @@ def test_containerd_dead_layer_mount_is_restored(stack: tuple[Containerd, Snapsh
     daemon.stop(signal.SIGKILL)
     daemon.start()
     assert _layer_mounts(daemon) == after, "live layer mounts are kept across a restart"
+    _snapshot_names(containerd)  # waits until containerd has redialled
     assert _ctr_run(containerd, image, "after-restart-lazy", "echo ok") == "ok\n"
 
 
@@ -722,3 +737,81 @@ def test_containerd_image_removal_unmounts_layers(stack: tuple[Containerd, Snaps
     containerd.ctr("images", "rm", "--sync", image)
     assert _layer_mounts(daemon) == {}
     assert _remote_snapshots(containerd) == []
+
+
+# ------------------------------------------------------------- the remote path, called directly over gRPC
+
+
+def _layer_labels(reference: str, digest: str, target: str) -> dict[str, str]:
+    """What the CRI plugin (and nerdctl) put on a layer's Prepare."""
+    return {snapshot_grpc.TARGET_LABEL: target, "containerd.io/snapshot/cri.image-ref": reference,
+            "containerd.io/snapshot/cri.layer-digest": digest, **OPT}
+
+
+def _with_bad_toc_digest(layout: Path, out: Path) -> Path:
+    """A copy of an eStargz layout whose bottom layer announces a TOC digest the TOC does not have."""
+    shutil.copytree(layout, out)
+    index = json.loads((out / "index.json").read_text())
+    blobs = out / "blobs" / "sha256"
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_bytes())
+    manifest["layers"][0]["annotations"][TOC_DIGEST] = "sha256:" + "0" * 64
+    data = json.dumps(manifest).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    index["manifests"][0].update(digest=f"sha256:{digest}", size=len(data))
+    (out / "index.json").write_text(json.dumps(index))
+    return out
+
+
+@needs_containerd
+def test_remote_layer_from_cri_labels(sn: Snapshotter, lazy_image: tuple[str, list]) -> None:
+    """CRI labels: the layer is mounted, committed under the target with the remote label, ALREADY_EXISTS
+    answered; a second Prepare of the target finds it; Remove unmounts it."""
+    image, layers = lazy_image
+    target = "sha256:" + "1" * 64
+    labels = _layer_labels(image, layers[0], target)
+    assert grpc_code(lambda: sn.prepare("ns/1/extract-1 " + target, "", labels)) == \
+        grpc.StatusCode.ALREADY_EXISTS
+    info = sn.stat(target)
+    assert (info.kind, info.parent, info.labels[snapshot_grpc.REMOTE_LABEL]) == \
+        (pb.COMMITTED, "", "remote snapshot")
+    assert sn.walk(f'labels."containerd.io/snapshot.ref"=={target},parent==""') == [info]
+    assert grpc_code(lambda: sn.stat("ns/1/extract-1 " + target)) == grpc.StatusCode.NOT_FOUND
+    assert grpc_code(lambda: sn.prepare("ns2/7/extract-2 " + target, "", labels)) == \
+        grpc.StatusCode.ALREADY_EXISTS
+    assert 'remote-snapshot-prepared: true reason="mounted lazily"' in sn.log()
+    mounts = _layer_mounts(sn)
+    assert len(mounts) == 1
+    with mounted(sn.view("v", target), sn.root.parent / "view") as view:
+        assert (view / "hello.txt").exists() is False  # the bottom layer only
+        assert (view / "bin" / "sh").is_file() or (view / "usr" / "bin" / "sh").is_file()
+    sn.remove("v")
+    sn.remove(target)
+    assert _layer_mounts(sn) == {}
+    assert not any((sn.root / "snapshots").iterdir())
+
+
+@needs_containerd
+def test_remote_declines_fall_back_to_overlay(sn: Snapshotter, estargz_layout: Path, lazy_image: tuple,
+                                              registry: Registry, tmp_path: Path) -> None:
+    """TOC digest mismatch, registry unreachable or ignoring Range: ordinary mounts, reason logged."""
+    image, layers = lazy_image
+    bad = _with_bad_toc_digest(estargz_layout, tmp_path / "bad-toc")
+    push_layout(bad, "v1", registry, "bad/toc")
+    proxy = FaultProxy(registry.host).add(Fault("ignore_range", times=-1))
+    closed_port = free_port()
+    cases = [
+        (f"{registry.host}/bad/toc:v1", "mount failed: TOC digest"),
+        (f"127.0.0.1:{closed_port}/lazy/shell:v1", "registry unreachable"),
+        (f"{proxy.host}/lazy/shell:v1", "registry ignores Range requests"),
+    ]
+    try:
+        for i, (reference, reason) in enumerate(cases):
+            target = f"sha256:{i:064x}"
+            mounts = sn.prepare(f"ns/{i}/extract-{i}", "", _layer_labels(reference, layers[0], target))
+            assert [m.type for m in mounts] == ["bind"]
+            assert sn.stat(f"ns/{i}/extract-{i}").kind == pb.ACTIVE
+            assert f'remote-snapshot-prepared: false reason="{reason}' in sn.log(), reason
+    finally:
+        proxy.stop()
+    assert _layer_mounts(sn) == {}

@@ -201,10 +201,13 @@ class MergedTree:
         self.layers = list(layers)
         self.raw, self.opaque_xattr = raw, opaque_xattr
         self._lock = threading.RLock()
-        self._next_ino = ROOT_INO + 1
-        self._group_ino: dict[tuple[int, int], int] = {}
         self._group_nlink: dict[tuple[int, int], int] = {}
         self._members: dict[int, dict[int, list[int]]] = {}
+        self._ino_base = []
+        base = ROOT_INO + 1
+        for layer in range(len(self.layers)):
+            self._ino_base.append(base)
+            base += len(self._index(layer))
         top = len(self.layers) - 1
         self.root = Node(ROOT_INO, None, "", top, toc.Index.ROOT)
         self.root.sources = []
@@ -250,24 +253,20 @@ class MergedTree:
         return children
 
     def _new_node(self, parent: Node, name: str, layer: int, entry: int) -> Node:
-        index = self._index(layer)
-        ino = 0
-        target = index.hardlink_target(entry)
-        if target is not None or self._members_of(layer).get(entry):
-            key = (layer, target if target is not None else entry)
-            ino = self._group_ino.get(key, 0)
-            if not ino:
-                ino = self._group_ino[key] = self._take_ino()
-        node = Node(ino or self._take_ino(), parent, name, layer, entry)
+        """A node; its inode number is set once its metadata source is known (end of `_merge`)."""
+        node = Node(0, parent, name, layer, entry)
         self.nodes += 1
+        index = self._index(layer)
         if index.kind(entry) == toc.KIND_DIR and index.lookup_child(entry, OPAQUE_MARKER) is not None:
             node.closed = True
         return node
 
-    def _take_ino(self) -> int:
-        ino = self._next_ino
-        self._next_ino += 1
-        return ino
+    def _ino(self, layer: int, entry: int) -> int:
+        """Inode number from the (layer, entry) a node takes its metadata from: the same in every mount
+        of the image, unique (one path per entry), shared by a hardlink group (its target entry), and
+        small (entries of the layers below, plus the entry), so 32-bit programs can stat it too."""
+        target = self._index(layer).hardlink_target(entry)
+        return self._ino_base[layer] + (target if target is not None else entry)
 
     def _merge(self, node: Node) -> dict[str, Node]:
         """Apply the overlay rules to the directory's sources, top layer first."""
@@ -299,6 +298,7 @@ class MergedTree:
         for child in merged.values():
             if self.is_dir(child):
                 child.layer, child.entry = self._metadata_source(child)
+            child.ino = self._ino(child.layer, child.entry)
         return dict(sorted(merged.items()))
 
     def _metadata_source(self, node: Node) -> tuple[int, int]:

@@ -227,6 +227,11 @@ def test_merged_tree_equals_umoci_unpack(edge_pushed: str, edge_expected: dict, 
         copy = tmp_path / "sparse-copy"
         subprocess.run(["cp", str(mnt / "sparse/holes-10m"), str(copy)], check=True, timeout=60)
         assert sha256(copy) == edge_expected["sparse/holes-10m"]["sha256"]
+        inodes = {name: os.lstat(mnt / name).st_ino for name in edge_expected}
+    again = tmp_path / "again"
+    with mounted(edge_pushed, again, "--cache-dir", str(tmp_path / "cache"), "--no-background-fetch"):
+        # another mount, another lookup order: the same inode numbers
+        assert {name: os.lstat(again / name).st_ino for name in reversed(edge_expected)} == inodes
 
 
 @pytest.mark.parametrize("variant", ["ctr-remote", "zstd"])

@@ -1,12 +1,13 @@
 """Benchmark inputs, built once into the work directory and reused: the standard image and a many-files layer.
 
 What belongs here: making inputs (the standard image through ../shared/bench/mkbenchimage.sh, a
-synthetic layer of many small files) and facts about them that cost a pass over the data (uncompressed
-sizes), cached beside them.  What never does: measuring anything.
+synthetic layer of many small files, and a one-layer image of it) and facts about them that cost a pass
+over the data (uncompressed sizes), cached beside them.  What never does: measuring anything.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import random
@@ -16,10 +17,12 @@ import tarfile
 from pathlib import Path
 
 from common import REPO, log
+from images import write_oci_layout
 from isal import igzip
 
 MKBENCHIMAGE = REPO.parent / "shared" / "bench" / "mkbenchimage.sh"
 STANDARD_TAG = "torch"
+MANY_FILES_TAG = "files"
 MANY_FILES_VERSION = 2  # bump when the generator changes, so cached tars are rebuilt
 MTIME = 1_700_000_000
 
@@ -124,3 +127,22 @@ def many_files_tar(workdir: Path, files: int, seed: int = 2024) -> Path:
             tar.addfile(_tar_info(path, tarfile.REGTYPE, size), io.BytesIO(text[start:start + size]))
     partial.rename(out)
     return out
+
+
+def many_files_image(workdir: Path, files: int) -> Path:
+    """A one-layer OCI layout (tag `files`) whose layer is many_files_tar gzipped at level 6 (as docker)."""
+    tar = many_files_tar(workdir, files)
+    layout = workdir / f"{tar.stem}-image"
+    if (layout / "index.json").exists():
+        return layout
+    log(f"building {layout.name}")
+    partial = layout.with_suffix(".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    gzipped = partial / f"{tar.name}.gz"
+    with open(tar, "rb") as src, gzip.open(gzipped, "wb", compresslevel=6) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    write_oci_layout(partial, MANY_FILES_TAG, [gzipped])
+    gzipped.unlink()
+    partial.rename(layout)
+    return layout

@@ -31,6 +31,7 @@ from common import REPO, Report, log, machine
 
 BENCHMARKS: dict[str, Callable[[Path, bool], Report]] = {
     "convert": bench_convert.run,
+    "convert-small-files": bench_convert.run_small_files,
     "toc-memory": bench_toc_memory.run,
 }
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"

@@ -300,8 +300,8 @@ def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
         lazy = list(pool.map(tree.Layer.open_index, layers))
     for layer, is_lazy, descriptor in zip(layers, lazy, descriptors, strict=True):
         if not is_lazy:
-            log.warning("layer %s (%s) is not eStargz: downloading it whole in the background",
-                        layer.digest, descriptor.media_type or "no media type")
+            log.warning("layer %s (%s) is not eStargz with a TOC digest: downloading it whole in the "
+                        "background", layer.digest, descriptor.media_type or "no media type")
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache.default_cache_dir()
     chunk_cache = cache.ChunkCache(cache_dir, disk_bytes=args.cache_size)
     opaque = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"

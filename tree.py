@@ -70,6 +70,9 @@ class _FileBlob:
     def download(self, path: str | os.PathLike[str]) -> None:
         raise NotImplementedError("a local blob is never downloaded")
 
+    def close(self) -> None:
+        os.close(self._fd)
+
 
 @dataclass
 class LayerStats:
@@ -130,6 +133,7 @@ class Layer:
         return data
 
     def count(self, name: str, n: int = 1) -> None:
+        """Add `n` to the counter `name` of the layer's stats."""
         with self._lock:
             setattr(self.stats, name, getattr(self.stats, name) + n)
 
@@ -150,7 +154,7 @@ class Layer:
                 self.count("bytes_fetched", local.size)
                 return
             except toc.FooterError:
-                os.close(local._fd)
+                local.close()
             fd, tmp = tempfile.mkstemp(dir=converted.parent, prefix=".convert-")
             try:
                 with open(blob_path, "rb") as src, os.fdopen(fd, "wb") as dst:
@@ -240,6 +244,7 @@ class MergedTree:
         return node
 
     def is_dir(self, node: Node) -> bool:
+        """Whether the node is a directory (a raw whiteout never is)."""
         return self._index(node.layer).kind(node.entry) == toc.KIND_DIR and not self._is_raw_whiteout(node)
 
     def children(self, node: Node) -> dict[str, Node]:
@@ -314,6 +319,7 @@ class MergedTree:
     # -- attributes ---------------------------------------------------------------------------------
 
     def entry(self, node: Node) -> toc.Entry:
+        """The TOC entry the node takes its metadata from."""
         return self._index(node.layer).entry(node.entry)
 
     def mode(self, node: Node) -> int:
@@ -381,6 +387,7 @@ class MergedTree:
         return xattrs
 
     def readlink(self, node: Node) -> str:
+        """A symlink's target, verbatim (never followed here)."""
         return self.entry(node).link_name
 
     def walk(self, node: Node | None = None) -> Iterator[Node]:
@@ -428,7 +435,6 @@ class ImageView:
         self._stop = threading.Event()
         self._busy = 0
         self._idle = threading.Condition()
-        self._threads: list[threading.Thread] = []
         self._ahead = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "readahead")
         if all(layer.index is not None for layer in self.layers):
             self._build_tree()
@@ -444,9 +450,7 @@ class ImageView:
             self._spawn("prefetch", self._prefetch_all)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        threading.Thread(target=target, name=name, daemon=True).start()
 
     def close(self) -> None:
         """Stop the background work (threads are daemons: a download in flight is abandoned)."""

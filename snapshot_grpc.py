@@ -25,17 +25,20 @@ import subprocess
 import sys
 import threading
 import time
+import types
+import wsgiref.simple_server
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 import prometheus_client
 from google.protobuf import empty_pb2, timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+import convert
 import fetch
 import mount_pb2
 import snapshots_pb2
@@ -59,6 +62,7 @@ from snapshot_store import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SERVICE_NAME = "containerd.services.snapshots.v1.Snapshots"
 DEFAULT_ADDRESS = "/run/lazymount/snapshotter.sock"
@@ -157,7 +161,7 @@ class DaemonMounter:
         self._images: OrderedDict[str, fetch.Image] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _lazymount(self):
+    def _lazymount(self) -> types.ModuleType:
         """The FUSE side, imported at call time: the snapshotter serves ordinary layers without it."""
         if not os.path.exists("/dev/fuse"):
             raise DeclinedError("lazy mount unavailable: no /dev/fuse")
@@ -165,8 +169,6 @@ class DaemonMounter:
             module = importlib.import_module("lazymount")
         except (ImportError, OSError) as e:  # mfusepy raises OSError without libfuse
             raise DeclinedError(f"lazy mount unavailable: {type(e).__name__}: {e}") from None
-        if not hasattr(module, "unmount"):
-            raise DeclinedError("lazy mount unavailable: lazymount has no per-layer mount")
         return module
 
     def _image(self, reference: str) -> fetch.Image:
@@ -192,7 +194,7 @@ class DaemonMounter:
             descriptor = next((d for d in image.layers if d.digest == layer_digest), None)
             if descriptor is None:
                 raise DeclinedError(f"layer {layer_digest} is not in {reference}")
-            if toc_digest_annotation(descriptor) is None:
+            if convert.TOC_DIGEST_ANNOTATION not in descriptor.annotations:
                 raise DeclinedError("layer is not eStargz (no TOC digest annotation)")
             with image.blob(layer_digest) as blob:
                 tail = blob.read_at(max(0, blob.size - toc.FOOTER_SIZE), toc.FOOTER_SIZE)
@@ -234,11 +236,6 @@ class DaemonMounter:
                 self._lazymount().unmount(mountpoint)
             except toc.LazymountError as e:
                 log.warning("unmounting %s: %s", mountpoint, e)
-
-
-def toc_digest_annotation(descriptor: fetch.Descriptor) -> str | None:
-    """The TOC digest an eStargz layer's descriptor carries, if any."""
-    return descriptor.annotations.get("containerd.io/snapshot/stargz/toc.digest")
 
 
 def _remote_source(labels: Mapping[str, str]) -> tuple[str, str]:
@@ -335,6 +332,11 @@ class Snapshotter:
         try:
             with self.store.transaction() as db:
                 self.store.commit(db, key, target, (0, 0), {**labels, REMOTE_LABEL: "remote snapshot"})
+        except AlreadyExistsError:
+            # A concurrent Prepare (another namespace) committed the same layer first: drop this copy.
+            self.remove(key)
+            self._log_prepared(True, "committed meanwhile by a concurrent prepare", digest, key)
+            raise
         except SnapshotError as e:
             # The layer is mounted on this active snapshot's directory: keep the key unusable rather
             # than hand out a directory the file system has touched (as stargz-snapshotter does).
@@ -495,7 +497,7 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
     def __init__(self, snapshotter: Snapshotter) -> None:
         self.sn = snapshotter
 
-    def _call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], object]):
+    def _call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], _T]) -> _T:
         code = grpc.StatusCode.OK
         start = time.perf_counter()
         try:
@@ -516,53 +518,63 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
             REQUESTS.labels(method=method, code=code.name).inc()
             LATENCY.labels(method=method).observe(time.perf_counter() - start)
 
-    def Prepare(self, request, context):  # noqa: N802 -- gRPC method names
+    def Prepare(self, request: snapshots_pb2.PrepareSnapshotRequest,  # noqa: N802 -- gRPC method names
+                context: grpc.ServicerContext) -> snapshots_pb2.PrepareSnapshotResponse:
         return self._call("Prepare", context, lambda: snapshots_pb2.PrepareSnapshotResponse(
             mounts=self.sn.prepare(request.key, request.parent, request.labels)))
 
-    def View(self, request, context):  # noqa: N802
+    def View(self, request: snapshots_pb2.ViewSnapshotRequest,  # noqa: N802
+             context: grpc.ServicerContext) -> snapshots_pb2.ViewSnapshotResponse:
         return self._call("View", context, lambda: snapshots_pb2.ViewSnapshotResponse(
             mounts=self.sn.view(request.key, request.parent, request.labels)))
 
-    def Mounts(self, request, context):  # noqa: N802
+    def Mounts(self, request: snapshots_pb2.MountsRequest,  # noqa: N802
+               context: grpc.ServicerContext) -> snapshots_pb2.MountsResponse:
         return self._call("Mounts", context, lambda: snapshots_pb2.MountsResponse(
             mounts=self.sn.mounts(request.key)))
 
-    def Commit(self, request, context):  # noqa: N802
+    def Commit(self, request: snapshots_pb2.CommitSnapshotRequest,  # noqa: N802
+               context: grpc.ServicerContext) -> empty_pb2.Empty:
         def commit() -> empty_pb2.Empty:
             self.sn.commit(request.name, request.key, request.labels)
             return empty_pb2.Empty()
         return self._call("Commit", context, commit)
 
-    def Remove(self, request, context):  # noqa: N802
+    def Remove(self, request: snapshots_pb2.RemoveSnapshotRequest,  # noqa: N802
+               context: grpc.ServicerContext) -> empty_pb2.Empty:
         def remove() -> empty_pb2.Empty:
             self.sn.remove(request.key)
             return empty_pb2.Empty()
         return self._call("Remove", context, remove)
 
-    def Stat(self, request, context):  # noqa: N802
+    def Stat(self, request: snapshots_pb2.StatSnapshotRequest,  # noqa: N802
+             context: grpc.ServicerContext) -> snapshots_pb2.StatSnapshotResponse:
         return self._call("Stat", context, lambda: snapshots_pb2.StatSnapshotResponse(
             info=_info_proto(self.sn.stat(request.key))))
 
-    def Update(self, request, context):  # noqa: N802
+    def Update(self, request: snapshots_pb2.UpdateSnapshotRequest,  # noqa: N802
+               context: grpc.ServicerContext) -> snapshots_pb2.UpdateSnapshotResponse:
         sent = request.info
         info = Info(sent.name, sent.parent, sent.kind, 0, 0, dict(sent.labels))
         return self._call("Update", context, lambda: snapshots_pb2.UpdateSnapshotResponse(
             info=_info_proto(self.sn.update(info, list(request.update_mask.paths)))))
 
-    def List(self, request, context):  # noqa: N802
+    def List(self, request: snapshots_pb2.ListSnapshotsRequest,  # noqa: N802
+             context: grpc.ServicerContext) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
         infos = self._call("List", context, lambda: self.sn.walk(list(request.filters)))
         for start in range(0, len(infos), LIST_BATCH):
             batch = infos[start:start + LIST_BATCH]
             yield snapshots_pb2.ListSnapshotsResponse(info=[_info_proto(i) for i in batch])
 
-    def Usage(self, request, context):  # noqa: N802
+    def Usage(self, request: snapshots_pb2.UsageRequest,  # noqa: N802
+              context: grpc.ServicerContext) -> snapshots_pb2.UsageResponse:
         def usage() -> snapshots_pb2.UsageResponse:
             size, inodes = self.sn.usage(request.key)
             return snapshots_pb2.UsageResponse(size=size, inodes=inodes)
         return self._call("Usage", context, usage)
 
-    def Cleanup(self, request, context):  # noqa: N802
+    def Cleanup(self, request: snapshots_pb2.CleanupRequest,  # noqa: N802
+                context: grpc.ServicerContext) -> empty_pb2.Empty:
         def cleanup() -> empty_pb2.Empty:
             self.sn.cleanup()
             return empty_pb2.Empty()
@@ -574,7 +586,7 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
 
 def _listen_address(address: str) -> str:
     """A gRPC address: a path is a unix socket (a stale socket file is removed)."""
-    if address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")) or ":" in address and "/" not in address:
+    if address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")) or (":" in address and "/" not in address):
         return address
     path = Path(address).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -583,7 +595,7 @@ def _listen_address(address: str) -> str:
     return f"unix:{path}"
 
 
-def _start_metrics(address: str):
+def _start_metrics(address: str) -> wsgiref.simple_server.WSGIServer:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise SnapshotError(f"--metrics-address {address!r} is not HOST:PORT")

@@ -38,7 +38,7 @@ from toc import DigestError, check_digest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MEMORY_BYTES = 128 << 20
+DEFAULT_MEMORY_BYTES = 32 << 20  # holds the chunks being read and read ahead; the page cache does the rest
 DEFAULT_DISK_BYTES = 10 << 30
 
 _HEX_RE = re.compile(r"[0-9a-f]{64}")

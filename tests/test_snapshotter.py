@@ -51,8 +51,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts bind and overl
 class Snapshotter:
     """A `python -m snapshot_grpc` process and a client for it."""
 
-    def __init__(self, root: Path, socket: Path, metrics_port: int | None = None) -> None:
-        self.root, self.socket, self.metrics_port = root, socket, metrics_port
+    def __init__(self, root: Path, socket: Path, metrics_port: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.root, self.socket, self.metrics_port, self.env = root, socket, metrics_port, env
         self.log_path = root.parent / f"{root.name}.log"
         self.proc: subprocess.Popen | None = None
         self.channel: grpc.Channel | None = None
@@ -63,7 +64,7 @@ class Snapshotter:
         if self.metrics_port:
             args += ["--metrics-address", f"127.0.0.1:{self.metrics_port}"]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         self.channel = grpc.insecure_channel(f"unix:{self.socket}")
         health = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -917,3 +918,17 @@ def test_remote_declines_fall_back_to_overlay(sn: Snapshotter, estargz_layout: P
     finally:
         proxy.stop()
     assert _layer_mounts(sn) == {}
+
+
+@needs_containerd
+def test_remote_declined_without_fuse(tmp_path: Path, lazy_image: tuple[str, list]) -> None:
+    """No usable libfuse in the snapshotter: eStargz layers are declined, the snapshotter still works."""
+    env = dict(os.environ, FUSE_LIBRARY_PATH=str(tmp_path / "no-libfuse.so"))
+    daemon = Snapshotter(tmp_path / "root", tmp_path / "sn.sock", env=env).start()
+    try:
+        image, layers = lazy_image
+        mounts = daemon.prepare("ns/1/extract-1", "", _layer_labels(image, layers[0], "sha256:" + "2" * 64))
+        assert [m.type for m in mounts] == ["bind"]
+        assert 'remote-snapshot-prepared: false reason="lazy mount unavailable: OSError' in daemon.log()
+    finally:
+        daemon.stop()

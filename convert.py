@@ -50,6 +50,9 @@ class ConvertOptions:
     workers: int | None = None
     prioritized: dict[str, list[str]] = field(default_factory=dict)  # source layer digest -> paths
     prioritize_all: list[str] | None = None  # paths to place first in every layer without its own list
+    # Optimize: every layer's landmark must match its `prioritized` list (layers without one get
+    # `.no.prefetch.landmark`); eStargz layers already laid out that way are kept, the others converted.
+    optimize: bool = False
     progress: bool = True
 
 
@@ -285,7 +288,8 @@ def _plan_layer(image: fetch.Image, descriptor: fetch.Descriptor, options: Conve
     Reads only the footer and TOC (two ranges) unless the layer is eStargz without annotations, which
     needs one download to learn its uncompressed size.
     """
-    if descriptor.digest in options.prioritized or options.prioritize_all is not None:
+    wanted = options.prioritized.get(descriptor.digest, options.prioritize_all)
+    if wanted is not None and not options.optimize:
         return None
     with image.blob(descriptor.digest) as reader:
         annotated = descriptor.annotations.get(TOC_DIGEST_ANNOTATION)
@@ -295,12 +299,55 @@ def _plan_layer(image: fetch.Image, descriptor: fetch.Descriptor, options: Conve
             if annotated:
                 raise ImageError(f"layer {descriptor.digest} is annotated as eStargz but is not") from None
             return None
+        if options.optimize and not _laid_out_for(toc_json, wanted):
+            return None
         if annotated and UNCOMPRESSED_SIZE_ANNOTATION in descriptor.annotations:
             return {}
         with tempfile.TemporaryDirectory() as tmp:
             reader.download(Path(tmp) / "blob")
             size = _uncompressed_size(Path(tmp) / "blob")
     return {TOC_DIGEST_ANNOTATION: toc.sha256_digest(toc_json), UNCOMPRESSED_SIZE_ANNOTATION: str(size)}
+
+
+def _toc_entries(toc_json: bytes) -> list[dict]:
+    try:
+        entries = json.loads(toc_json).get("entries")
+    except (ValueError, AttributeError):
+        raise toc.TOCError("TOC is not a JSON object") from None
+    if not isinstance(entries, list):
+        raise toc.TOCError("TOC has no list of entries")
+    return [e for e in entries if isinstance(e, dict)]
+
+
+def prefetch_order(toc_json: bytes) -> list[str] | None:
+    """The regular files a layer places before `.prefetch.landmark`, in blob order; None if it has none."""
+    files = []
+    for entry in _toc_entries(toc_json):
+        name = toc.normalize_name(entry.get("name"))
+        if name == toc.PREFETCH_LANDMARK:
+            return files
+        if entry.get("type") == "reg":
+            files.append(name)
+    return None
+
+
+def _laid_out_for(toc_json: bytes, wanted: list[str] | None) -> bool:
+    """Whether a layer is what converting it with `wanted` would make of it: `.no.prefetch.landmark`
+    for None, else exactly the wanted regular files (hardlinks as their targets) before the landmark."""
+    entries = _toc_entries(toc_json)
+    by_name = {toc.normalize_name(e.get("name")): e for e in entries if e.get("type") != "chunk"}
+    if wanted is None:
+        return toc.NO_PREFETCH_LANDMARK in by_name
+    expected: dict[str, None] = {}  # an ordered set
+    for path in wanted:
+        name = toc.normalize_name(path.lstrip("/"))
+        entry = by_name.get(name, {})
+        if entry.get("type") == "hardlink":
+            name = toc.normalize_name(entry.get("linkName"))
+            entry = by_name.get(name, {})
+        if entry.get("type") == "reg":
+            expected.setdefault(name)
+    return prefetch_order(toc_json) == list(expected)
 
 
 def describe_layer(read_at: toc.ReadAt, size: int, expected_toc_digest: str | None = None) -> dict:

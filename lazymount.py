@@ -2,7 +2,8 @@
 
 What belongs here: argument parsing, turning errors into one-line messages and exit codes, and the
 adapters a user starts (commands): `convert`, `inspect`, `mount` (the FUSE operations over tree.py's
-merged view, daemonized), `umount`, `run` (bubblewrap over a mount) and `stats`.  What never does:
+merged view, daemonized), `umount`, `run` (bubblewrap over a mount), `record` (a run that writes a
+profile of the files the command opened), `optimize` (convert with a profile) and `stats`.  What never does:
 format, registry, cache or overlay logic — those live in toc.py, fetch.py, cache.py, tree.py and
 convert.py.
 """
@@ -16,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -26,6 +28,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from tqdm import tqdm
 
 import cache
 import convert
@@ -45,6 +49,7 @@ ATTR_TIMEOUT = 86400.0  # an image never changes: the kernel may cache names and
 READ_AHEAD_KB = 1024
 UMOUNT_WAIT = 10.0  # seconds `umount` waits for the daemon to exit after the kernel let go
 RUNTIME_KEYS = ("Env", "WorkingDir", "User", "Entrypoint", "Cmd")  # what `run` needs of the image config
+PROGRESS = "progress"  # the daemon's prefetch progress lines on its pipe: `progress DONE TOTAL`
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -69,9 +74,56 @@ def _read_path_list(path: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+PROFILE_LAYER = "# layer "
+
+
+def read_profile(path: Path) -> dict[str, list[str]]:
+    """A workload profile: `# layer DIGEST` lines, each followed by that layer's paths (relative, one a
+    line, in the order first opened); blank lines and other '#' lines are ignored."""
+    profile: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith(PROFILE_LAYER):
+            current = profile.setdefault(toc.check_digest(line[len(PROFILE_LAYER):].strip()), [])
+        elif not line.strip() or line.startswith("#"):
+            continue
+        elif current is None:
+            raise fetch.InvalidInputError(f"{path}:{number}: a path before any '{PROFILE_LAYER}DIGEST' line")
+        else:
+            current.append(line.lstrip("/"))
+    return profile
+
+
+def merge_profiles(profiles: list[dict[str, list[str]]]) -> dict[str, list[str]]:
+    """Profiles merged: layers and, within a layer, paths in the order of their first appearance."""
+    merged: dict[str, dict[str, None]] = {}
+    for profile in profiles:
+        for digest, paths in profile.items():
+            merged.setdefault(digest, {}).update(dict.fromkeys(paths))
+    return {digest: list(paths) for digest, paths in merged.items()}
+
+
+def write_profile(path: Path, profile: dict[str, list[str]]) -> None:
+    """Write a profile in the format read_profile reads."""
+    lines = ["# lazymount profile: the files a workload opened, by the image layer that provides them"]
+    for digest, paths in profile.items():
+        lines += [f"{PROFILE_LAYER}{digest}", *paths]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _layout_options(args: argparse.Namespace) -> convert.ConvertOptions:
+    return convert.ConvertOptions(chunk_size=args.chunk_size, fmt=toc.ZSTD if args.zstd else toc.GZIP,
+                                  level=args.level, workers=args.jobs, progress=not args.quiet)
+
+
+def _print_manifest_layers(manifest: dict) -> None:
+    for layer in manifest["layers"]:
+        print(f"{layer['digest']}  {layer['size']:>12}  "
+              f"toc {layer['annotations'].get(convert.TOC_DIGEST_ANNOTATION, '-')}")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-    options = convert.ConvertOptions(chunk_size=args.chunk_size, fmt=toc.ZSTD if args.zstd else toc.GZIP,
-                                      level=args.level, workers=args.jobs, progress=not args.quiet)
+    options = _layout_options(args)
     if args.prioritize:
         options.prioritize_all = _read_path_list(args.prioritize)
     if _is_local_file(args.src):
@@ -82,9 +134,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 0
     refs = fetch.parse_reference(args.src), fetch.parse_reference(args.dst)
     manifest = convert.convert_image(args.src, args.dst, options, registry_client(args, *refs), args.platform)
-    for layer in manifest["layers"]:
-        print(f"{layer['digest']}  {layer['size']:>12}  "
-              f"toc {layer['annotations'].get(convert.TOC_DIGEST_ANNOTATION, '-')}")
+    _print_manifest_layers(manifest)
     return 0
 
 
@@ -158,8 +208,9 @@ class LazyFS(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, view: tree.ImageView, info: dict, on_ready: Callable[[], None]) -> None:
-        self.view, self.info, self._on_ready = view, info, on_ready
+    def __init__(self, view: tree.ImageView, info: dict, on_ready: Callable[[], None],
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.view, self.info, self._on_ready, self._progress = view, info, on_ready, progress
         self._handles: dict[int, tuple[tree.Node, tree.ReadState]] = {}
         self._next_fh = 1
         self._lock = threading.Lock()
@@ -181,8 +232,7 @@ class LazyFS(mfusepy.Operations):
 
     @mfusepy.overrides(mfusepy.Operations)
     def init(self, path: str) -> None:
-        self.view.start()
-        self._on_ready()
+        self.view.start(self._on_ready, self._progress)
 
     @mfusepy.overrides(mfusepy.Operations)
     def destroy(self, path: str) -> None:
@@ -218,6 +268,7 @@ class LazyFS(mfusepy.Operations):
         merged, node = self._node(path)
         if not stat.S_ISREG(merged.mode(node)):
             raise OSError(errno.EINVAL, path)
+        self.view.opened(node)
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
@@ -305,8 +356,10 @@ def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache.default_cache_dir()
     chunk_cache = cache.ChunkCache(cache_dir, disk_bytes=args.cache_size)
     opaque = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"
+    recorder = tree.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
     view = tree.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
-                          opaque_xattr=opaque, prefetch=args.prefetch, background=args.background_fetch)
+                          opaque_xattr=opaque, prefetch=args.prefetch, background=args.background_fetch,
+                          recorder=recorder)
     runtime = image.config.get("config") if isinstance(image.config.get("config"), dict) else {}
     info = {"reference": str(ref), "digest": image.digest, "mountpoint": str(args.mountpoint),
             "config": {k: runtime[k] for k in RUNTIME_KEYS if k in runtime}}
@@ -324,8 +377,10 @@ def _raise_read_ahead(mountpoint: Path) -> None:
         log.debug("read_ahead_kb not raised: %s", e)
 
 
-def _serve(args: argparse.Namespace, notify: Callable[[], None]) -> None:
-    """Open the image and serve it at args.mountpoint until unmounted; `notify` runs once it answers."""
+def _serve(args: argparse.Namespace, notify: Callable[[], None],
+           progress: Callable[[int, int], None] | None = None) -> None:
+    """Open the image and serve it at args.mountpoint until unmounted; `notify` runs once it answers and
+    the landmark ranges are prefetched, `progress(done, total)` reports the prefetch meanwhile."""
     view, info = _open_view(args)
     mountpoint = Path(args.mountpoint)
 
@@ -339,7 +394,7 @@ def _serve(args: argparse.Namespace, notify: Callable[[], None]) -> None:
                "attr_timeout": ATTR_TIMEOUT, "entry_timeout": ATTR_TIMEOUT, "negative_timeout": ATTR_TIMEOUT,
                **_parse_fuse_options(args.options)}
     try:
-        mfusepy.FUSE(LazyFS(view, info, ready), str(mountpoint), foreground=True, **options)
+        mfusepy.FUSE(LazyFS(view, info, ready, progress), str(mountpoint), foreground=True, **options)
     except RuntimeError as e:
         raise MountError(f"mounting {mountpoint} failed (libfuse: {e})") from None
     finally:
@@ -348,7 +403,8 @@ def _serve(args: argparse.Namespace, notify: Callable[[], None]) -> None:
 
 
 def _mount_in_background(args: argparse.Namespace) -> None:
-    """Fork the daemon (before any thread exists), wait until its mount answers or it fails."""
+    """Fork the daemon (before any thread exists), wait until its mount answers and the landmark ranges
+    are prefetched (a progress bar on a terminal), or it fails."""
     if args.cache_dir:
         args.cache_dir = os.path.abspath(args.cache_dir)
     read_fd, write_fd = os.pipe()
@@ -372,7 +428,11 @@ def _mount_in_background(args: argparse.Namespace) -> None:
                 os.close(write_fd)
                 _redirect_to_null(2)
 
-            _serve(args, ready)
+            def progress(done: int, total: int) -> None:
+                with contextlib.suppress(OSError):
+                    os.write(write_fd, f"{PROGRESS} {done} {total}\n".encode())
+
+            _serve(args, ready, progress)
             code = 0
         except toc.LazymountError as e:
             with contextlib.suppress(OSError):
@@ -386,8 +446,18 @@ def _mount_in_background(args: argparse.Namespace) -> None:
             os._exit(code)
     os.close(write_fd)
     os.waitpid(pid, 0)
-    with os.fdopen(read_fd, "rb") as pipe:
-        message = pipe.read().decode(errors="replace").strip()
+    lines = []
+    with os.fdopen(read_fd, "rb") as pipe, tqdm(desc="prefetch", unit="B", unit_scale=True, leave=False,
+                                                disable=not sys.stderr.isatty()) as bar:
+        for raw in pipe:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith(PROGRESS + " "):
+                done, total = (int(n) for n in line.split()[1:3])
+                bar.total = total
+                bar.update(done - bar.n)
+            else:
+                lines.append(line)
+    message = "; ".join(filter(None, lines))
     if message != "ok":
         raise MountError(message or "the mount daemon exited before mounting (try --foreground -v)")
 
@@ -529,10 +599,15 @@ def bwrap_command(root: Path, config: dict, command: list[str], binds: list[str]
     return [*argv, "--", *command]
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _command(args: argparse.Namespace) -> list[str]:
+    return args.command[1:] if args.command[:1] == ["--"] else args.command
+
+
+def run_in_image(args: argparse.Namespace, command: list[str]) -> int:
+    """Mount args.image on a temp dir, run `command` (default: the image's) in it with bubblewrap, write
+    the mount's stats to args.stats_file if set, unmount; return the command's exit status."""
     if shutil.which("bwrap") is None:
         raise MountError("bubblewrap (bwrap) is not installed")
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     args.mountpoint = Path(tempfile.mkdtemp(prefix="lazymount-run-"))
     args.layer, args.options = None, None
     try:
@@ -542,12 +617,57 @@ def cmd_run(args: argparse.Namespace) -> int:
             argv = bwrap_command(args.mountpoint, info["config"], command, args.bind)
             log.debug("running %s", argv)
             code = subprocess.run(argv, check=False).returncode
+            if args.stats_file:
+                Path(args.stats_file).write_bytes(os.getxattr(args.mountpoint, STATS_XATTR))
         finally:
             unmount(args.mountpoint)
     finally:
         with contextlib.suppress(OSError):
             args.mountpoint.rmdir()
     return code if code >= 0 else 128 - code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return run_in_image(args, _command(args))
+
+
+def record_workload(args: argparse.Namespace, command: list[str]) -> tuple[int, dict[str, list[str]]]:
+    """Run `command` in args.image while the mount logs the files it opens; return its exit status and
+    the profile {layer digest: paths in the order first opened}."""
+    with tempfile.TemporaryDirectory(prefix="lazymount-record-") as tmp:
+        args.record_log = os.path.join(tmp, "access.log")
+        Path(args.record_log).touch()
+        code = run_in_image(args, command)
+        return code, tree.read_access_log(args.record_log)
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    code, recorded = record_workload(args, _command(args))
+    profile = recorded
+    if args.append and args.output.exists():
+        profile = merge_profiles([read_profile(args.output), recorded])
+    write_profile(args.output, profile)
+    print(f"lazymount: recorded {sum(map(len, recorded.values()))} files of {len(recorded)} layers in "
+          f"{args.output}" + (f" (the command exited with status {code})" if code else ""), file=sys.stderr)
+    return code
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    if bool(args.profile) == bool(args.workload):
+        raise fetch.InvalidInputError("give either --profile FILE (repeatable) or --workload CMD")
+    refs = fetch.parse_reference(args.src), fetch.parse_reference(args.dst)
+    if args.workload:
+        args.image, args.bind, args.stats_file = args.src, [], None
+        code, profile = record_workload(args, shlex.split(args.workload))
+        if code:
+            raise MountError(f"the workload exited with status {code}; {args.src} was not optimized")
+    else:
+        profile = merge_profiles([read_profile(path) for path in args.profile])
+    options = _layout_options(args)
+    options.prioritized, options.optimize = profile, True
+    manifest = convert.convert_image(args.src, args.dst, options, registry_client(args, *refs), args.platform)
+    _print_manifest_layers(manifest)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -564,16 +684,20 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--config", metavar="FILE", help="YAML config (default: $LAZYMOUNT_CONFIG, "
                           "~/.config/lazymount/config.yaml, /etc/lazymount/config.yaml)")
 
-    p = sub.add_parser("convert", parents=[registry], help="convert a layer or an image to eStargz")
+    layout = argparse.ArgumentParser(add_help=False)
+    layout.add_argument("--chunk-size", type=parse_size, default=toc.DEFAULT_CHUNK_SIZE, metavar="N")
+    layout.add_argument("--zstd", action="store_true", help="write zstd:chunked instead of gzip eStargz")
+    layout.add_argument("--level", type=int, default=3,
+                        help="compression level (gzip: 0-3 isa-l; zstd: 1-22)")
+    layout.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                        help="threads (default: all cores)")
+    layout.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("convert", parents=[registry, layout], help="convert a layer or an image to eStargz")
     p.add_argument("src", help="layer file (.tar, .tar.gz, .tar.zst), REGISTRY/NAME[:TAG] or oci:DIR[:TAG]")
     p.add_argument("dst", help="output blob file, REGISTRY/NAME[:TAG] or oci:DIR[:TAG]")
     p.add_argument("--prioritize", type=Path, metavar="FILE",
                    help="paths (one a line) to place first, before .prefetch.landmark")
-    p.add_argument("--chunk-size", type=parse_size, default=toc.DEFAULT_CHUNK_SIZE, metavar="N")
-    p.add_argument("--zstd", action="store_true", help="write zstd:chunked instead of gzip eStargz")
-    p.add_argument("--level", type=int, default=3, help="compression level (gzip: 0-3 isa-l; zstd: 1-22)")
-    p.add_argument("-j", "--jobs", type=int, default=None, metavar="N", help="threads (default: all cores)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", parents=[registry], help="show the layers of an eStargz blob or image")
@@ -583,16 +707,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
-    image = argparse.ArgumentParser(add_help=False, parents=[registry])
+    mounting = argparse.ArgumentParser(add_help=False)
+    mounting.add_argument("--cache-dir", metavar="D",
+                          help="chunk cache directory (default ~/.cache/lazymount)")
+    mounting.add_argument("--cache-size", type=parse_size, default=cache.DEFAULT_DISK_BYTES, metavar="N",
+                          help="bound of the on-disk chunk cache (default 10G)")
+    mounting.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                          help="fetch the landmark range [0, prefetch_end) of every layer before the mount "
+                               "is ready")
+    mounting.add_argument("--background-fetch", action=argparse.BooleanOptionalAction, default=True,
+                          help="then fetch the rest of every layer at low priority")
+    mounting.add_argument("--log-file", metavar="FILE", help="the daemon's log (default: discarded)")
+    image = argparse.ArgumentParser(add_help=False, parents=[registry, mounting])
     image.add_argument("image", help="REGISTRY/NAME[:TAG|@DIGEST] or oci:DIR[:TAG]")
-    image.add_argument("--cache-dir", metavar="D", help="chunk cache directory (default ~/.cache/lazymount)")
-    image.add_argument("--cache-size", type=parse_size, default=cache.DEFAULT_DISK_BYTES, metavar="N",
-                       help="bound of the on-disk chunk cache (default 10G)")
-    image.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
-                       help="fetch the landmark range [0, prefetch_end) at mount time")
-    image.add_argument("--background-fetch", action=argparse.BooleanOptionalAction, default=True,
-                       help="then fetch the rest of every layer at low priority")
-    image.add_argument("--log-file", metavar="FILE", help="the daemon's log (default: discarded)")
+    running = argparse.ArgumentParser(add_help=False)
+    running.add_argument("--bind", action="append", default=[], metavar="SRC:DST", help="bind a host path")
+    running.add_argument("--stats-file", metavar="FILE",
+                         help="write the mount's stats (as `stats --json`) here after the command")
+    running.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... (default: Entrypoint + Cmd)")
 
     p = sub.add_parser("mount", parents=[image], help="mount an image read-only (FUSE)")
     p.add_argument("mountpoint")
@@ -605,10 +737,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("run", parents=[image], help="run a command in an image with bubblewrap")
-    p.add_argument("--bind", action="append", default=[], metavar="SRC:DST", help="bind a host path")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... (default: Entrypoint + Cmd)")
+    p = sub.add_parser("run", parents=[image, running], help="run a command in an image with bubblewrap")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("record", parents=[image, running],
+                       help="run a command like `run` and write the files it opened as a profile")
+    p.add_argument("-o", "--output", type=Path, default=Path("lazymount.profile"), metavar="PROFILE",
+                   help="profile to write (default: lazymount.profile)")
+    p.add_argument("--append", action="store_true", help="merge into PROFILE instead of replacing it")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("optimize", parents=[registry, layout, mounting],
+                       help="convert an image with each layer's profiled files first (prefetched at mount)")
+    p.add_argument("src", help="REGISTRY/NAME[:TAG] or oci:DIR[:TAG] (gzip or eStargz layers)")
+    p.add_argument("dst", help="REGISTRY/NAME[:TAG] or oci:DIR[:TAG]")
+    p.add_argument("--profile", type=Path, action="append", default=[], metavar="FILE",
+                   help="a profile from `record` (repeatable: merged in order of first appearance)")
+    p.add_argument("--workload", metavar="CMD", help="record this command in SRC first (shell-style words)")
+    p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("stats", help="bytes fetched and served, cache hits, per layer, of a mount")
     p.add_argument("mountpoint")

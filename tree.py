@@ -3,7 +3,8 @@
 What belongs here: applying OCI overlay rules to the layers' TOC indexes (upper wins, `.wh.NAME`
 whiteouts, `.wh..wh..opq` opaque directories, implied directories keeping a lower layer's metadata),
 stable inode numbers (root = 1, one per hardlink group), `stat`-like attributes, and reading file bytes
-chunk by chunk through the cache with read-ahead, landmark prefetch and a low-priority background fetch.
+chunk by chunk through the cache with read-ahead, landmark prefetch (a few large requests over parallel
+connections) and a low-priority background fetch, and recording which files a workload opens.
 Layers that are not eStargz are downloaded whole (verified) in the background and converted locally.
 What never does: FUSE or any kernel interface (lazymount.py adapts this to FUSE), HTTP (a layer is
 handed a `fetch.BlobReader`), TOC parsing (toc.py) or keeping chunks (cache.py).
@@ -34,6 +35,8 @@ OPAQUE_MARKER = ".wh..wh..opq"
 ROOT_INO = 1
 BLOCK_SIZE = 4096  # st_blksize and statfs block size
 PREFETCH_SPAN = 16 << 20  # compressed bytes fetched in one request by prefetch and background fetch
+PREFETCH_CONNECTIONS = 4  # parallel requests fetching the landmark ranges at mount time
+MIN_PREFETCH_REQUEST = 1 << 20  # the landmark range is cut into requests no smaller than this
 READ_AHEAD_BYTES = 8 << 20  # how far ahead of a sequential reader chunks are loaded
 READ_AHEAD_THREADS = 2
 READY_TIMEOUT = 600.0  # how long a file system call waits for a layer still being downloaded
@@ -406,6 +409,47 @@ def _entry_path(index: toc.Index, entry: int) -> str:
     return "/".join(reversed(parts))
 
 
+class AccessRecorder:
+    """Logs the first open of every regular file, in order, as `LAYER-DIGEST<TAB>PATH` lines appended and
+    flushed to a file one by one, so the log is complete however the mount ends (see read_access_log)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- open as long as the mount
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def record(self, digest: str, path: str) -> None:
+        """Log `path` of layer `digest` unless it was logged before."""
+        if "\n" in path or "\t" in path:
+            log.debug("not recorded (a tab or newline in the name): %r", path)
+            return
+        with self._lock:
+            if (digest, path) in self._seen:
+                return
+            self._seen.add((digest, path))
+            try:
+                self._file.write(f"{digest}\t{path}\n")
+                self._file.flush()
+            except UnicodeEncodeError:
+                log.debug("not recorded (not UTF-8): %r", path)
+
+    def close(self) -> None:
+        """Close the log file."""
+        with self._lock:
+            self._file.close()
+
+
+def read_access_log(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """An AccessRecorder's log as {layer digest: paths in the order first opened}."""
+    by_layer: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            digest, sep, name = line.rstrip("\n").partition("\t")
+            if sep:
+                by_layer.setdefault(digest, []).append(name)
+    return by_layer
+
+
 @dataclass
 class ReadState:
     """Per open file: where the next sequential read would start and how far read-ahead reaches."""
@@ -423,8 +467,9 @@ class ImageView:
 
     def __init__(self, layers: Sequence[Layer], chunk_cache: cache.ChunkCache, work_dir: Path, *,
                  raw: bool = False, opaque_xattr: str = "trusted.overlay.opaque", prefetch: bool = True,
-                 background: bool = True) -> None:
+                 background: bool = True, recorder: AccessRecorder | None = None) -> None:
         self.layers = list(layers)
+        self.recorder = recorder
         self.cache, self.work_dir = chunk_cache, Path(work_dir)
         self.prefetch, self.background = prefetch, background
         self._tree_args = (raw, opaque_xattr)
@@ -443,11 +488,15 @@ class ImageView:
         self._tree = MergedTree(self.layers, *self._tree_args)
         self._ready.set()
 
-    def start(self) -> None:
-        """Start the background threads."""
+    def start(self, on_prefetched: Callable[[], None] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> None:
+        """Start the background threads; `on_prefetched` runs once the landmark ranges are in the cache
+        (or their fetch failed), `progress(done, total)` reports prefetched compressed bytes meanwhile."""
         self._spawn("layer-download", self._download_pending)
         if self.prefetch or self.background:
-            self._spawn("prefetch", self._prefetch_all)
+            self._spawn("prefetch", lambda: self._prefetch_all(on_prefetched, progress))
+        elif on_prefetched is not None:
+            on_prefetched()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         threading.Thread(target=target, name=name, daemon=True).start()
@@ -456,6 +505,8 @@ class ImageView:
         """Stop the background work (threads are daemons: a download in flight is abandoned)."""
         self._stop.set()
         self._ahead.shutdown(wait=False, cancel_futures=True)
+        if self.recorder is not None:
+            self.recorder.close()
 
     def tree(self, timeout: float = READY_TIMEOUT) -> MergedTree:
         """The merged tree; waits up to `timeout` for layers still being downloaded."""
@@ -487,16 +538,16 @@ class ImageView:
         if not self._stop.is_set() and self._tree is None:
             self._build_tree()
 
-    def _prefetch_all(self) -> None:
+    def _prefetch_all(self, on_prefetched: Callable[[], None] | None,
+                      progress: Callable[[int, int], None] | None) -> None:
         lazy = [layer for layer in self.layers if layer.state == "lazy"]
-        if self.prefetch:
-            for layer in lazy:
-                assert layer.index is not None
-                end = layer.index.prefetch_end
-                if end:
-                    chunks = [c for c in _layer_chunks(layer.index) if c.comp_end <= end]
-                    self._fetch_chunks(layer, chunks, "prefetched_bytes", low_priority=False)
-            self.fetch_state = "prefetched"
+        try:
+            if self.prefetch:
+                self._prefetch_landmarks(lazy, progress)
+                self.fetch_state = "prefetched"
+        finally:
+            if on_prefetched is not None:
+                on_prefetched()
         if not self.background:
             return
         self.fetch_state = "background"
@@ -504,34 +555,61 @@ class ImageView:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         for layer in lazy:
             assert layer.index is not None
-            self._fetch_chunks(layer, _layer_chunks(layer.index), "background_bytes", low_priority=True)
-            if self._stop.is_set():
-                return
+            missing = [c for c in _layer_chunks(layer.index) if not self.cache.contains(c.digest)]
+            for span in _spans(missing):
+                if self._stop.is_set():
+                    return
+                self._wait_idle()
+                self._fetch_span(layer, span[0].comp_offset, span[-1].comp_end, span, "background_bytes")
         self.fetch_state = "done"
         log.info("background fetch complete")
 
-    def _fetch_chunks(self, layer: Layer, chunks: list[toc.Chunk], counter: str, low_priority: bool) -> None:
-        """Fetch chunks missing from the cache in spans of up to PREFETCH_SPAN compressed bytes."""
+    def _prefetch_landmarks(self, layers: list[Layer], progress: Callable[[int, int], None] | None) -> None:
+        """Fetch every layer's landmark range [0, prefetch_end) in a few large requests spread over
+        PREFETCH_CONNECTIONS parallel connections; requests whose chunks are all cached are skipped."""
+        ends = {id(layer): layer.index.prefetch_end or 0 for layer in layers if layer.index is not None}
+        target = sum(ends.values()) // PREFETCH_CONNECTIONS
+        target = min(max(target, MIN_PREFETCH_REQUEST), PREFETCH_SPAN)
+        requests = []
+        for layer in layers:
+            assert layer.index is not None
+            end = ends[id(layer)]
+            chunks = [c for c in _layer_chunks(layer.index) if c.comp_end <= end] if end else []
+            for start, stop, part in _cut_range(chunks, end, target):
+                if not all(self.cache.contains(c.digest) for c in part):
+                    requests.append((layer, start, stop, part))
+        total = sum(stop - start for _, start, stop, _ in requests)
+        if not requests:
+            return
+        log.info("prefetching %d bytes of landmark ranges in %d requests", total, len(requests))
+        done = 0
+        if progress is not None:
+            progress(done, total)
+        with concurrent.futures.ThreadPoolExecutor(PREFETCH_CONNECTIONS, "prefetch") as pool:
+            futures = {pool.submit(self._fetch_span, layer, start, stop, part, "prefetched_bytes"):
+                       stop - start for layer, start, stop, part in requests}
+            for future in concurrent.futures.as_completed(futures):
+                done += futures[future]
+                if progress is not None:
+                    progress(done, total)
+
+    def _fetch_span(self, layer: Layer, start: int, end: int, chunks: list[toc.Chunk], counter: str) -> None:
+        """Fetch the compressed bytes [start, end) in one request and put the chunks in it in the cache."""
         assert layer.index is not None
         fmt = layer.index.format
-        missing = [c for c in chunks if not self.cache.contains(c.digest)]
-        for span in _spans(missing):
-            if self._stop.is_set():
-                return
-            if low_priority:
-                self._wait_idle()
-            start, end = span[0].comp_offset, span[-1].comp_end
-            try:
-                data = layer.fetch(start, end - start)
-                for c in span:
-                    part = data[c.comp_offset - start:c.comp_end - start]
-                    # the cache verifies the digest before it stores anything
-                    self.cache.get(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
-                                                                                          verify=False))
-                layer.count(counter, end - start)
-            except (toc.LazymountError, OSError) as e:
-                layer.count("errors")
-                log.warning("layer %s: fetching [%d, %d) failed: %s", layer.digest, start, end, e)
+        if self._stop.is_set():
+            return
+        try:
+            data = layer.fetch(start, end - start)
+            for c in chunks:
+                part = data[c.comp_offset - start:c.comp_end - start]
+                # the cache verifies the digest before it stores anything
+                self.cache.get(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
+                                                                                      verify=False))
+            layer.count(counter, end - start)
+        except (toc.LazymountError, OSError) as e:
+            layer.count("errors")
+            log.warning("layer %s: fetching [%d, %d) failed: %s", layer.digest, start, end, e)
 
     def _wait_idle(self) -> None:
         with self._idle:
@@ -539,6 +617,14 @@ class ImageView:
                 self._idle.wait(1.0)
 
     # -- reads --------------------------------------------------------------------------------------
+
+    def opened(self, node: Node) -> None:
+        """A regular file was opened: log its first access if recording (its path in the layer that
+        provides it in the merged view)."""
+        if self.recorder is not None:
+            layer = self.layers[node.layer]
+            assert layer.index is not None
+            self.recorder.record(layer.digest, _entry_path(layer.index, node.entry))
 
     def read(self, node: Node, offset: int, size: int, state: ReadState | None = None) -> bytes:
         """Up to `size` bytes of a regular file at `offset`; verified bytes or OSError(EIO)."""
@@ -634,6 +720,22 @@ def _layer_chunks(index: toc.Index) -> list[toc.Chunk]:
             for c in index.chunks(entry):
                 chunks.setdefault((c.comp_offset, c.inner_offset), c)
     return [chunks[k] for k in sorted(chunks)]
+
+
+def _cut_range(chunks: list[toc.Chunk], end: int, target: int) -> list[tuple[int, int, list[toc.Chunk]]]:
+    """Cut [0, end) at chunk boundaries into pieces of about `target` bytes: (start, stop, chunks)."""
+    pieces: list[tuple[int, int, list[toc.Chunk]]] = []
+    start, part = 0, []
+    for c in chunks:
+        part.append(c)
+        if c.comp_end - start >= target:
+            pieces.append((start, c.comp_end, part))
+            start, part = c.comp_end, []
+    if part:
+        pieces.append((start, end, part))
+    elif pieces:
+        pieces[-1] = (pieces[-1][0], end, pieces[-1][2])
+    return pieces
 
 
 def _spans(chunks: list[toc.Chunk], gap: int = 64 << 10) -> Iterator[list[toc.Chunk]]:

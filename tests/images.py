@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import stat
 import subprocess
@@ -40,6 +41,10 @@ ODD_UID, ODD_GID = 1234, 5678
 OLD_MTIME = 315532800  # 1980-01-01, the DOS epoch
 NEW_MTIME = 4102444800  # 2100-01-01: past 2038, needs a PAX mtime record
 FRACTIONAL_MTIME_NS = 1_600_000_000_750_000_000  # .75 s: the reference rounds modtime to whole seconds
+# Parts of the host's Python left out of debian_python_rootfs: tests, GUI, build files, site packages.
+STDLIB_SKIP = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
+               "__pycache__", "config-3.*", "distutils", "unittest", "site-packages", "dist-packages",
+               "_test*.so", "_xxtestfuzz*.so")
 REAL_TREE_CANDIDATES = (
     Path("/usr/share/zoneinfo/America"),  # tzdata (priority: required): ~170 files, 29 symlinks
     Path(sysconfig.get_paths()["stdlib"]) / "email",  # always there with the running Python
@@ -163,6 +168,51 @@ def _fix_dir_mtimes(root: Path, mtime: int = 1_700_000_000) -> None:
     dirs = [Path(d) for d, _, _ in os.walk(root)]
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
         os.utime(d, (mtime, mtime))
+
+
+def _copy_with_libraries(binary: Path, rootfs: Path) -> None:
+    """Copy a host binary and every library ldd names to the same paths in rootfs (usrmerge layout)."""
+    out = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True).stdout
+    paths = [binary, *(Path(p) for p in re.findall(r"(/\S+) \(0x", out))]
+    for path in paths:
+        real = Path(os.path.realpath(path))
+        target = rootfs / real.relative_to("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            shutil.copy2(real, target)
+        alias = target.parent / path.name  # the soname link, e.g. libz.so.1 -> libz.so.1.2.13
+        if alias != target and not alias.exists():
+            os.symlink(real.name, alias)
+
+
+def debian_python_rootfs(rootfs: Path) -> Path:
+    """A small Debian root filesystem from the host's own files, so no network is needed: dash as
+    /bin/sh, python3.11 with its standard library (extension modules with the libraries they link),
+    /etc/passwd and /etc/group with root and a user `tester` (1000:1000), /tmp, /work. Return rootfs."""
+    python = "python3.11"
+    for link in ("bin", "lib", "lib64", "sbin"):
+        target = f"usr/{link}"
+        (rootfs / target).mkdir(parents=True, exist_ok=True)
+        os.symlink(target, rootfs / link)
+    _copy_with_libraries(Path("/usr/bin/dash"), rootfs)
+    _copy_with_libraries(Path(f"/usr/bin/{python}"), rootfs)
+    os.symlink("dash", rootfs / "usr/bin/sh")
+    os.symlink(python, rootfs / "usr/bin/python3")
+    loader = rootfs / "usr/lib64/ld-linux-x86-64.so.2"
+    if not loader.exists() and Path("/lib64/ld-linux-x86-64.so.2").exists():
+        os.symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", loader)
+    shutil.copytree(f"/usr/lib/{python}", rootfs / f"usr/lib/{python}", symlinks=True,
+                    ignore=shutil.ignore_patterns(*STDLIB_SKIP))
+    for module in sorted((rootfs / f"usr/lib/{python}/lib-dynload").glob("*.so")):
+        _copy_with_libraries(Path("/") / module.relative_to(rootfs), rootfs)
+    for directory in ("proc", "dev", "tmp", "etc", "work", "home/tester"):
+        (rootfs / directory).mkdir(parents=True, exist_ok=True)
+    os.chmod(rootfs / "tmp", 0o1777)
+    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
+                                       "tester:x:1000:1000::/home/tester:/bin/sh\n")
+    (rootfs / "etc/group").write_text("root:x:0:\ntester:x:1000:\n")
+    (rootfs / "etc/debian_version").write_text(Path("/etc/debian_version").read_text())
+    return rootfs
 
 
 def make_layer_tar(tree: Path, out: Path, fmt: str = "pax", gzip: bool = False,

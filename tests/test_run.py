@@ -1,8 +1,8 @@
 """`lazymount run`, `mount` and `umount` as a real unprivileged user: only setuid fusermount3 and
 bubblewrap, an image pulled lazily from docker-registry on loopback.
 
-The image is a small Debian-based root filesystem made from the host's own files (dash, python3.11 with
-the libraries ldd names and its standard library), so the test needs no network.  A root fixture
+The image is a small Debian-based root filesystem made from the host's own files
+(images.debian_python_rootfs), so the test needs no network.  A root fixture
 creates the user `lazytest` if absent (and removes it only then) and opens /dev/fuse to it for the
 duration of the module (it is 0600 on these machines), restoring its mode afterwards.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import shutil
 import stat
 import subprocess
@@ -20,13 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from images import make_oci_image
+from images import debian_python_rootfs, make_oci_image
 from registry import Registry, push_layout
 from test_mount import MISSING, convert, lazymount, mounted, registry  # noqa: F401 -- fixture
 
 USER = "lazytest"
-STDLIB_SKIP = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-               "__pycache__", "config-3.*", "distutils", "unittest", "site-packages", "dist-packages")
 
 pytestmark = [
     pytest.mark.skipif(bool(MISSING) or shutil.which("bwrap") is None or os.geteuid() != 0,
@@ -55,42 +52,9 @@ def user_home() -> Iterator[Path]:
             subprocess.run(["userdel", USER], check=False)
 
 
-def _copy_with_libraries(binary: Path, rootfs: Path) -> None:
-    """Copy a host binary and every library ldd names to the same paths in rootfs (usrmerge layout)."""
-    out = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True).stdout
-    paths = [binary, *(Path(p) for p in re.findall(r"(/\S+) \(0x", out))]
-    for path in paths:
-        real = Path(os.path.realpath(path))
-        target = rootfs / real.relative_to("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(real, target)
-        alias = target.parent / path.name  # the soname link, e.g. libz.so.1 -> libz.so.1.2.13
-        if alias != target and not alias.exists():
-            os.symlink(real.name, alias)
-
-
 def _debian_rootfs(rootfs: Path) -> Path:
-    """dash as /bin/sh, python3.11 with its standard library, /etc/passwd with a user `tester`."""
-    for link in ("bin", "lib", "lib64", "sbin"):
-        target = f"usr/{link}"
-        (rootfs / target).mkdir(parents=True, exist_ok=True)
-        os.symlink(target, rootfs / link)
-    _copy_with_libraries(Path("/usr/bin/dash"), rootfs)
-    _copy_with_libraries(Path("/usr/bin/python3.11"), rootfs)
-    os.symlink("dash", rootfs / "usr/bin/sh")
-    os.symlink("python3.11", rootfs / "usr/bin/python3")
-    loader = rootfs / "usr/lib64/ld-linux-x86-64.so.2"
-    if not loader.exists() and Path("/lib64/ld-linux-x86-64.so.2").exists():
-        os.symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", loader)
-    shutil.copytree("/usr/lib/python3.11", rootfs / "usr/lib/python3.11", symlinks=True,
-                    ignore=shutil.ignore_patterns(*STDLIB_SKIP))
-    for directory in ("proc", "dev", "tmp", "etc", "work", "home/tester"):
-        (rootfs / directory).mkdir(parents=True, exist_ok=True)
-    os.chmod(rootfs / "tmp", 0o1777)
-    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
-                                       "tester:x:1000:1000::/home/tester:/bin/sh\n")
-    (rootfs / "etc/group").write_text("root:x:0:\ntester:x:1000:\n")
-    (rootfs / "etc/debian_version").write_text(Path("/etc/debian_version").read_text())
+    """images.debian_python_rootfs plus /work/hello.py, which prints its cwd, uid and $GREETING."""
+    debian_python_rootfs(rootfs)
     (rootfs / "work/hello.py").write_text(
         "import os, sys\nprint('py', os.getcwd(), os.getuid(), os.environ['GREETING'])\n"
         "sys.exit(int(sys.argv[1]))\n")

@@ -7,7 +7,8 @@ command, the git revision measured, absolute numbers and ratios to the reference
 standard image, the many-files layer) are built once into the work directory and reused.  --quick
 measures every case once on smaller inputs and only prints: its numbers never replace a full run's.
 lazymount runs from the working tree, or with --rev from a `git archive` of that revision, in both
-cases through PYTHONPATH, so the measured code is the tree's and not whatever the venv installed.
+cases through PYTHONPATH, so the measured code is the tree's and not whatever the venv installed (the
+benchmarks themselves and tests/reference.py always come from the working tree).
 
 What belongs here: choosing benchmarks, printing, and the BENCHMARKS.md sections.  What never does:
 the measurements themselves (bench_*.py) or building inputs (inputs.py).

@@ -73,9 +73,10 @@ def use_source(rev: str | None, workdir: Path) -> str:
     the work directory; return how to name what is measured."""
     if rev is None:
         source = REPO
-        dirty = _git("status", "--porcelain", "--", "*.py")
+        status = _git("status", "--porcelain", "--", ":(glob)*.py")
+        changed = [line.split(maxsplit=1)[1] for line in status.splitlines()]
         described = f"working tree at {_git('rev-parse', '--short', 'HEAD')}"
-        described += " with uncommitted changes to its *.py files" if dirty else " (clean)"
+        described += f" with uncommitted changes to {', '.join(changed)}" if changed else " (clean)"
     else:
         commit = _git("rev-parse", "--verify", rev + "^{commit}")
         source = workdir / f"src-{commit[:12]}"

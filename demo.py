@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'first result (s)':>17}")
         for name, size, fetched, requests, seconds in rows:
             print(f"{name:<28} {size:>15,} {fetched:>13,} {requests:>9} {seconds:>17.2f}")
-        print("(fetched: compressed bytes read from the registry, TOCs included; requests: data range "
-              "requests after the TOCs; background fetch off)")
+        print("(fetched: compressed bytes read from the registry or layout, TOCs included; requests: data "
+              "range requests after the TOCs; background fetch off)")
         return 0
     finally:
         if args.keep:

@@ -15,15 +15,16 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
 import struct
 import sys
 import tarfile
 import tempfile
+import threading
 import zlib
 from array import array
 from base64 import b64decode, b64encode
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,6 +69,7 @@ PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENT = b"\x0f"
 DEFAULT_CHUNK_SIZE = 4 << 20
+_EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
 MAX_TOC_BYTES = 1 << 30  # uncompressed TOC JSON; ~3 KB per entry for a million entries
 
 # eStargz footer, 51 bytes: gzip header with FEXTRA (10) + XLEN (2) + subfield 'S','G' + LEN (2+2)
@@ -389,8 +391,14 @@ class Index:
         dev = self._dev.get(entry_id, (0, 0))
         return Entry(entry_id, self.names[entry_id], kind, self._mode[entry_id], self._uid[entry_id],
                      self._gid[entry_id], self._size[entry_id], self._mtime[entry_id],
-                     self._symlink.get(entry_id, ""), dev[0], dev[1], self._nlink.get(entry_id, 1),
+                     self._symlink.get(entry_id, ""), dev[0], dev[1], self.nlink(entry_id),
                      dict(self._xattrs.get(entry_id, {})))
+
+    def nlink(self, entry_id: int) -> int:
+        """Link count: names of a hardlink group; 2 + subdirectories for a directory (derived, not stored)."""
+        if self._kind[entry_id] == KIND_DIR:
+            return 2 + sum(1 for _, child in self.children(entry_id) if self._kind[child] == KIND_DIR)
+        return self._nlink.get(entry_id, 1)
 
     def _child_key(self, i: int) -> tuple[int, str]:
         return self._parent[self._order[i]], self.names[self._order[i]]
@@ -645,14 +653,14 @@ class _IndexBuilder:
         live = [i for i in range(len(ix._kind)) if i != 0 and ix._parent[i] != _ORPHAN]
         live.sort(key=lambda i: (ix._parent[i], ix.names[i]))
         ix._order = array("I", live)
-        for i in live:
-            if ix._kind[i] == KIND_DIR:
-                parent = ix._parent[i]
-                ix._nlink[parent] = ix._nlink.get(parent, 2) + 1
-                ix._nlink.setdefault(i, 2)
-        ix._nlink.setdefault(0, 2)
         for entry_id, target in ix._hardlink_of.items():
             ix._nlink[entry_id] = ix._nlink[target]
+        # arrays grow by over-allocating; copies are exact
+        for name in ("_mode", "_uid", "_gid", "_size", "_mtime", "_parent", "_first_chunk", "_nchunks",
+                     "_chunk_comp", "_chunk_file"):
+            column = getattr(ix, name)
+            setattr(ix, name, array(column.typecode, column))
+        ix._kind, ix._chunk_digest = bytearray(ix._kind), bytearray(ix._chunk_digest)
         comp = ix._chunk_comp
         if any(comp[k] > comp[k + 1] for k in range(len(comp) - 1)):
             ix._sorted_offsets = array("Q", sorted(set(comp)))
@@ -767,63 +775,105 @@ def _compress_member(data: bytes, chunk_len: int, fmt: str, level: int) -> tuple
 
 
 class _BlobWriter:
-    """Sends members through a thread pool and writes them in order, tracking offsets and digests.
+    """Compresses members on a thread pool and writes them in order from a writer thread.
 
     A member is open until the next chunk starts: the tar headers that follow a chunk go into the
-    chunk's member, as in the reference writer.
+    chunk's member, as in the reference writer.  The reading thread only parses and submits; hashing
+    (DiffID, blob digest, whole-file digests of multi-chunk files) and writing happen on the writer
+    thread, chunk digests and compression on the pool.  At most MAX_INFLIGHT uncompressed bytes wait.
     """
+
+    MAX_INFLIGHT = 64 << 20
 
     def __init__(self, dst: BinaryIO, fmt: str, level: int, workers: int) -> None:
         self.dst, self.fmt, self.level = dst, fmt, level
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="compress")
-        self.pending: deque[tuple[concurrent.futures.Future, dict | None]] = deque()
-        self.max_pending = 2 * max(1, workers) + 2
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.space = threading.Condition()
+        self.inflight = 0
+        self.failure: BaseException | None = None
         self.blob_hash = hashlib.sha256()
         self.diff_hash = hashlib.sha256()
         self.offset = 0
         self.uncompressed = 0
         self.member_offsets: list[int] = []
-        self.current = bytearray()
-        self.current_chunk: tuple[int, dict | None] = (0, None)
         self.members = 0
+        self.current = bytearray()
+        self.current_chunk: tuple[int, dict | None, dict | None] = (0, None, None)
+        self.file_hash: hashlib._Hash | None = None  # of the multi-chunk file being written (writer thread)
+        self.thread = threading.Thread(target=self._write_loop, name="blob-writer", daemon=True)
+        self.thread.start()
 
     def add(self, data: bytes) -> None:
         self.current += data
 
-    def start_chunk(self, data: bytes, entry: dict) -> None:
-        """Start a new member whose first bytes are a file chunk described by the TOC `entry`."""
+    def start_chunk(self, data: bytes, entry: dict, file_entry: dict | None) -> None:
+        """Start a new member whose first bytes are a file chunk described by the TOC `entry`.
+
+        `file_entry` is the file's reg entry when the file has several chunks (its whole-file digest is
+        then hashed across them), else None (the chunk digest is the file digest).
+        """
         self.close_member()
-        entry["offset"] = self.members  # the member's index until `resolve_offsets`
+        entry["offset"] = self.members  # the member's index until `finish_members`
         self.current += data
-        self.current_chunk = (len(data), entry)
+        self.current_chunk = (len(data), entry, file_entry)
 
     def close_member(self) -> None:
         if not self.current:
             return
         data = bytes(self.current)
         self.current.clear()
-        chunk_len, entry = self.current_chunk
-        self.current_chunk = (0, None)
-        self.diff_hash.update(data)
-        self.uncompressed += len(data)
+        chunk_len, entry, file_entry = self.current_chunk
+        self.current_chunk = (0, None, None)
+        with self.space:
+            while self.inflight > self.MAX_INFLIGHT and self.failure is None:
+                self.space.wait()
+            self.inflight += len(data)
+        self._check()
         future = self.pool.submit(_compress_member, data, chunk_len, self.fmt, self.level)
-        self.pending.append((future, entry))
+        self.queue.put((future, data, chunk_len, entry, file_entry))
         self.members += 1
-        while len(self.pending) > self.max_pending:
-            self._write_next()
 
-    def _write_next(self) -> None:
-        future, entry = self.pending.popleft()
-        compressed, digest = future.result()
+    def _write_loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            future, data, chunk_len, entry, file_entry = item
+            try:
+                if self.failure is None:
+                    self._write_member(future.result(), data, chunk_len, entry, file_entry)
+            except BaseException as e:  # reported to the reading thread by _check
+                self.failure = e
+            with self.space:
+                self.inflight -= len(data)
+                self.space.notify_all()
+
+    def _write_member(self, result: tuple[bytes, str | None], data: bytes, chunk_len: int,
+                      entry: dict | None, file_entry: dict | None) -> None:
+        compressed, digest = result
         if entry is not None:
             entry["chunkDigest"] = digest
+            if file_entry is None:
+                entry["digest"] = digest
+            else:
+                if entry is file_entry:
+                    self.file_hash = hashlib.sha256()
+                self.file_hash.update(memoryview(data)[:chunk_len])
+                if "chunkSize" not in entry:  # the file's last chunk
+                    file_entry["digest"] = "sha256:" + self.file_hash.hexdigest()
         self.member_offsets.append(self.offset)
+        self.diff_hash.update(data)
+        self.uncompressed += len(data)
         self.write_compressed(compressed)
 
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
     def finish_members(self) -> None:
+        """Write every member still in flight; afterwards the reading thread may write directly."""
         self.close_member()
-        while self.pending:
-            self._write_next()
+        self.queue.put(None)
+        self.thread.join()
+        self._check()
 
     def write_compressed(self, data: bytes, uncompressed: bytes = b"") -> None:
         self.dst.write(data)
@@ -834,6 +884,10 @@ class _BlobWriter:
             self.uncompressed += len(uncompressed)
 
     def shutdown(self) -> None:
+        if self.thread.is_alive():
+            self.failure = self.failure or RuntimeError("writer stopped")
+            self.queue.put(None)
+            self.thread.join()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -913,6 +967,8 @@ class _CheckedTarInfo(tarfile.TarInfo):
         try:
             return super().fromtarfile(tar)
         except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            if tar.offset == 0:
+                raise  # not a tar at all: tarfile says so
             raise TruncatedError(f"source layer is truncated or corrupt at a tar header ({e})") from None
 
 
@@ -1009,28 +1065,27 @@ def _write_members(tar: tarfile.TarFile, members: Iterable[tarfile.TarInfo], wri
 def _write_payload(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: dict, entries: list[dict],
                    writer: _BlobWriter, chunk_size: int, landmark: bool) -> None:
     """Write a regular file's content as chunks, each opening a member; fill the TOC entries."""
-    file_hash = hashlib.sha256()
-    if info.size:
-        stream = io.BytesIO(LANDMARK_CONTENT) if landmark else tar.extractfile(info)
-        written = 0
-        chunk_entry = entry
-        while written < info.size:
-            data = stream.read(min(chunk_size, info.size - written))
-            if not data:
-                raise TruncatedError(f"source layer ends inside {info.name!r}")
-            if len(data) < info.size - written:
-                chunk_entry["chunkSize"] = len(data)
-            if written:
-                chunk_entry["chunkOffset"] = written
-            file_hash.update(data)
-            writer.start_chunk(data, chunk_entry)
-            entries.append(chunk_entry)
-            written += len(data)
-            chunk_entry = {"name": info.name, "type": "chunk"}
-        writer.add(_tar_padding(info.size))
-    else:
+    if not info.size:
+        entry["digest"] = _EMPTY_DIGEST
         entries.append(entry)
-    entry["digest"] = "sha256:" + file_hash.hexdigest()
+        return
+    stream = io.BytesIO(LANDMARK_CONTENT) if landmark else tar.extractfile(info)
+    file_entry = entry if info.size > chunk_size else None
+    written = 0
+    chunk_entry = entry
+    while written < info.size:
+        data = stream.read(min(chunk_size, info.size - written))
+        if not data:
+            raise TruncatedError(f"source layer ends inside {info.name!r}")
+        if len(data) < info.size - written:
+            chunk_entry["chunkSize"] = len(data)
+        if written:
+            chunk_entry["chunkOffset"] = written
+        writer.start_chunk(data, chunk_entry, file_entry)
+        entries.append(chunk_entry)
+        written += len(data)
+        chunk_entry = {"name": info.name, "type": "chunk"}
+    writer.add(_tar_padding(info.size))
 
 
 def _write_toc(writer: _BlobWriter, entries: list[dict], fmt: str, level: int, prefetched: int) -> LayerInfo:

@@ -810,7 +810,7 @@ def test_containerd_rpull_estargz_is_lazy(stack: tuple[Containerd, Snapshotter],
 def test_containerd_dead_layer_mount_is_restored(stack: tuple[Containerd, Snapshotter],
                                                  lazy_image: tuple[str, list]) -> None:
     """A layer daemon killed: the next container start mounts the layer again; a snapshotter killed and
-    restarted adopts the live layer mounts."""
+    restarted adopts the live layer mounts; started with none mounted, it mounts them before serving."""
     containerd, daemon = stack
     image, _ = lazy_image
     containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", image)
@@ -827,6 +827,15 @@ def test_containerd_dead_layer_mount_is_restored(stack: tuple[Containerd, Snapsh
     assert _layer_mounts(daemon) == after, "live layer mounts are kept across a restart"
     _snapshot_names(containerd)  # waits until containerd has redialled
     assert _ctr_run(containerd, image, "after-restart-lazy", "echo ok") == "ok\n"
+
+    daemon.stop()  # as after a reboot: the snapshotter starts with no layer mounted
+    for mountpoint in after:
+        subprocess.run(["fusermount3", "-u", mountpoint], check=True)
+    daemon.start()
+    remounted = _layer_mounts(daemon)
+    assert set(remounted) == set(after) and not set(remounted.values()) & set(after.values())
+    _snapshot_names(containerd)
+    assert _ctr_run(containerd, image, "after-reboot-lazy", "echo ok") == "ok\n"
 
 
 @needs_containerd

@@ -756,6 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", metavar="CMD", help="record this command in SRC first (shell-style words)")
     p.set_defaults(func=cmd_optimize)
 
+    # `lazymount snapshotter ARGS` is handed whole to snapshot_grpc.main (see main); listed for --help
+    sub.add_parser("snapshotter", help="serve containerd's Snapshots API with lazy eStargz layers")
+
     p = sub.add_parser("stats", help="bytes fetched and served, cache hits, per layer, of a mount")
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -765,6 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the lazymount command line; return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["snapshotter"]:
+        import snapshot_grpc  # grpc is loaded for this command only
+
+        return snapshot_grpc.main(argv[1:])
     args = build_parser().parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     log_file = getattr(args, "log_file", None)

@@ -138,8 +138,9 @@ def parse_footer(tail: bytes, blob_size: int) -> Footer:
     if blob_size < LEGACY_FOOTER_SIZE or len(tail) < min(blob_size, FOOTER_SIZE):
         raise TruncatedError(f"blob of {blob_size} bytes is too small for a footer")
     footer = tail[-FOOTER_SIZE:]
-    if len(footer) == FOOTER_SIZE and footer[:10] == _GZIP_EXTRA_HEADER[:4] + footer[4:10] \
-            and footer[:4] == _GZIP_EXTRA_HEADER[:4] and footer[10:16] == b"\x1a\x00SG\x16\x00":
+    # gzip magic, deflate, FEXTRA; XLEN 26; subfield 'S','G' of LEN 22 (mtime, XFL and OS not checked)
+    if len(footer) == FOOTER_SIZE and footer[:4] == _GZIP_EXTRA_HEADER[:4] \
+            and footer[10:16] == b"\x1a\x00SG\x16\x00":
         if footer[-13:] != _EMPTY_DEFLATE_TAIL:
             raise FooterError("eStargz footer is not an empty gzip member")
         return _footer_in_range(GZIP, _parse_toc_offset(footer[16:38]), blob_size - FOOTER_SIZE, FOOTER_SIZE)

@@ -393,13 +393,6 @@ class MergedTree:
         """A symlink's target, verbatim (never followed here)."""
         return self.entry(node).link_name
 
-    def walk(self, node: Node | None = None) -> Iterator[Node]:
-        """Every node below `node` (default: the root), parents first; merges everything it visits."""
-        for child in self.children(node or self.root).values():
-            yield child
-            if self.is_dir(child):
-                yield from self.walk(child)
-
 
 def _entry_path(index: toc.Index, entry: int) -> str:
     parts = []

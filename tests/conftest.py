@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from images import make_edge_tree
 from reference import ESTARGZ_GO_PACKAGE, Containerd, build_verifier
+from registry import Registry
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -65,3 +66,13 @@ def estargz_verifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def edge_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tree of images.make_edge_tree, shared by the session: copy it before changing it."""
     return make_edge_tree(tmp_path_factory.mktemp("edge") / "tree")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """Debian's docker-registry (anonymous, plain HTTP) on a free 127.0.0.1 port, for one test module."""
+    reg = Registry(tmp_path_factory.mktemp("registry")).start()
+    try:
+        yield reg
+    finally:
+        reg.close()

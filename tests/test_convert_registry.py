@@ -10,32 +10,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from images import append_layers, make_layer_tar, make_oci_image
+from images import append_layers, debian_python_rootfs, make_layer_tar, make_oci_image
 from registry import FaultProxy, Registry, push_layout, skopeo
-from test_run import _debian_rootfs
 
 LAZYMOUNT = [sys.executable, "-m", "lazymount"]
 TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    try:
-        yield reg
-    finally:
-        reg.stop()
-
-
-@pytest.fixture(scope="module")
 def plain_image(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> str:
     """A runnable two-layer gzip image (dash + python, then a data layer) pushed as plain/app:v1."""
     work = tmp_path_factory.mktemp("plain")
-    base = _debian_rootfs(work / "rootfs")
+    base = debian_python_rootfs(work / "rootfs")
     upper = work / "upper"
     subprocess.run(["cp", "-a", f"{base}/.", str(upper)], check=True)
     (upper / "etc" / "message").write_text("hello from layer 2\n")

@@ -90,15 +90,6 @@ def sha256(path: Path) -> str:
 # ------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    try:
-        yield reg
-    finally:
-        reg.close()
-
-
 def _implied_dir_layer(work: Path) -> Path:
     """A layer holding only `real/added-by-upper` and `fresh/implied/leaf`: no entries for the dirs."""
     tree = work / "implied-tree"

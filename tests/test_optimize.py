@@ -19,15 +19,7 @@ from pathlib import Path
 import pytest
 from images import append_layers, debian_python_rootfs, describe_tree, make_layer_tar, make_oci_image
 from registry import Registry, push_layout
-from test_mount import (  # noqa: F401 -- registry is a fixture
-    MISSING,
-    _assert_same_tree,
-    lazymount,
-    mounted,
-    registry,
-    stats,
-    umoci_unpack,
-)
+from test_mount import MISSING, _assert_same_tree, lazymount, mounted, stats, umoci_unpack
 
 import convert
 import fetch
@@ -46,7 +38,7 @@ OTHER_WORKLOAD = ["python3", "-c", "import csv, zipfile; print('ok')"]
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> dict:  # noqa: F811
+def images(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> dict:
     """The gzip source layout, its `umoci unpack` description, and the plain eStargz image's reference."""
     work = tmp_path_factory.mktemp("optimize")
     src = make_oci_image(work / "src", "v1", [debian_python_rootfs(work / "base")])

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from images import debian_python_rootfs, make_oci_image
 from registry import Registry, push_layout
-from test_mount import MISSING, convert, lazymount, mounted, registry  # noqa: F401 -- fixture
+from test_mount import MISSING, convert, lazymount, mounted
 
 USER = "lazytest"
 
@@ -62,7 +62,7 @@ def _debian_rootfs(rootfs: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def debian_image(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> str:  # noqa: F811
+def debian_image(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> str:
     work = tmp_path_factory.mktemp("debian")
     layout = make_oci_image(work / "src", "v1", [_debian_rootfs(work / "rootfs")])
     subprocess.run(["umoci", "config", "--image", f"{layout}:v1", "--config.user", "tester",
@@ -122,7 +122,7 @@ def test_mount_read_umount_as_user(debian_image: str, user_home: Path) -> None:
         assert not os.path.ismount(mnt)
 
 
-def test_cli_reports_missing_image_in_one_line(registry: Registry, user_home: Path) -> None:  # noqa: F811
+def test_cli_reports_missing_image_in_one_line(registry: Registry, user_home: Path) -> None:
     result = _as_user(user_home, "run", "--cache-dir", str(user_home / "cache"), f"{registry.host}/nope:v1",
                       "--", "true")
     assert result.returncode == 1

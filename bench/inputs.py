@@ -1,13 +1,17 @@
-"""Benchmark inputs, built once into the work directory and reused: the standard image and a many-files layer.
+"""Benchmark inputs, built once into the work directory and reused: the standard image, a many-files
+layer, and a local registry holding images.
 
 What belongs here: making inputs (the standard image through ../shared/bench/mkbenchimage.sh, a
-synthetic layer of many small files, and a one-layer image of it) and facts about them that cost a pass
-over the data (uncompressed sizes), cached beside them.  What never does: measuring anything.
+synthetic layer of many small files, and a one-layer image of it), facts about them that cost a pass
+over the data (uncompressed sizes), cached beside them, and a docker-registry whose storage lives in
+the work directory, with images pushed (or converted by lazymount) into it once.  What never does:
+measuring anything.
 """
 
 from __future__ import annotations
 
 import gzip
+import http.client
 import io
 import json
 import random
@@ -16,9 +20,13 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from common import REPO, log
+from common import LAZYMOUNT, REPO, log
 from images import write_oci_layout
 from isal import igzip
+from reference import read_layout
+from registry import Registry, skopeo
+
+from fetch import INDEX_TYPES, MANIFEST_TYPES
 
 MKBENCHIMAGE = REPO.parent / "shared" / "bench" / "mkbenchimage.sh"
 STANDARD_TAG = "torch"
@@ -143,6 +151,94 @@ def many_files_image(workdir: Path, files: int) -> Path:
     with open(tar, "rb") as src, gzip.open(gzipped, "wb", compresslevel=6) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     write_oci_layout(partial, MANY_FILES_TAG, [gzipped])
+    gzipped.unlink()
+    partial.rename(layout)
+    return layout
+
+
+def local_registry(workdir: Path) -> Registry:
+    """Debian's docker-registry on a free loopback port, its storage kept in the work directory (so images
+    pushed by an earlier run are still there); the caller stops it."""
+    return Registry(workdir / "registry").start()
+
+
+def has_image(registry: Registry, repository: str, tag: str) -> bool:
+    """Whether the registry has a manifest for repository:tag."""
+    conn = http.client.HTTPConnection(registry.host, timeout=30)
+    try:
+        conn.request("HEAD", f"/v2/{repository}/manifests/{tag}",
+                     headers={"Accept": ", ".join(INDEX_TYPES + MANIFEST_TYPES)})
+        return conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+def pushed(registry: Registry, layout: Path, tag: str, repository: str, remote_tag: str) -> str:
+    """`REGISTRY/REPOSITORY:REMOTE_TAG`, pushed from `oci:LAYOUT:TAG` with skopeo (digests preserved) unless
+    the registry already has it."""
+    name = f"{registry.host}/{repository}:{remote_tag}"
+    if not has_image(registry, repository, remote_tag):
+        log(f"pushing oci:{layout}:{tag} to {name}")
+        skopeo("copy", "--dest-tls-verify=false", "--preserve-digests", f"oci:{layout}:{tag}",
+               f"docker://{name}", registry=registry)
+    return name
+
+
+def converted(registry: Registry, source: str, repository: str, remote_tag: str) -> str:
+    """`REGISTRY/REPOSITORY:REMOTE_TAG`, made from the image `source` by `lazymount convert` unless the
+    registry already has it."""
+    name = f"{registry.host}/{repository}:{remote_tag}"
+    if not has_image(registry, repository, remote_tag):
+        log(f"lazymount convert {source} {name}")
+        subprocess.run([str(LAZYMOUNT), "convert", "-q", "--plain-http", source, name], check=True,
+                       stdout=subprocess.DEVNULL)
+    return name
+
+
+BIG_FILE_TAG = "big"
+BIG_FILE_PATH = "data/big.bin"  # inside the layer
+
+
+def big_file(workdir: Path, size: int) -> Path:
+    """A file of `size` bytes of realistic content: the standard image's shared libraries (torch's among
+    them) concatenated in layer order and cut at `size`; built once and cached."""
+    out = workdir / f"big-{size >> 20}MiB.bin"
+    if out.exists():
+        return out
+    log(f"building {out.name} from the standard image's .so files")
+    partial = out.with_suffix(".partial")
+    remaining = size
+    with open(partial, "wb") as dst:
+        for blob, _ in reversed(read_layout(standard_image(workdir), STANDARD_TAG)[2]):  # torch's layer first
+            with igzip.open(blob, "rb") as src, tarfile.open(fileobj=src, mode="r|") as tar:
+                for member in tar:
+                    if remaining and member.isfile() and ".so" in member.name.rsplit("/", 1)[-1]:
+                        data = tar.extractfile(member).read(remaining)  # type: ignore[union-attr]
+                        dst.write(data)
+                        remaining -= len(data)
+    if remaining:
+        raise RuntimeError(f"the standard image holds {size - remaining} bytes of .so files, not {size}")
+    partial.rename(out)
+    return out
+
+
+def big_file_image(workdir: Path, size: int) -> Path:
+    """A one-layer OCI layout (tag `big`) holding big_file at BIG_FILE_PATH, gzipped at level 6."""
+    source = big_file(workdir, size)
+    layout = workdir / f"{source.stem}-image"
+    if (layout / "index.json").exists():
+        return layout
+    log(f"building {layout.name}")
+    partial = layout.with_suffix(".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    gzipped = partial / "layer.tar.gz"
+    with gzip.open(gzipped, "wb", compresslevel=6) as gz, tarfile.open(fileobj=gz, mode="w|",
+                                                                       format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_tar_info(BIG_FILE_PATH.split("/")[0] + "/", tarfile.DIRTYPE, mode=0o755))
+        with open(source, "rb") as f:
+            tar.addfile(_tar_info(BIG_FILE_PATH, tarfile.REGTYPE, size), f)
+    write_oci_layout(partial, BIG_FILE_TAG, [gzipped])
     gzipped.unlink()
     partial.rename(layout)
     return layout

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import bench_convert
+import bench_lazy
+import bench_registry
 import bench_toc_memory
 from common import REPO, Report, log, machine
 
@@ -34,6 +36,8 @@ BENCHMARKS: dict[str, Callable[[Path, bool], Report]] = {
     "convert": bench_convert.run,
     "convert-small-files": bench_convert.run_small_files,
     "toc-memory": bench_toc_memory.run,
+    "registry": bench_registry.run,
+    "lazy": bench_lazy.run,
 }
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 DEFAULT_WORKDIR = Path("/var/tmp/lazymount-bench")

@@ -15,9 +15,11 @@ import http.client
 import io
 import json
 import random
+import shlex
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 from common import LAZYMOUNT, REPO, log
@@ -184,14 +186,18 @@ def pushed(registry: Registry, layout: Path, tag: str, repository: str, remote_t
     return name
 
 
-def converted(registry: Registry, source: str, repository: str, remote_tag: str) -> str:
-    """`REGISTRY/REPOSITORY:REMOTE_TAG`, made from the image `source` by `lazymount convert` unless the
-    registry already has it."""
+def converted(registry: Registry, source: str, repository: str, remote_tag: str,
+              workload: str | None = None) -> str:
+    """`REGISTRY/REPOSITORY:REMOTE_TAG`, made from the image `source` by `lazymount convert` (or, given a
+    `workload` command line, `lazymount optimize --workload`) unless the registry already has it."""
     name = f"{registry.host}/{repository}:{remote_tag}"
     if not has_image(registry, repository, remote_tag):
-        log(f"lazymount convert {source} {name}")
-        subprocess.run([str(LAZYMOUNT), "convert", "-q", "--plain-http", source, name], check=True,
-                       stdout=subprocess.DEVNULL)
+        with tempfile.TemporaryDirectory(dir=registry.workdir) as cache_dir:
+            how = ["convert"] if workload is None else ["optimize", "--cache-dir", cache_dir, "--workload",
+                                                        workload]
+            log(f"lazymount {shlex.join(how)} {source} {name}")
+            subprocess.run([str(LAZYMOUNT), *how, "-q", "--plain-http", source, name], check=True,
+                           stdout=subprocess.DEVNULL)
     return name
 
 

@@ -227,8 +227,8 @@ def run(workdir: Path, quick: bool) -> Report:
         "to /dev/null.",
         "Convert: our time covers reading the source layers from the registry, converting and pushing "
         "(blobs and manifest) in one command; the reference's is the sum of its three commands (CPU s: "
-        "the `ctr`/`ctr-remote` processes only, not the containerd daemon doing the fetching, unpacking-free "
-        "storing and pushing).  Each run pushes to a fresh repository, so no upload is skipped.",
+        "the `ctr`/`ctr-remote` processes only, not the containerd daemon, which does the fetching, storing "
+        "and pushing).  Each run pushes to a fresh repository, so no upload is skipped.",
         "Goal (issue 4): throughput and request rate comparable to curl's; convert faster than the "
         "reference (its gzip level 9 dominates).",
     ]

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from common import LAZYMOUNT, Report, Table, Timing, log, mb, ratio, repeat_timed, timed
+from common import LAZYMOUNT, Report, Table, Timing, log, mb, ratio, repeat_timed, runs_label, timed
 from inputs import MANY_FILES_TAG, STANDARD_TAG, many_files_image, standard_image, uncompressed_size
 from reference import Containerd, read_layout, ref_convert
 
@@ -87,10 +87,6 @@ def _reference(image: Path, tag: str, workdir: Path, out: Path, quick: bool) -> 
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _runs(count: int) -> str:
-    return f"median of {count}" if count > 1 else "1"
-
-
 def _compare(name: str, title: str, image: Path, tag: str, description: str, workdir: Path,
              quick: bool) -> Report:
     """Convert `image` with lazymount (-j 1, -j 2) and ctr-remote; report speed and blob sizes."""
@@ -107,7 +103,7 @@ def _compare(name: str, title: str, image: Path, tag: str, description: str, wor
     ref_sizes = _layer_sizes(ref_out, tag)
 
     def row(label: str, timing: Timing, runs: int, sizes: list[int]) -> list[str]:
-        return [label, _runs(runs), f"{timing.wall:.1f}", f"{total_in / timing.wall / 1e6:.1f}",
+        return [label, runs_label(runs), f"{timing.wall:.1f}", f"{total_in / timing.wall / 1e6:.1f}",
                 f"{timing.cpu:.1f}", mb(sum(sizes)), f"{sum(sizes) / total_in:.3f}",
                 ratio(ref_timing.wall, timing.wall), ratio(ref_timing.cpu, timing.cpu)]
 

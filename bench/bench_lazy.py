@@ -23,14 +23,13 @@ import contextlib
 import json
 import shlex
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from common import LAZYMOUNT, MB, MiB, Report, Table, Timing, log, mb, ratio, timed
+from common import LAZYMOUNT, MB, MiB, Report, Table, Timing, log, mb, median, ratio, runs_label, timed
 from inputs import (
     BIG_FILE_PATH,
     BIG_FILE_TAG,
@@ -64,11 +63,6 @@ FIND_FORMAT = "%i %s %m %U %G %T@ %p\n"  # every field needs an lstat of the ent
 def _drop_caches() -> None:
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("3")
-
-
-def _median(timings: list[Timing]) -> Timing:
-    wall = statistics.median_low(t.wall for t in timings)
-    return next(t for t in timings if t.wall == wall)
 
 
 @contextlib.contextmanager
@@ -162,18 +156,18 @@ def _first_result(registry: Registry, layout: Path, plain: str, esgz: str, scrat
     lazy_runs = {variant: [_lazy_run(image, scratch, options) for _ in range(runs)]
                  for variant, (image, options) in variants.items()}
     files, opened, touched = _workload_bytes(esgz, scratch / "rootfs", scratch)
-    pull = next(p for p in pulls if p["total"] == _median([p["total"] for p in pulls]))
-    lazies = {variant: next(pair for pair in pairs if pair[0] == _median([t for t, _ in pairs]))
+    pull = next(p for p in pulls if p["total"] == median([p["total"] for p in pulls]))
+    lazies = {variant: next(pair for pair in pairs if pair[0] == median([t for t, _ in pairs]))
               for variant, pairs in lazy_runs.items()}
     totals = next(iter(lazies.values()))[1]["totals"]
     demand = totals["bytes_fetched"] - totals["background_bytes"] - totals["prefetched_bytes"]
     pull_steps = {k: t for k, t in pull.items() if k != "total"}
-    rows = [[f"full pull: {' + '.join(pull_steps)}", f"median of {runs}",
+    rows = [[f"full pull: {' + '.join(pull_steps)}", runs_label(runs),
              f"{pull['total'].wall:.1f} ({', '.join(f'{t.wall:.1f}' for t in pull_steps.values())})",
              f"{pull['total'].cpu:.1f}", "1.00x", f"{mb(image_bytes)} (all layers)"]]
     for variant, (timing, run_stats) in lazies.items():
         fetched = run_stats["totals"]["bytes_fetched"] + run_stats["totals"]["index_bytes"]
-        rows.append([f"`lazymount run` {variant}", f"median of {runs}",
+        rows.append([f"`lazymount run` {variant}", runs_label(runs),
                      f"{timing.wall:.1f}", f"{timing.cpu:.1f}", ratio(timing.wall, pull["total"].wall),
                      mb(fetched)])
     time_table = Table(["`python3 -c \"import torch\"`, cold", "runs", "seconds", "CPU s",
@@ -223,10 +217,10 @@ def _big_file(registry: Registry, workdir: Path, scratch: Path, quick: bool) -> 
     local = big_file(workdir, size)
     _dd(local)()  # page cache warm
     disk = [timed(_dd(local))[0] for _ in range(WARM_RUNS)]
-    cold_m, curl_m, warm_m, disk_m = _median(cold), _median(curl), _median(warm), _median(disk)
+    cold_m, curl_m, warm_m, disk_m = median(cold), median(curl), median(warm), median(disk)
 
     def row(label: str, timing: Timing, count: int, against: Timing, goal: str) -> list[str]:
-        return [label, f"median of {count}", f"{timing.wall:.2f}", f"{size / timing.wall / MB:,.0f}",
+        return [label, runs_label(count), f"{timing.wall:.2f}", f"{size / timing.wall / MB:,.0f}",
                 f"{timing.cpu:.2f}", ratio(against.wall, timing.wall), goal]
 
     return Table(

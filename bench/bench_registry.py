@@ -44,6 +44,7 @@ from common import (
     mb,
     ratio,
     repeat_timed,
+    runs_label,
     timed,
 )
 from inputs import STANDARD_TAG, local_registry, pushed, standard_image
@@ -141,23 +142,20 @@ def _read_cases(image: str, layout: Path, registry_url: str, workdir: Path, quic
     throughput = Table(
         [f"{SEQ_READ // MiB} MiB ranges in order over a {mb(size)} MB layer blob", "runs", "seconds", "MB/s",
          "CPU s", "speed ours/curl"],
-        [["lazymount `RegistryBlobReader.read_at`", _runs(runs), f"{seq_ours.wall:.2f}",
+        [["lazymount `RegistryBlobReader.read_at`", runs_label(runs), f"{seq_ours.wall:.2f}",
           f"{size / seq_ours.wall / MB:,.0f}", f"{seq_ours.cpu:.2f}", ratio(seq_curl.wall, seq_ours.wall)],
-         ["curl (one process, keep-alive)", _runs(runs), f"{seq_curl.wall:.2f}",
+         ["curl (one process, keep-alive)", runs_label(runs), f"{seq_curl.wall:.2f}",
           f"{size / seq_curl.wall / MB:,.0f}", f"{seq_curl.cpu:.2f}", "1.00x"]])
     count = len(small)
     rate = Table(
         [f"{count:,} random {SMALL_READ // 1024} KiB ranges, {READERS} concurrent readers", "runs", "seconds",
          "requests/s", "CPU s", "rate ours/curl"],
-        [[f"lazymount, {READERS} threads sharing one `RegistryClient`", _runs(runs), f"{par_ours.wall:.2f}",
-          f"{count / par_ours.wall:,.0f}", f"{par_ours.cpu:.2f}", ratio(par_curl.wall, par_ours.wall)],
-         [f"curl, {READERS} processes (keep-alive each)", _runs(runs), f"{par_curl.wall:.2f}",
+        [[f"lazymount, {READERS} threads sharing one `RegistryClient`", runs_label(runs),
+          f"{par_ours.wall:.2f}", f"{count / par_ours.wall:,.0f}", f"{par_ours.cpu:.2f}",
+          ratio(par_curl.wall, par_ours.wall)],
+         [f"curl, {READERS} processes (keep-alive each)", runs_label(runs), f"{par_curl.wall:.2f}",
           f"{count / par_curl.wall:,.0f}", f"{par_curl.cpu:.2f}", "1.00x"]])
     return [throughput, rate]
-
-
-def _runs(count: int) -> str:
-    return f"median of {count}" if count > 1 else "1"
 
 
 def _convert_ours(source: str, host: str) -> Timing:
@@ -198,7 +196,7 @@ def _convert_case(source: str, host: str, workdir: Path, quick: bool) -> Table:
     ours, runs = repeat_timed(lambda: _convert_ours(source, host), quick)
     ref = _convert_reference(source, host, workdir)
     ref_total = Timing(sum(t.wall for t in ref.values()), sum(t.cpu for t in ref.values()))
-    rows = [["`lazymount convert --plain-http` (fetch, convert, push in one)", _runs(runs),
+    rows = [["`lazymount convert --plain-http` (fetch, convert, push in one)", runs_label(runs),
              f"{ours.wall:.1f}", f"{ours.cpu:.1f}", ratio(ref_total.wall, ours.wall),
              ratio(ref_total.cpu, ours.cpu)]]
     rows += [[f"`{label}`", "1", f"{t.wall:.1f}", f"{t.cpu:.1f}", "", ""] for label, t in ref.items()]

@@ -91,8 +91,18 @@ def repeat_timed(action: Callable[[], Timing], quick: bool) -> tuple[Timing, int
     runs = [action()]
     while not quick and runs[0].wall < REPEAT_BELOW_SECONDS and len(runs) < REPEATS:
         runs.append(action())
+    return median(runs), len(runs)
+
+
+def runs_label(count: int) -> str:
+    """How a table names the number of runs behind a figure: `median of 3`, or `1`."""
+    return f"median of {count}" if count > 1 else "1"
+
+
+def median(runs: list[Timing]) -> Timing:
+    """The run with the median wall time (the lower middle one of an even count)."""
     median_wall = statistics.median_low(r.wall for r in runs)
-    return next(r for r in runs if r.wall == median_wall), len(runs)
+    return next(r for r in runs if r.wall == median_wall)
 
 
 def machine() -> str:

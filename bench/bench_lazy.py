@@ -2,7 +2,7 @@
 
 Images are pushed to Debian's docker-registry on loopback (inputs.py) and converted there by
 `lazymount convert`.  Every cold case starts with an empty `--cache-dir` and `sync; echo 3 >
-/proc/sys/vm/drop_caches` (the registry's storage is cold too).  Cases:
+/proc/sys/vm/drop_caches` (the registry's storage is cold too), so this benchmark needs root.  Cases:
 - time to first result of `python3 -c "import torch"` in the standard image: `lazymount run` of the
   eStargz image against `skopeo copy` + `umoci raw unpack` + the same command with bubblewrap in the
   unpacked rootfs, each timed from start to exit; bytes fetched (the mount's stats) against the sizes of

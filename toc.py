@@ -345,6 +345,7 @@ class Index:
         self._inner: dict[int, int] = {}
         self._order = array("I")
         self._sorted_offsets: array | None = None
+        self._owner: array | None = None  # chunk id -> entry id, built on the first chunks_after
 
     # -- building -----------------------------------------------------------------------------------
 
@@ -460,6 +461,30 @@ class Index:
         comp_end = offsets[k] if k < len(offsets) else self.toc_offset
         digest = "sha256:" + self._chunk_digest[chunk_id * 32:chunk_id * 32 + 32].hex()
         return Chunk(start, end - start, comp, comp_end, self._inner.get(chunk_id, 0), digest)
+
+    def chunks_after(self, entry_id: int, chunk: Chunk, span: int) -> list[tuple[int, Chunk]]:
+        """(entry id, chunk) of the chunks stored right after `chunk` of `entry_id` in the blob, of any
+        file, that end within `span` compressed bytes of its start: neighbours worth one request."""
+        if self._sorted_offsets is not None:
+            return []  # offsets out of blob order: chunk ids say nothing about neighbours
+        if self._owner is None:
+            self._owner = array("i", [-1]) * len(self._chunk_comp)
+            for owner, first in enumerate(self._first_chunk):
+                if first >= 0 and owner not in self._hardlink_of:
+                    count = self._nchunks[owner]
+                    self._owner[first:first + count] = array("i", [owner]) * count
+        first = self._first_chunk[entry_id]
+        k = bisect.bisect_right(self._chunk_file, chunk.file_offset, first, first + self._nchunks[entry_id])
+        out: list[tuple[int, Chunk]] = []
+        while k < len(self._chunk_comp) and self._chunk_comp[k] < chunk.comp_offset + span:
+            owner = self._owner[k]
+            if owner >= 0:  # landmarks own no entry
+                following = self.chunk(k, owner)
+                if following.comp_end > chunk.comp_offset + span:
+                    break
+                out.append((owner, following))
+            k += 1
+        return out
 
     def chunk_range(self, entry_id: int, offset: int, length: int) -> list[Chunk]:
         """The chunks of a file that hold bytes [offset, offset+length)."""

@@ -39,6 +39,8 @@ PREFETCH_CONNECTIONS = 4  # parallel requests fetching the landmark ranges at mo
 MIN_PREFETCH_REQUEST = 1 << 20  # the landmark range is cut into requests no smaller than this
 READ_AHEAD_BYTES = 8 << 20  # how far ahead of a sequential reader chunks are loaded
 READ_AHEAD_THREADS = 2
+NEIGHBOUR_SPAN = 512 << 10  # on a miss, chunks stored after it within this many compressed bytes come along
+NEIGHBOUR_AFTER_MISSES = 2  # ... once a layer has had this many misses
 READY_TIMEOUT = 600.0  # how long a file system call waits for a layer still being downloaded
 _KIND_MODE = {toc.KIND_DIR: stat.S_IFDIR, toc.KIND_REG: stat.S_IFREG, toc.KIND_SYMLINK: stat.S_IFLNK,
               toc.KIND_CHAR: stat.S_IFCHR, toc.KIND_BLOCK: stat.S_IFBLK, toc.KIND_FIFO: stat.S_IFIFO}
@@ -474,6 +476,8 @@ class ImageView:
         self._busy = 0
         self._idle = threading.Condition()
         self._ahead = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "readahead")
+        self._neighbour_lock = threading.Lock()
+        self._neighbour_bytes: dict[str, bytes] = {}  # digest -> compressed chunk fetched with a neighbour
         if all(layer.index is not None for layer in self.layers):
             self._build_tree()
 
@@ -649,8 +653,17 @@ class ImageView:
 
         def load() -> bytes:
             loaded.append(True)
-            compressed = layer.fetch(c.comp_offset, c.comp_end - c.comp_offset)
-            return toc.decompress_chunk(compressed, c, fmt, verify=False)  # the cache verifies
+            with self._neighbour_lock:
+                compressed = self._neighbour_bytes.pop(c.digest, None)
+            if compressed is None:
+                neighbours = self._uncached_neighbours(layer, node, c)
+                end = neighbours[-1].comp_end if neighbours else c.comp_end
+                compressed = layer.fetch(c.comp_offset, end - c.comp_offset)
+                if neighbours:
+                    self._keep_neighbours(layer, neighbours, compressed, c.comp_offset)
+                compressed = compressed[:c.comp_end - c.comp_offset]
+            # the cache verifies the digest before it stores or returns anything
+            return toc.decompress_chunk(compressed, c, fmt, verify=False)
 
         try:
             data = self.cache.get(c.digest, load)
@@ -666,6 +679,47 @@ class ImageView:
             raise OSError(errno.EIO, "read failed") from None
         layer.count("chunks_fetched" if loaded else "chunk_hits")
         return data
+
+    def _uncached_neighbours(self, layer: Layer, node: Node, c: toc.Chunk) -> list[toc.Chunk]:
+        """The chunks after `c` in the blob, up to the first cached one, within NEIGHBOUR_SPAN: a
+        package's files sit next to each other in a layer and are read together, so one request for
+        them saves the round trips that would follow.  Only chunks of files in the missed file's directory
+        (or below it) come along.  Like sequential read-ahead, this starts only once
+        the layer has seen NEIGHBOUR_AFTER_MISSES misses: a single file read fetches that file alone."""
+        assert layer.index is not None
+        index = layer.index
+        if layer.stats.chunks_fetched < NEIGHBOUR_AFTER_MISSES:
+            return []
+        directory = index.parent(node.entry)
+        neighbours = []
+        for owner, following in index.chunks_after(node.entry, c, NEIGHBOUR_SPAN):
+            if self.cache.contains(following.digest) or not _inside(index, owner, directory):
+                break  # stay in the missed file's directory (its package), fetch nothing twice
+            neighbours.append(following)
+        return neighbours
+
+    def _keep_neighbours(self, layer: Layer, chunks: list[toc.Chunk], compressed: bytes, start: int) -> None:
+        """Hold the neighbours' compressed bytes where a reader finds them at once, and store them in the
+        cache from a read-ahead thread."""
+        with self._neighbour_lock:
+            for c in chunks:
+                self._neighbour_bytes[c.digest] = compressed[c.comp_offset - start:c.comp_end - start]
+        with contextlib.suppress(RuntimeError):  # shut down while unmounting
+            self._ahead.submit(self._store_neighbours, layer, chunks)
+
+    def _store_neighbours(self, layer: Layer, chunks: list[toc.Chunk]) -> None:
+        assert layer.index is not None
+        fmt = layer.index.format
+        for c in chunks:
+            with self._neighbour_lock:
+                part = self._neighbour_bytes.pop(c.digest, None)
+            if part is None:
+                continue  # a reader took it first
+            try:
+                self.cache.get(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
+                                                                                      verify=False))
+            except (toc.LazymountError, OSError) as e:  # read again, and reported, when a reader asks for it
+                log.debug("layer %s: neighbour chunk at %d not stored: %s", layer.digest, c.comp_offset, e)
 
     def _read_ahead(self, layer: Layer, node: Node, last: toc.Chunk, offset: int, length: int,
                     state: ReadState) -> None:
@@ -703,6 +757,15 @@ class ImageView:
         totals = {key: sum(layer[key] for layer in layers) for key in vars(LayerStats())}
         return {"layers": layers, "totals": totals, "cache": self.cache.stats(),
                 "fetch_state": self.fetch_state, "nodes": self._tree.nodes if self._tree else 0}
+
+
+def _inside(index: toc.Index, entry: int, directory: int) -> bool:
+    """Whether `entry` lies in `directory` or below it."""
+    while entry != toc.Index.ROOT:
+        entry = index.parent(entry)
+        if entry == directory:
+            return True
+    return directory == toc.Index.ROOT
 
 
 def _layer_chunks(index: toc.Index) -> list[toc.Chunk]:

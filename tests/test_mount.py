@@ -290,6 +290,19 @@ def test_one_small_file_fetches_only_its_chunk(big_image: tuple[str, Path, dict]
     assert 0 < layer["bytes_fetched"] < 1000  # one gzip member of 100 random bytes, not the 36 MiB
 
 
+def test_files_stored_together_come_in_one_request(big_image: tuple[str, Path, dict], tmp_path: Path) -> None:
+    """After a couple of misses, a miss brings the chunks stored after it along (up to 1 MiB)."""
+    ref, _, digests = big_image
+    names = sorted(name for name in digests if name.startswith("etc/"))
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, "--cache-dir", str(tmp_path / "cache"), "--no-prefetch", "--no-background-fetch"):
+        assert {name: sha256(mnt / name) for name in names} == {name: digests[name] for name in names}
+        layer = stats(mnt)["layers"][0]
+    assert layer["chunks_fetched"] + layer["chunk_hits"] >= len(names)
+    assert layer["requests"] <= 4, layer  # 20 files: two single misses, then their neighbours together
+    assert layer["bytes_fetched"] < 100_000  # the 2 KB files and what follows them, not the 6 MiB blobs
+
+
 def _read_all(mnt: Path, names: list[str]) -> dict[str, str]:
     return {name: sha256(mnt / name) for name in names}
 

@@ -467,17 +467,12 @@ class Index:
         file, that end within `span` compressed bytes of its start: neighbours worth one request."""
         if self._sorted_offsets is not None:
             return []  # offsets out of blob order: chunk ids say nothing about neighbours
-        if self._owner is None:
-            self._owner = array("i", [-1]) * len(self._chunk_comp)
-            for owner, first in enumerate(self._first_chunk):
-                if first >= 0 and owner not in self._hardlink_of:
-                    count = self._nchunks[owner]
-                    self._owner[first:first + count] = array("i", [owner]) * count
+        owners = self._owners()
         first = self._first_chunk[entry_id]
         k = bisect.bisect_right(self._chunk_file, chunk.file_offset, first, first + self._nchunks[entry_id])
         out: list[tuple[int, Chunk]] = []
         while k < len(self._chunk_comp) and self._chunk_comp[k] < chunk.comp_offset + span:
-            owner = self._owner[k]
+            owner = owners[k]
             if owner >= 0:  # landmarks own no entry
                 following = self.chunk(k, owner)
                 if following.comp_end > chunk.comp_offset + span:
@@ -485,6 +480,26 @@ class Index:
                 out.append((owner, following))
             k += 1
         return out
+
+    def _owners(self) -> array:
+        """Chunk id -> the entry whose data it holds (-1 for landmarks); built on first use."""
+        if self._owner is None:
+            self._owner = array("i", [-1]) * len(self._chunk_comp)
+            for owner, first in enumerate(self._first_chunk):
+                if first >= 0 and owner not in self._hardlink_of:
+                    count = self._nchunks[owner]
+                    self._owner[first:first + count] = array("i", [owner]) * count
+        return self._owner
+
+    def blob_chunks(self) -> Iterator[Chunk]:
+        """Every file chunk once (hardlinks share theirs), in blob order, made one at a time."""
+        owners = self._owners()
+        ids: Iterable[int] = range(len(owners))
+        if self._sorted_offsets is not None:
+            ids = sorted(ids, key=lambda k: (self._chunk_comp[k], self._inner.get(k, 0)))
+        for k in ids:
+            if owners[k] >= 0:
+                yield self.chunk(k, owners[k])
 
     def chunk_range(self, entry_id: int, offset: int, length: int) -> list[Chunk]:
         """The chunks of a file that hold bytes [offset, offset+length)."""

@@ -15,12 +15,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -552,7 +553,7 @@ class ImageView:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         for layer in lazy:
             assert layer.index is not None
-            missing = [c for c in _layer_chunks(layer.index) if not self.cache.contains(c.digest)]
+            missing = (c for c in layer.index.blob_chunks() if not self.cache.contains(c.digest))
             for span in _spans(missing):
                 if self._stop.is_set():
                     return
@@ -571,7 +572,8 @@ class ImageView:
         for layer in layers:
             assert layer.index is not None
             end = ends[id(layer)]
-            chunks = [c for c in _layer_chunks(layer.index) if c.comp_end <= end] if end else []
+            chunks = list(itertools.takewhile(lambda c, end=end: c.comp_end <= end,
+                                              layer.index.blob_chunks())) if end else []
             for start, stop, part in _cut_range(chunks, end, target):
                 if not all(self.cache.contains(c.digest) for c in part):
                     requests.append((layer, start, stop, part))
@@ -768,16 +770,6 @@ def _inside(index: toc.Index, entry: int, directory: int) -> bool:
     return directory == toc.Index.ROOT
 
 
-def _layer_chunks(index: toc.Index) -> list[toc.Chunk]:
-    """Every chunk of a layer once, in blob order."""
-    chunks: dict[tuple[int, int], toc.Chunk] = {}
-    for entry in range(len(index)):
-        if index.kind(entry) == toc.KIND_REG and index.hardlink_target(entry) is None:
-            for c in index.chunks(entry):
-                chunks.setdefault((c.comp_offset, c.inner_offset), c)
-    return [chunks[k] for k in sorted(chunks)]
-
-
 def _cut_range(chunks: list[toc.Chunk], end: int, target: int) -> list[tuple[int, int, list[toc.Chunk]]]:
     """Cut [0, end) at chunk boundaries into pieces of about `target` bytes: (start, stop, chunks)."""
     pieces: list[tuple[int, int, list[toc.Chunk]]] = []
@@ -794,7 +786,7 @@ def _cut_range(chunks: list[toc.Chunk], end: int, target: int) -> list[tuple[int
     return pieces
 
 
-def _spans(chunks: list[toc.Chunk], gap: int = 64 << 10) -> Iterator[list[toc.Chunk]]:
+def _spans(chunks: Iterable[toc.Chunk], gap: int = 64 << 10) -> Iterator[list[toc.Chunk]]:
     """Group chunks (in blob order) into runs one range request can fetch."""
     span: list[toc.Chunk] = []
     for c in chunks:

@@ -60,7 +60,7 @@ NO_BACKGROUND = "--no-background-fetch"
 FIND_FORMAT = "%i %s %m %U %G %T@ %p\n"  # every field needs an lstat of the entry
 
 
-def _drop_caches() -> None:
+def drop_caches() -> None:
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("3")
 
@@ -98,11 +98,13 @@ def _steps(steps: dict[str, Callable[[], object]]) -> dict[str, Timing]:
     return timings
 
 
-def _full_pull(registry: Registry, image: str, scratch: Path) -> dict[str, Timing]:
+def full_pull(registry: Registry, image: str, scratch: Path,
+              command: list[str] = WORKLOAD) -> dict[str, Timing]:
+    """`skopeo copy` + `umoci raw unpack` of `image` + `command` in the rootfs, cold: each step timed."""
     layout, rootfs = scratch / "pulled", scratch / "rootfs"
     shutil.rmtree(layout, ignore_errors=True)
     shutil.rmtree(rootfs, ignore_errors=True)
-    _drop_caches()
+    drop_caches()
     log(f"full pull of {image}")
     return _steps({
         "skopeo copy": lambda: skopeo("copy", "--src-tls-verify=false", f"docker://{image}",
@@ -110,18 +112,20 @@ def _full_pull(registry: Registry, image: str, scratch: Path) -> dict[str, Timin
         "umoci raw unpack": lambda: subprocess.run(["umoci", "raw", "unpack", "--image",
                                                     f"{layout}:{STANDARD_TAG}", str(rootfs)], check=True,
                                                    capture_output=True),
-        "run (bwrap)": lambda: subprocess.run(_bwrap(rootfs, WORKLOAD), check=True),
+        "run (bwrap)": lambda: subprocess.run(_bwrap(rootfs, command), check=True, stdout=subprocess.DEVNULL),
     })
 
 
-def _lazy_run(image: str, scratch: Path, options: tuple[str, ...]) -> tuple[Timing, dict]:
+def lazy_run(image: str, scratch: Path, options: tuple[str, ...] = (),
+             command: list[str] = WORKLOAD) -> tuple[Timing, dict]:
+    """`lazymount run` of `command` in `image`, cold (empty cache, caches dropped): timing and the stats."""
     cache_dir, stats_file = scratch / "cache", scratch / "stats.json"
     shutil.rmtree(cache_dir, ignore_errors=True)
-    _drop_caches()
+    drop_caches()
     cmd = [str(LAZYMOUNT), "run", "--cache-dir", str(cache_dir), "--stats-file", str(stats_file), *options,
-           image, "--", *WORKLOAD]
-    log(" ".join(cmd))
-    timing, _ = timed(lambda: subprocess.run(cmd, check=True))
+           image, "--", *command]
+    log(shlex.join(cmd))
+    timing, _ = timed(lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
     shutil.rmtree(cache_dir, ignore_errors=True)
     return timing, json.loads(stats_file.read_text())
 
@@ -137,7 +141,7 @@ def _workload_bytes(image: str, rootfs: Path, scratch: Path) -> tuple[int, int, 
     shutil.rmtree(cache_dir, ignore_errors=True)
     paths = sorted({str(rootfs / line) for line in profile.read_text().splitlines()
                     if line and not line.startswith("#")})
-    _drop_caches()
+    drop_caches()
     subprocess.run(_bwrap(rootfs, WORKLOAD), check=True)
     resident = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *paths], check=True,
                               capture_output=True, text=True).stdout.split()
@@ -152,8 +156,8 @@ def _first_result(registry: Registry, layout: Path, plain: str, esgz: str, scrat
     variants = {f"{DEFAULTS} (eStargz, no landmark)": (esgz, ()),
                 f"{NO_BACKGROUND} (eStargz, no landmark)": (esgz, (NO_BACKGROUND,)),
                 f"{DEFAULTS}, image from `lazymount optimize --workload` (landmark)": (optimized, ())}
-    pulls = [_full_pull(registry, plain, scratch) for _ in range(runs)]
-    lazy_runs = {variant: [_lazy_run(image, scratch, options) for _ in range(runs)]
+    pulls = [full_pull(registry, plain, scratch) for _ in range(runs)]
+    lazy_runs = {variant: [lazy_run(image, scratch, options) for _ in range(runs)]
                  for variant, (image, options) in variants.items()}
     files, opened, touched = _workload_bytes(esgz, scratch / "rootfs", scratch)
     pull = next(p for p in pulls if p["total"] == median([p["total"] for p in pulls]))
@@ -204,13 +208,13 @@ def _big_file(registry: Registry, workdir: Path, scratch: Path, quick: bool) -> 
     cold, warm = [], []
     for _ in range(runs):
         with _mounted(esgz, scratch, "--no-background-fetch") as (mountpoint, _):
-            _drop_caches()
+            drop_caches()
             log(f"cold read of {BIG_FILE_PATH} through the mount")
             cold.append(timed(_dd(mountpoint / BIG_FILE_PATH))[0])
             warm += [timed(_dd(mountpoint / BIG_FILE_PATH))[0] for _ in range(WARM_RUNS)]
     curl = []
     for _ in range(runs):
-        _drop_caches()
+        drop_caches()
         log("curl | gunzip of the plain blob")
         curl.append(timed(lambda: subprocess.run(f"curl -sS --fail {url} | gunzip > /dev/null", shell=True,
                                                  check=True))[0])
@@ -241,11 +245,11 @@ def _find(root: Path) -> tuple[Timing, int]:
 
 def _tree_walk(esgz: str, rootfs: Path, scratch: Path) -> Table:
     with _mounted(esgz, scratch, "--no-background-fetch") as (mountpoint, _):
-        _drop_caches()
+        drop_caches()
         log("find + stat through the mount")
         first, entries = _find(mountpoint)
         second, _ = _find(mountpoint)
-    _drop_caches()
+    drop_caches()
     disk_cold, disk_entries = _find(rootfs)
     disk_warm, _ = _find(rootfs)
 

@@ -248,3 +248,46 @@ def big_file_image(workdir: Path, size: int) -> Path:
     gzipped.unlink()
     partial.rename(layout)
     return layout
+
+
+GCC_TAG = "gcc"
+GCC_PACKAGES = "gcc,libc6-dev"
+DEBIAN_SUITE = "bookworm"
+
+
+def _debian_mirror() -> str:
+    """The first Debian mirror this machine's apt sources name (as mkbenchimage.sh picks it)."""
+    for sources in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    raise RuntimeError("no Debian mirror in /etc/apt/sources.list.d/*.sources")
+
+
+def gcc_image(workdir: Path) -> Path:
+    """A one-layer OCI layout (tag `gcc`): debootstrap minbase of the standard image's suite with gcc and
+    libc6-dev (umoci's gzip); built once on first use (~1-2 min, root, the Debian mirror)."""
+    layout = workdir / "gcc-image"
+    if (layout / "index.json").exists():
+        return layout
+    partial, bundle = workdir / "gcc-image.partial", workdir / "gcc-work"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(bundle, ignore_errors=True)
+    rootfs = bundle / "rootfs"
+    log(f"building {layout.name}: debootstrap --include={GCC_PACKAGES} (once)")
+    script = f"""set -euo pipefail
+umoci init --layout {partial}
+umoci new --image {partial}:{GCC_TAG}
+umoci unpack --image {partial}:{GCC_TAG} {bundle}
+debootstrap --variant=minbase --include={GCC_PACKAGES} {DEBIAN_SUITE} {rootfs} {_debian_mirror()}
+chroot {rootfs} apt-get clean
+rm -rf {rootfs}/var/lib/apt/lists/* {rootfs}/var/cache/apt/*.bin {rootfs}/var/log/* {rootfs}/tmp/*
+umoci repack --image {partial}:{GCC_TAG} {bundle}
+"""
+    with open(workdir / "gcc-image.log", "wb") as out:
+        subprocess.run(["bash", "-c", script], check=True, stdout=out, stderr=subprocess.STDOUT,
+                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C",
+                            "SOURCE_DATE_EPOCH": str(MTIME)})
+    partial.rename(layout)
+    shutil.rmtree(bundle, ignore_errors=True)
+    return layout

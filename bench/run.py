@@ -29,7 +29,9 @@ from pathlib import Path
 import bench_convert
 import bench_lazy
 import bench_registry
+import bench_snapshotter
 import bench_toc_memory
+import bench_workloads
 from common import REPO, Report, log, machine
 
 BENCHMARKS: dict[str, Callable[[Path, bool], Report]] = {
@@ -38,6 +40,8 @@ BENCHMARKS: dict[str, Callable[[Path, bool], Report]] = {
     "toc-memory": bench_toc_memory.run,
     "registry": bench_registry.run,
     "lazy": bench_lazy.run,
+    "workloads": bench_workloads.run,
+    "snapshotter": bench_snapshotter.run,
 }
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 DEFAULT_WORKDIR = Path("/var/tmp/lazymount-bench")

@@ -1,0 +1,155 @@
+"""Benchmark "snapshotter" (issue 6): lazymount as containerd's snapshotter against containerd's overlayfs.
+
+A private containerd (tests/reference.py Containerd) with the proxy plugin of contrib/containerd-config.toml
+pointing at a `python -m snapshot_grpc` process (tests/test_snapshotter.py Snapshotter), both under a
+scratch directory.  Cases:
+- pull + first run of the standard image, cold: `ctr-remote images rpull --plain-http --snapshotter
+  lazymount REG/torch:esgz` + `ctr run --snapshotter lazymount` of `python3 -c "import torch"`, against
+  `ctr images pull --plain-http REG/torch:plain` (overlayfs) + `ctr run` of the same command;
+- the snapshotter's RSS, and that of its per-layer mount processes, after pulling N small eStargz images
+  (tests' shell image: a shared /bin/sh layer and a distinct top layer each).
+
+What belongs here: these cases and their tables.  What never does: building or pushing images
+(inputs.py), anything inside lazymount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench_lazy import WORKLOAD, drop_caches
+from common import REPO, Report, Table, Timing, log, mb, ratio, timed
+from inputs import STANDARD_TAG, converted, local_registry, pushed, standard_image
+from reference import Containerd
+from registry import Registry
+from test_snapshotter import Snapshotter, build_shell_image
+
+SMALL_IMAGES = 10
+QUICK_SMALL_IMAGES = 3
+SOCKET_IN_CONFIG = "/run/lazymount/snapshotter.sock"
+
+
+@contextlib.contextmanager
+def _stack(base: Path) -> Iterator[tuple[Containerd, Snapshotter]]:
+    """A private containerd whose proxy plugin `lazymount` is a snapshotter process under `base`."""
+    daemon = Snapshotter(base / "sn-root", base / "sn.sock")
+    config = (REPO / "contrib" / "containerd-config.toml").read_text().replace(SOCKET_IN_CONFIG,
+                                                                               str(daemon.socket))
+    containerd = Containerd(base, extra_config=config)
+    daemon.start()
+    try:
+        containerd.start()
+        yield containerd, daemon
+    finally:
+        containerd.stop()  # also unmounts everything under base, the snapshotter's layers included
+        daemon.stop()
+
+
+def _pull_and_run(containerd: Containerd, pull: list[str], image: str, snapshotter: str,
+                  name: str) -> dict[str, Timing]:
+    """Drop caches, then time `pull` and `ctr run --rm` of the workload: each step and the total."""
+    drop_caches()
+    log(f"{' '.join(pull[:2])} + ctr run --snapshotter {snapshotter} {image}")
+    steps = {
+        "pull": lambda: containerd.ctr_remote(*pull) if pull[0] == "rpull" else containerd.ctr(*pull),
+        "run": lambda: containerd.ctr("run", "--rm", "--snapshotter", snapshotter, image, name, *WORKLOAD),
+    }
+    timings = {label: timed(step)[0] for label, step in steps.items()}
+    timings["total"] = Timing(sum(t.wall for t in timings.values()), sum(t.cpu for t in timings.values()))
+    return timings
+
+
+def _first_run(registry: Registry, workdir: Path, scratch: Path) -> Table:
+    plain = pushed(registry, standard_image(workdir), STANDARD_TAG, "torch", "plain")
+    esgz = converted(registry, plain, "torch", "esgz")
+    with _stack(scratch / "ctd-lazy") as (containerd, _):
+        lazy = _pull_and_run(containerd, ["rpull", "--plain-http", "--snapshotter", "lazymount", esgz], esgz,
+                             "lazymount", "bench-lazy")
+    with _stack(scratch / "ctd-full") as (containerd, _):
+        full = _pull_and_run(containerd, ["images", "pull", "--plain-http", plain], plain, "overlayfs",
+                             "bench-full")
+
+    def row(label: str, t: dict[str, Timing]) -> list[str]:
+        return [label, "1", f"{t['total'].wall:.1f}", f"{t['pull'].wall:.1f}", f"{t['run'].wall:.1f}",
+                f"{t['total'].cpu:.1f}", ratio(t["total"].wall, full["total"].wall)]
+
+    return Table(["`python3 -c \"import torch\"` through containerd, cold", "runs", "seconds", "pull s",
+                  "run s", "CPU s (ctr only)", "ratio to overlayfs (goal ≤ 0.25x)"],
+                 [row("`ctr-remote images rpull --snapshotter lazymount` REG/torch:esgz + `ctr run`", lazy),
+                  row("`ctr images pull` REG/torch:plain (overlayfs) + `ctr run`", full)])
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _layer_mounts(root: Path) -> list[int]:
+    """PIDs of the `lazymount mount --layer` processes whose command line names `root`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit():
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if b"--layer" in argv and any(str(root).encode() in arg for arg in argv):
+                    pids.append(int(proc.name))
+    return pids
+
+
+def _memory(registry: Registry, scratch: Path, count: int) -> Table:
+    images = []
+    for i in range(count):
+        layout = build_shell_image(scratch / f"small-{i}", f"small image {i}\n")
+        images.append(converted(registry, f"oci:{layout}:v1", f"small{i}", "esgz"))
+    rows: list[list[str]] = []
+    with _stack(scratch / "ctd-rss") as (containerd, daemon):
+        assert daemon.proc is not None
+
+        def measure(label: str) -> None:
+            mounts = _layer_mounts(daemon.root)
+            mount_rss = [_rss(pid) for pid in mounts]
+            total = _rss(daemon.proc.pid) + sum(mount_rss)  # type: ignore[union-attr]
+            rows.append([label, mb(_rss(daemon.proc.pid)), str(len(mounts)),  # type: ignore[union-attr]
+                         mb(sum(mount_rss)), mb(max(mount_rss, default=0)), mb(total)])
+
+        measure("started, nothing pulled")
+        for image in images:
+            log(f"ctr-remote images rpull {image}")
+            containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", image)
+        measure(f"after `ctr-remote images rpull` of {count} small eStargz images")
+        for i, image in enumerate(images):
+            containerd.ctr("run", "--rm", "--snapshotter", "lazymount", image, f"rss-{i}", "/bin/sh", "-c",
+                           "read line < /hello.txt")
+        measure(f"after a `ctr run` of each ({count} containers, removed)")
+    return Table(["snapshotter memory", "snapshotter VmRSS MB", "layer mount processes",
+                  "their VmRSS MB (sum)", "largest one MB", "total MB"], rows)
+
+
+def run(workdir: Path, quick: bool) -> Report:
+    registry = local_registry(workdir)
+    scratch = Path(tempfile.mkdtemp(prefix="snapshotter-", dir=workdir))
+    started = time.time()
+    count = QUICK_SMALL_IMAGES if quick else SMALL_IMAGES
+    try:
+        tables = [_first_run(registry, workdir, scratch), _memory(registry, scratch, count)]
+    finally:
+        registry.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    log(f"snapshotter: {time.time() - started:.0f} s")
+    notes = [
+        "containerd: a private instance (tests/reference.py) with `[proxy_plugins.lazymount]` from "
+        "contrib/containerd-config.toml; the snapshotter is `python -m snapshot_grpc --address SOCK --root "
+        "DIR`, fresh (empty chunk cache) for each case.  Each case uses its own containerd, so neither "
+        "shares content with the other; `sync; echo 3 > /proc/sys/vm/drop_caches` before each.",
+        "Registry: Debian's docker-registry 2.8 on 127.0.0.1; REG/torch:esgz is the standard image after "
+        "`lazymount convert`, REG/torch:plain the original gzip image.  One run per case.",
+        "CPU s: the `ctr`/`ctr-remote` processes only (containerd, the snapshotter and its mounts are "
+        "daemons, not counted).",
+        "Goal (issue 6): pull + first run ≤ 0.25x the overlayfs full pull + run.",
+    ]
+    return Report("snapshotter", "containerd with the lazymount snapshotter vs overlayfs", tables, notes)

@@ -23,12 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench_lazy import WORKLOAD, drop_caches
-from common import REPO, Report, Table, Timing, log, mb, ratio, timed
+from common import REPO, Report, Table, Timing, log, mb, median, ratio, runs_label, timed
 from inputs import STANDARD_TAG, converted, local_registry, pushed, standard_image
 from reference import Containerd
 from registry import Registry
 from test_snapshotter import Snapshotter, build_shell_image
 
+COLD_RUNS = 3
 SMALL_IMAGES = 10
 QUICK_SMALL_IMAGES = 3
 SOCKET_IN_CONFIG = "/run/lazymount/snapshotter.sock"
@@ -41,6 +42,7 @@ def _stack(base: Path) -> Iterator[tuple[Containerd, Snapshotter]]:
     config = (REPO / "contrib" / "containerd-config.toml").read_text().replace(SOCKET_IN_CONFIG,
                                                                                str(daemon.socket))
     containerd = Containerd(base, extra_config=config)
+    base.mkdir(parents=True, exist_ok=True)
     daemon.start()
     try:
         containerd.start()
@@ -52,11 +54,13 @@ def _stack(base: Path) -> Iterator[tuple[Containerd, Snapshotter]]:
 
 def _pull_and_run(containerd: Containerd, pull: list[str], image: str, snapshotter: str,
                   name: str) -> dict[str, Timing]:
-    """Drop caches, then time `pull` and `ctr run --rm` of the workload: each step and the total."""
+    """Drop caches, then time `pull` (a `ctr` or `ctr-remote` command line against `containerd`) and `ctr
+    run --rm` of the workload: each step and the total."""
     drop_caches()
-    log(f"{' '.join(pull[:2])} + ctr run --snapshotter {snapshotter} {image}")
+    log(f"{' '.join(pull[:3])} + ctr run --snapshotter {snapshotter} {image}")
+    tool = containerd.ctr_remote if pull[0] == "ctr-remote" else containerd.ctr
     steps = {
-        "pull": lambda: containerd.ctr_remote(*pull) if pull[0] == "rpull" else containerd.ctr(*pull),
+        "pull": lambda: tool(*pull[1:]),
         "run": lambda: containerd.ctr("run", "--rm", "--snapshotter", snapshotter, image, name, *WORKLOAD),
     }
     timings = {label: timed(step)[0] for label, step in steps.items()}
@@ -64,19 +68,23 @@ def _pull_and_run(containerd: Containerd, pull: list[str], image: str, snapshott
     return timings
 
 
-def _first_run(registry: Registry, workdir: Path, scratch: Path) -> Table:
+def _first_run(registry: Registry, workdir: Path, scratch: Path, runs: int) -> Table:
     plain = pushed(registry, standard_image(workdir), STANDARD_TAG, "torch", "plain")
     esgz = converted(registry, plain, "torch", "esgz")
-    with _stack(scratch / "ctd-lazy") as (containerd, _):
-        lazy = _pull_and_run(containerd, ["rpull", "--plain-http", "--snapshotter", "lazymount", esgz], esgz,
-                             "lazymount", "bench-lazy")
-    with _stack(scratch / "ctd-full") as (containerd, _):
-        full = _pull_and_run(containerd, ["images", "pull", "--plain-http", plain], plain, "overlayfs",
-                             "bench-full")
+    cases = {"lazy": (["ctr-remote", "images", "rpull", "--plain-http", "--snapshotter", "lazymount", esgz],
+                      esgz, "lazymount"),
+             "full": (["ctr", "images", "pull", "--plain-http", plain], plain, "overlayfs")}
+    results: dict[str, list[dict[str, Timing]]] = {case: [] for case in cases}
+    for i in range(runs):
+        for case, (pull, image, snapshotter) in cases.items():
+            with _stack(scratch / f"ctd-{case}-{i}") as (containerd, _):
+                results[case].append(_pull_and_run(containerd, pull, image, snapshotter, f"bench-{case}"))
+    lazy, full = (next(t for t in results[case] if t["total"] == median([r["total"] for r in results[case]]))
+                  for case in cases)
 
     def row(label: str, t: dict[str, Timing]) -> list[str]:
-        return [label, "1", f"{t['total'].wall:.1f}", f"{t['pull'].wall:.1f}", f"{t['run'].wall:.1f}",
-                f"{t['total'].cpu:.1f}", ratio(t["total"].wall, full["total"].wall)]
+        return [label, runs_label(runs), f"{t['total'].wall:.1f}", f"{t['pull'].wall:.1f}",
+                f"{t['run'].wall:.1f}", f"{t['total'].cpu:.1f}", ratio(t["total"].wall, full["total"].wall)]
 
     return Table(["`python3 -c \"import torch\"` through containerd, cold", "runs", "seconds", "pull s",
                   "run s", "CPU s (ctr only)", "ratio to overlayfs (goal ≤ 0.25x)"],
@@ -136,7 +144,8 @@ def run(workdir: Path, quick: bool) -> Report:
     started = time.time()
     count = QUICK_SMALL_IMAGES if quick else SMALL_IMAGES
     try:
-        tables = [_first_run(registry, workdir, scratch), _memory(registry, scratch, count)]
+        tables = [_first_run(registry, workdir, scratch, 1 if quick else COLD_RUNS),
+                  _memory(registry, scratch, count)]
     finally:
         registry.stop()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -147,9 +156,14 @@ def run(workdir: Path, quick: bool) -> Report:
         "DIR`, fresh (empty chunk cache) for each case.  Each case uses its own containerd, so neither "
         "shares content with the other; `sync; echo 3 > /proc/sys/vm/drop_caches` before each.",
         "Registry: Debian's docker-registry 2.8 on 127.0.0.1; REG/torch:esgz is the standard image after "
-        "`lazymount convert`, REG/torch:plain the original gzip image.  One run per case.",
+        "`lazymount convert`, REG/torch:plain the original gzip image.  Pull + run cases alternate, "
+        "each in a fresh containerd and snapshotter; the median run (by total wall time) is shown.",
         "CPU s: the `ctr`/`ctr-remote` processes only (containerd, the snapshotter and its mounts are "
         "daemons, not counted).",
+        "Memory: the small images are tests/test_snapshotter.py's shell image (a /bin/sh layer and a "
+        "one-file top layer), each converted by `lazymount convert`; every lazily mounted layer has its own "
+        "`lazymount mount --layer` process (the base layers differ between images built in different "
+        "seconds, so there are more processes than images).  VmRSS from /proc.",
         "Goal (issue 6): pull + first run ≤ 0.25x the overlayfs full pull + run.",
     ]
     return Report("snapshotter", "containerd with the lazymount snapshotter vs overlayfs", tables, notes)

@@ -42,6 +42,8 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy  # noqa: E402
 
 log = logging.getLogger("lazymount")
+# tqdm's monitor thread only refreshes stalled bars, and joining it can hold up the exit by seconds
+tqdm.monitor_interval = 0
 
 STATS_XATTR = "user.lazymount.stats"  # virtual, on the root directory, never listed
 IMAGE_XATTR = "user.lazymount.image"  # the image's reference, digest and runtime config (Env, User...)
@@ -506,8 +508,19 @@ def unmount(mountpoint: Path) -> None:
     else:
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip() if result else ''}")
     deadline = time.monotonic() + UMOUNT_WAIT
-    while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+    while pid is not None and _running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs; an exited daemon stays a zombie until init reaps it, which
+    may take seconds."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

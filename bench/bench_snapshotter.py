@@ -19,37 +19,18 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from bench_lazy import WORKLOAD, drop_caches
-from common import REPO, Report, Table, Timing, log, mb, median, ratio, runs_label, timed
+from common import Report, Table, Timing, log, mb, median, ratio, runs_label, timed
 from inputs import STANDARD_TAG, converted, local_registry, pushed, standard_image
 from reference import Containerd
 from registry import Registry
-from test_snapshotter import Snapshotter, build_shell_image
+from test_snapshotter import build_shell_image, snapshotter_stack
 
 COLD_RUNS = 3
 SMALL_IMAGES = 10
 QUICK_SMALL_IMAGES = 3
-SOCKET_IN_CONFIG = "/run/lazymount/snapshotter.sock"
-
-
-@contextlib.contextmanager
-def _stack(base: Path) -> Iterator[tuple[Containerd, Snapshotter]]:
-    """A private containerd whose proxy plugin `lazymount` is a snapshotter process under `base`."""
-    daemon = Snapshotter(base / "sn-root", base / "sn.sock")
-    config = (REPO / "contrib" / "containerd-config.toml").read_text().replace(SOCKET_IN_CONFIG,
-                                                                               str(daemon.socket))
-    containerd = Containerd(base, extra_config=config)
-    base.mkdir(parents=True, exist_ok=True)
-    daemon.start()
-    try:
-        containerd.start()
-        yield containerd, daemon
-    finally:
-        containerd.stop()  # also unmounts everything under base, the snapshotter's layers included
-        daemon.stop()
 
 
 def _pull_and_run(containerd: Containerd, pull: list[str], image: str, snapshotter: str,
@@ -77,7 +58,7 @@ def _first_run(registry: Registry, workdir: Path, scratch: Path, runs: int) -> T
     results: dict[str, list[dict[str, Timing]]] = {case: [] for case in cases}
     for i in range(runs):
         for case, (pull, image, snapshotter) in cases.items():
-            with _stack(scratch / f"ctd-{case}-{i}") as (containerd, _):
+            with snapshotter_stack(scratch / f"ctd-{case}-{i}") as (containerd, _):
                 results[case].append(_pull_and_run(containerd, pull, image, snapshotter, f"bench-{case}"))
     lazy, full = (next(t for t in results[case] if t["total"] == median([r["total"] for r in results[case]]))
                   for case in cases)
@@ -115,7 +96,7 @@ def _memory(registry: Registry, scratch: Path, count: int) -> Table:
         layout = build_shell_image(scratch / f"small-{i}", f"small image {i}\n")
         images.append(converted(registry, f"oci:{layout}:v1", f"small{i}", "esgz"))
     rows: list[list[str]] = []
-    with _stack(scratch / "ctd-rss") as (containerd, daemon):
+    with snapshotter_stack(scratch / "ctd-rss") as (containerd, daemon):
         assert daemon.proc is not None
 
         def measure(label: str) -> None:

@@ -667,12 +667,11 @@ def shell_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_shell_image(tmp_path_factory.mktemp("shell-image"), "hello from a lazymount snapshot\n")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Containerd, Snapshotter]]:
-    """A private containerd whose proxy plugin `lazymount` is a snapshotter under its base directory."""
-    if MISSING:
-        pytest.skip(f"not installed: {', '.join(MISSING)}")
-    base = tmp_path_factory.mktemp("ctd")
+@contextlib.contextmanager
+def snapshotter_stack(base: Path) -> Iterator[tuple[Containerd, Snapshotter]]:
+    """A private containerd whose proxy plugin `lazymount` (contrib/containerd-config.toml) is a
+    snapshotter process under `base`; both stopped on exit."""
+    base.mkdir(parents=True, exist_ok=True)
     daemon = Snapshotter(base / "sn-root", base / "sn.sock")
     config = (Path(REPO / "contrib" / "containerd-config.toml").read_text()
               .replace("/run/lazymount/snapshotter.sock", str(daemon.socket)))
@@ -684,6 +683,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Containerd
     finally:
         containerd.stop()  # also unmounts everything under base, the snapshotter's layers included
         daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Containerd, Snapshotter]]:
+    """A private containerd whose proxy plugin `lazymount` is a snapshotter under its base directory."""
+    if MISSING:
+        pytest.skip(f"not installed: {', '.join(MISSING)}")
+    with snapshotter_stack(tmp_path_factory.mktemp("ctd")) as pair:
+        yield pair
 
 
 def _ctr_run(containerd: Containerd, image: str, name: str, command: str) -> str:

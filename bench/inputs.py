@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from common import LAZYMOUNT, REPO, log
@@ -139,23 +140,31 @@ def many_files_tar(workdir: Path, files: int, seed: int = 2024) -> Path:
     return out
 
 
-def many_files_image(workdir: Path, files: int) -> Path:
-    """A one-layer OCI layout (tag `files`) whose layer is many_files_tar gzipped at level 6 (as docker)."""
-    tar = many_files_tar(workdir, files)
-    layout = workdir / f"{tar.stem}-image"
+def _one_layer_layout(layout: Path, tag: str, write_layer: Callable[[Path], None]) -> Path:
+    """Build once (cached) an OCI layout at `layout` whose one layer `write_layer(path)` writes as tar.gz."""
     if (layout / "index.json").exists():
         return layout
     log(f"building {layout.name}")
     partial = layout.with_suffix(".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    gzipped = partial / f"{tar.name}.gz"
-    with open(tar, "rb") as src, gzip.open(gzipped, "wb", compresslevel=6) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    write_oci_layout(partial, MANY_FILES_TAG, [gzipped])
+    gzipped = partial / "layer.tar.gz"
+    write_layer(gzipped)
+    write_oci_layout(partial, tag, [gzipped])
     gzipped.unlink()
     partial.rename(layout)
     return layout
+
+
+def many_files_image(workdir: Path, files: int) -> Path:
+    """A one-layer OCI layout (tag `files`) whose layer is many_files_tar gzipped at level 6 (as docker)."""
+    tar = many_files_tar(workdir, files)
+
+    def write_layer(gzipped: Path) -> None:
+        with open(tar, "rb") as src, gzip.open(gzipped, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    return _one_layer_layout(workdir / f"{tar.stem}-image", MANY_FILES_TAG, write_layer)
 
 
 def local_registry(workdir: Path) -> Registry:
@@ -231,23 +240,15 @@ def big_file(workdir: Path, size: int) -> Path:
 def big_file_image(workdir: Path, size: int) -> Path:
     """A one-layer OCI layout (tag `big`) holding big_file at BIG_FILE_PATH, gzipped at level 6."""
     source = big_file(workdir, size)
-    layout = workdir / f"{source.stem}-image"
-    if (layout / "index.json").exists():
-        return layout
-    log(f"building {layout.name}")
-    partial = layout.with_suffix(".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    gzipped = partial / "layer.tar.gz"
-    with gzip.open(gzipped, "wb", compresslevel=6) as gz, tarfile.open(fileobj=gz, mode="w|",
-                                                                       format=tarfile.PAX_FORMAT) as tar:
-        tar.addfile(_tar_info(BIG_FILE_PATH.split("/")[0] + "/", tarfile.DIRTYPE, mode=0o755))
-        with open(source, "rb") as f:
-            tar.addfile(_tar_info(BIG_FILE_PATH, tarfile.REGTYPE, size), f)
-    write_oci_layout(partial, BIG_FILE_TAG, [gzipped])
-    gzipped.unlink()
-    partial.rename(layout)
-    return layout
+
+    def write_layer(gzipped: Path) -> None:
+        with gzip.open(gzipped, "wb", compresslevel=6) as gz, \
+                tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            tar.addfile(_tar_info(BIG_FILE_PATH.split("/")[0] + "/", tarfile.DIRTYPE, mode=0o755))
+            with open(source, "rb") as f:
+                tar.addfile(_tar_info(BIG_FILE_PATH, tarfile.REGTYPE, size), f)
+
+    return _one_layer_layout(workdir / f"{source.stem}-image", BIG_FILE_TAG, write_layer)
 
 
 GCC_TAG = "gcc"

@@ -145,26 +145,9 @@ def _is_local_file(text: str) -> bool:
     return not text.startswith("oci:") and (text.startswith(("/", "./", "../")) or Path(text).is_file())
 
 
-class _LocalBlob:
-    """A layer blob file, with the read_at/size of fetch's blob readers."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = open(path, "rb")  # noqa: SIM115 - closed by __exit__
-        self.size = os.fstat(self.file.fileno()).st_size
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        return os.pread(self.file.fileno(), length, offset)
-
-    def __enter__(self) -> _LocalBlob:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.file.close()
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     if _is_local_file(args.src):
-        blobs = [(args.src, _LocalBlob(Path(args.src)), None)]
+        blobs = [(args.src, tree.FileBlob(Path(args.src)), None)]
     else:
         ref = fetch.parse_reference(args.src)
         image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))

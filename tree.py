@@ -63,8 +63,8 @@ class BlobSource(Protocol):
     def download(self, path: str | os.PathLike[str]) -> None: ...
 
 
-class _FileBlob:
-    """A local, already verified blob file read with pread."""
+class FileBlob:
+    """A local blob file read with pread: a layer downloaded and verified here, or one given to inspect."""
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -78,6 +78,12 @@ class _FileBlob:
 
     def close(self) -> None:
         os.close(self._fd)
+
+    def __enter__(self) -> FileBlob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -112,7 +118,7 @@ class Layer:
         """`lazy` (eStargz read by range), `local` (downloaded and converted), `pending` or `failed`."""
         if self.index is None:
             return "failed" if self.error else "pending"
-        return "local" if isinstance(self.blob, _FileBlob) else "lazy"
+        return "local" if isinstance(self.blob, FileBlob) else "lazy"
 
     def open_index(self) -> bool:
         """Read the TOC if the blob is eStargz with a TOC digest annotation; False if it is not eStargz."""
@@ -153,7 +159,7 @@ class Layer:
         if not converted.exists():
             if not blob_path.exists():
                 self.blob.download(blob_path)
-            local = _FileBlob(blob_path)
+            local = FileBlob(blob_path)
             try:
                 self.index = toc.read_index(local.read_at, local.size)
                 self.blob = local
@@ -171,7 +177,7 @@ class Layer:
                 raise
             self.count("bytes_fetched", blob_path.stat().st_size)
             blob_path.unlink(missing_ok=True)
-        local = _FileBlob(converted)
+        local = FileBlob(converted)
         self.index = toc.read_index(local.read_at, local.size)
         self.blob = local
 

@@ -14,9 +14,14 @@ Every change to the directory (write, eviction, removal of a corrupt file) happe
 updates the total in the lock file, so all processes see one exact total; it is re-derived from a scan
 every ``RESCAN_EVERY`` writes (or as many writes as there were files) and whenever eviction runs out of
 candidates, which repairs drift left by a crashed process or a file removed by hand. Room is made before
-a chunk is written, so the bound holds even counting the temp file. Recency is the file's mtime, set on
-every disk hit (atime is unreliable under relatime/noatime). Files are not fsync'd: a torn file fails
-verification on read and is reloaded.
+a chunk is written, so the bound holds even counting the temp file. Recency is the file's mtime, set on a
+disk hit (at most every ``TOUCH_EVERY_NS``; atime is unreliable under relatime/noatime). Files are not
+fsync'd: a torn file fails verification on read and is reloaded.
+
+A chunk file is hashed when a process first reads it; after that (and after writing one from verified
+bytes) the process serves ranges of it by ``pread`` for as long as the file keeps its (inode, size,
+ctime): any write to it, or a replacement, changes them and sends the next read through verification
+again.
 """
 
 import contextlib
@@ -28,6 +33,7 @@ import re
 import stat
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +46,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BYTES = 32 << 20  # holds the chunks being read and read ahead; the page cache does the rest
 DEFAULT_DISK_BYTES = 10 << 30
+VERIFIED_FILES = 8192  # chunk files whose identity a process remembers as verified
+TOUCH_EVERY_NS = 10 * 10**9  # a disk hit refreshes a file's recency at most this often
 
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 # Lock file header: magic, bytes of committed chunk files, writes since the last scan (4+8+8 bytes).
@@ -110,6 +118,8 @@ class _DiskTier:
         # (mtime_ns, path) of chunk files, oldest first, as of this process's last scan.
         self._candidates: deque[tuple[int, str]] = deque()
         self._scanned_files = 0
+        self._verified: cachetools.LRUCache[str, tuple[int, int, int]] = cachetools.LRUCache(VERIFIED_FILES)
+        self._verified_lock = threading.Lock()
 
     def path(self, hexdigest: str) -> str:
         return os.path.join(self.chunks, hexdigest[:2], hexdigest)
@@ -206,6 +216,7 @@ class _DiskTier:
                 if hashlib.sha256(data).hexdigest() == hexdigest:
                     with contextlib.suppress(OSError):  # a read-only shared cache still serves
                         os.utime(f.fileno())
+                    self._remember_verified(hexdigest, f.fileno())
                     return data
         except FileNotFoundError:
             return None
@@ -240,11 +251,44 @@ class _DiskTier:
                 with open(tmp, "wb") as f:
                     f.write(data)
                 os.replace(tmp, path)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # its ctime as of after the rename
+                try:
+                    self._remember_verified(hexdigest, fd)
+                finally:
+                    os.close(fd)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
             self._set_state(total + len(data), writes + 1)
+
+    def read_range(self, hexdigest: str, start: int, stop: int) -> bytes | None:
+        """Bytes [start, stop) of a chunk file this process verified and nobody has written since; None
+        when there is no such file (the caller then reads and verifies it whole)."""
+        with self._verified_lock:
+            known = self._verified.get(hexdigest)
+        if known is None:
+            return None
+        try:
+            fd = os.open(self.path(hexdigest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_size, st.st_ctime_ns) != known or stop > st.st_size:
+                return None
+            if time.time_ns() - st.st_mtime_ns > TOUCH_EVERY_NS:
+                with contextlib.suppress(OSError):
+                    os.utime(fd)
+                    self._remember_verified(hexdigest, fd)
+            return os.pread(fd, stop - start, start)
+        finally:
+            os.close(fd)
+
+    def _remember_verified(self, hexdigest: str, fd: int) -> None:
+        st = os.fstat(fd)
+        with self._verified_lock:
+            self._verified[hexdigest] = (st.st_ino, st.st_size, st.st_ctime_ns)
 
     def total(self) -> int:
         with self._locked():
@@ -313,6 +357,45 @@ class ChunkCache:
             flight.done.set()
         return flight.data
 
+    def read(self, digest: str, start: int, stop: int, loader: Callable[[], bytes]) -> bytes:
+        """Bytes [start, stop) of the chunk, as ``get`` would give them; a chunk file this process has
+        verified (or written) before is read in part, not whole."""
+        hexdigest = _hex(digest)
+        with self._lock:
+            data = self._memory.get(hexdigest)
+            if data is not None:
+                self._counts["hits_memory"] += 1
+                return data[start:stop]
+        if self._disk is not None:
+            part = self._disk.read_range(hexdigest, start, stop)
+            if part is not None:
+                self._count("hits_disk")
+                return part
+        return self.get(digest, loader)[start:stop]
+
+    def store(self, digest: str, loader: Callable[[], bytes]) -> None:
+        """Load the chunk into the disk tier (into memory only without one), unless it is cached: for
+        prefetching, whose chunks should not push the chunks being read out of memory."""
+        if self.contains(digest):
+            return
+        if self._disk is None:
+            self.get(digest, loader)
+            return
+        hexdigest = _hex(digest)
+        with self._lock:
+            if hexdigest in self._flights:
+                return  # someone is loading it already
+            flight = self._flights[hexdigest] = _Flight()
+        try:
+            flight.data = self._load(digest, hexdigest, loader)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._flights[hexdigest]
+            flight.done.set()
+
     def put(self, digest: str, data: bytes) -> None:
         """Store bytes already in hand (e.g. from a prefetch); raises toc.DigestError if they do not match."""
         hexdigest = _hex(digest)
@@ -351,12 +434,17 @@ class ChunkCache:
         if data is not None:
             self._count("hits_disk")
         else:
-            self._count("misses")
-            data = bytes(loader())
-            _check(digest, hexdigest, data)
-            self._count("bytes_loaded", len(data))
-            self._disk_write(hexdigest, data)
+            data = self._load(digest, hexdigest, loader)
         self._remember(hexdigest, data)
+        return data
+
+    def _load(self, digest: str, hexdigest: str, loader: Callable[[], bytes]) -> bytes:
+        """Call the loader, verify its bytes and write them to disk."""
+        self._count("misses")
+        data = bytes(loader())
+        _check(digest, hexdigest, data)
+        self._count("bytes_loaded", len(data))
+        self._disk_write(hexdigest, data)
         return data
 
     def _count(self, key: str, n: int = 1) -> None:

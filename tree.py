@@ -609,8 +609,8 @@ class ImageView:
             for c in chunks:
                 part = data[c.comp_offset - start:c.comp_end - start]
                 # the cache verifies the digest before it stores anything
-                self.cache.get(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
-                                                                                      verify=False))
+                self.cache.store(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
+                                                                                        verify=False))
             layer.count(counter, end - start)
         except (toc.LazymountError, OSError) as e:
             layer.count("errors")
@@ -642,9 +642,8 @@ class ImageView:
             self._busy += 1
         try:
             for c in chunks:
-                data = self._chunk(layer, c, node)
-                lo = max(offset, c.file_offset) - c.file_offset
-                out += data[lo:min(offset + size, c.file_offset + c.size) - c.file_offset]
+                out += self._chunk(layer, c, node, max(offset, c.file_offset) - c.file_offset,
+                                   min(offset + size, c.file_offset + c.size) - c.file_offset)
         finally:
             with self._idle:
                 self._busy -= 1
@@ -654,7 +653,9 @@ class ImageView:
             self._read_ahead(layer, node, chunks[-1], offset, len(out), state)
         return bytes(out)
 
-    def _chunk(self, layer: Layer, c: toc.Chunk, node: Node, quiet: bool = False) -> bytes:
+    def _chunk(self, layer: Layer, c: toc.Chunk, node: Node, start: int, stop: int,
+               quiet: bool = False) -> bytes:
+        """Bytes [start, stop) of the chunk, loaded into the cache first if need be."""
         assert layer.index is not None
         fmt = layer.index.format
         loaded = []
@@ -674,7 +675,7 @@ class ImageView:
             return toc.decompress_chunk(compressed, c, fmt, verify=False)
 
         try:
-            data = self.cache.get(c.digest, load)
+            data = self.cache.read(c.digest, start, stop, load)
         except toc.FormatError as e:
             layer.count("errors")
             log.error("layer %s: %s: chunk at file offset %d failed verification: %s",
@@ -724,8 +725,8 @@ class ImageView:
             if part is None:
                 continue  # a reader took it first
             try:
-                self.cache.get(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
-                                                                                      verify=False))
+                self.cache.store(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
+                                                                                        verify=False))
             except (toc.LazymountError, OSError) as e:  # read again, and reported, when a reader asks for it
                 log.debug("layer %s: neighbour chunk at %d not stored: %s", layer.digest, c.comp_offset, e)
 
@@ -748,7 +749,7 @@ class ImageView:
 
     def _quiet_chunk(self, layer: Layer, c: toc.Chunk, node: Node) -> None:
         with contextlib.suppress(OSError):
-            self._chunk(layer, c, node, quiet=True)
+            self._chunk(layer, c, node, 0, 0, quiet=True)  # into the cache, nothing returned
 
     # -- reporting ----------------------------------------------------------------------------------
 

@@ -349,3 +349,58 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # ignored, as the XDG spec says
     monkeypatch.setenv("HOME", str(tmp_path))
     assert cache.default_cache_dir() == tmp_path / ".cache" / "lazymount"
+
+
+def test_read_serves_ranges_of_verified_files_without_hashing_again(tmp_path, monkeypatch):
+    digest, data = chunk(11, 100_000)
+    c = ChunkCache(tmp_path, memory_bytes=0, disk_bytes=1 << 20)
+    c.put(digest, data)  # written from verified bytes by this process
+    hashed = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(cache.hashlib, "sha256", lambda b=b"": hashed.append(len(b)) or real_sha256(b))
+    assert c.read(digest, 1000, 5000, never) == data[1000:5000]
+    assert c.read(digest, 99_000, 100_000, never) == data[99_000:]
+    assert hashed == []
+    assert c.stats()["hits_disk"] == 2
+    # a fresh process (cache object) hashes the file whole once, then reads ranges
+    c2 = ChunkCache(tmp_path, memory_bytes=0, disk_bytes=1 << 20)
+    assert c2.read(digest, 0, 10, never) == data[:10]
+    assert c2.read(digest, 10, 20, never) == data[10:20]
+    assert hashed == [len(data)]
+
+
+@pytest.mark.parametrize("damage", ["flip", "replace"])
+def test_read_detects_a_file_changed_after_it_was_verified(tmp_path, damage):
+    digest, data = chunk(12, 50_000)
+    c = ChunkCache(tmp_path, memory_bytes=0, disk_bytes=1 << 20)
+    c.put(digest, data)
+    [path] = disk_files(tmp_path)
+    assert c.read(digest, 0, 100, never) == data[:100]
+    time.sleep(0.01)  # past the coarse ctime tick of filesystems without fine-grained timestamps
+    bad = bytes([data[10] ^ 1])
+    if damage == "flip":
+        with open(path, "r+b") as f:
+            f.seek(10)
+            f.write(bad)
+    else:
+        with open(path + ".new", "wb") as f:
+            f.write(data[:10] + bad + data[11:])
+        os.replace(path + ".new", path)
+    loader = Loader(data)
+    assert c.read(digest, 0, 100, loader) == data[:100]  # verified again: corrupt, removed, reloaded
+    assert loader.calls == 1
+    assert c.stats()["corrupt"] == 1
+
+
+def test_store_fills_disk_not_memory(tmp_path):
+    digest, data = chunk(13, 4000)
+    c = ChunkCache(tmp_path, memory_bytes=1 << 20, disk_bytes=1 << 20)
+    loader = Loader(data)
+    c.store(digest, loader)
+    c.store(digest, loader)  # cached: not loaded again
+    assert loader.calls == 1
+    s = c.stats()
+    assert (s["bytes_in_memory"], s["bytes_on_disk"], s["misses"]) == (0, len(data), 1)
+    assert c.get(digest, never) == data
+    with pytest.raises(DigestError):
+        c.store(chunk(14, 10)[0], Loader(b"wrong"))

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import cachetools
 from tqdm import tqdm
 
 import cache
@@ -188,8 +189,37 @@ class MountError(toc.LazymountError):
     """A mount, unmount or run could not be done."""
 
 
+# libfuse 3 flags (fuse_common.h, fuse.h) that mfusepy does not name.
+FUSE_CAP_CACHE_SYMLINKS = 1 << 23  # the kernel caches READLINK answers like page data
+FUSE_READDIR_PLUS = 1 << 0  # readdir is asked for full attributes...
+FUSE_FILL_DIR_PLUS = 1 << 1  # ...and an entry filled with them needs no LOOKUP afterwards
+OPEN_FILES = 4096  # files whose sequential-read state the daemon remembers without OPEN
+
+
+class _FUSE(mfusepy.FUSE):
+    """mfusepy.FUSE answering READDIRPLUS with full attributes, so that a walk of the tree needs no
+    LOOKUP round trip per entry (mfusepy fills only mode and inode)."""
+
+    def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip, flags: int) -> int:
+        if not flags & FUSE_READDIR_PLUS or path is None:
+            return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
+        for name, attrs, _ in self.operations.readdir(path.decode(self.encoding, self.errors), 0):
+            st = mfusepy.c_stat()
+            mfusepy.set_st_attrs(st, attrs, use_ns=True)
+            plus = FUSE_FILL_DIR_PLUS if name not in (".", "..") else 0  # the kernel skips those two
+            if filler(buf, name.encode(self.encoding, self.errors), st, 0, plus) != 0:
+                break
+        return 0
+
+
 class LazyFS(mfusepy.Operations):
-    """The FUSE operations: a thin, read-only adapter over a tree.ImageView."""
+    """The FUSE operations: a thin, read-only adapter over a tree.ImageView.
+
+    The image never changes, so the kernel is asked to do all it can on its own: files are opened
+    without a round trip (``open`` answers ENOSYS, the kernel's zero-message open, which also keeps the
+    page cache), symlinks are cached, and directory listings carry full attributes.  Only while
+    recording are opens seen, since the profile lists the files opened.
+    """
 
     use_ns = True
 
@@ -197,6 +227,8 @@ class LazyFS(mfusepy.Operations):
                  progress: Callable[[int, int], None] | None = None) -> None:
         self.view, self.info, self._on_ready, self._progress = view, info, on_ready, progress
         self._handles: dict[int, tuple[tree.Node, tree.ReadState]] = {}
+        self._files: cachetools.LRUCache[str, tuple[tree.Node, tree.ReadState]]
+        self._files = cachetools.LRUCache(OPEN_FILES)
         self._next_fh = 1
         self._lock = threading.Lock()
         self._fs_bytes: int | None = None
@@ -216,7 +248,9 @@ class LazyFS(mfusepy.Operations):
         return merged, node
 
     @mfusepy.overrides(mfusepy.Operations)
-    def init(self, path: str) -> None:
+    def init_with_config(self, conn_info, config_3) -> None:
+        if conn_info is not None and conn_info.capable & FUSE_CAP_CACHE_SYMLINKS:
+            conn_info.want |= FUSE_CAP_CACHE_SYMLINKS
         self.view.start(self._on_ready, self._progress)
 
     @mfusepy.overrides(mfusepy.Operations)
@@ -237,7 +271,7 @@ class LazyFS(mfusepy.Operations):
         yield ".", own, 0
         yield "..", own, 0
         for name, child in merged.children(node).items():
-            yield name, {"st_mode": merged.mode(child), "st_ino": child.ino}, 0
+            yield name, merged.attrs(child), 0
 
     @mfusepy.overrides(mfusepy.Operations)
     def readlink(self, path: str) -> str:
@@ -253,6 +287,8 @@ class LazyFS(mfusepy.Operations):
         merged, node = self._node(path)
         if not stat.S_ISREG(merged.mode(node)):
             raise OSError(errno.EINVAL, path)
+        if self.view.recorder is None:
+            raise OSError(errno.ENOSYS, path)  # success, and no OPEN or RELEASE for any file from now on
         self.view.opened(node)
         with self._lock:
             fh = self._next_fh
@@ -262,7 +298,16 @@ class LazyFS(mfusepy.Operations):
 
     @mfusepy.overrides(mfusepy.Operations)
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        node, state = self._handles[fh]
+        if fh:
+            node, state = self._handles[fh]
+        else:  # opened without a round trip: the file by its path
+            with self._lock:
+                found = self._files.get(path)
+            if found is None:
+                found = self._node(path)[1], tree.ReadState()
+                with self._lock:
+                    self._files[path] = found
+            node, state = found
         return self.view.read(node, offset, size, state)
 
     @mfusepy.overrides(mfusepy.Operations)
@@ -379,7 +424,7 @@ def _serve(args: argparse.Namespace, notify: Callable[[], None],
                "attr_timeout": ATTR_TIMEOUT, "entry_timeout": ATTR_TIMEOUT, "negative_timeout": ATTR_TIMEOUT,
                **_parse_fuse_options(args.options)}
     try:
-        mfusepy.FUSE(LazyFS(view, info, ready, progress), str(mountpoint), foreground=True, **options)
+        _FUSE(LazyFS(view, info, ready, progress), str(mountpoint), foreground=True, **options)
     except RuntimeError as e:
         raise MountError(f"mounting {mountpoint} failed (libfuse: {e})") from None
     finally:

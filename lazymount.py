@@ -14,6 +14,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -197,17 +198,25 @@ OPEN_FILES = 4096  # files whose sequential-read state the daemon remembers with
 
 
 class _FUSE(mfusepy.FUSE):
-    """mfusepy.FUSE answering READDIRPLUS with full attributes, so that a walk of the tree needs no
-    LOOKUP round trip per entry (mfusepy fills only mode and inode)."""
+    """mfusepy.FUSE with directory listings cached by the kernel and READDIRPLUS answered with full
+    attributes, so that a walk of the tree needs no LOOKUP round trip per entry (mfusepy fills only mode
+    and inode)."""
+
+    def opendir(self, path: bytes, fip) -> int:
+        fip.contents.cache_readdir = 1  # the kernel may keep a directory's listing...
+        fip.contents.keep_cache = 1  # ...across opens
+        return super().opendir(path, fip)
 
     def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip, flags: int) -> int:
-        if not flags & FUSE_READDIR_PLUS or path is None:
-            return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
-        for name, attrs, _ in self.operations.readdir(path.decode(self.encoding, self.errors), 0):
+        # Entries go out with their own offsets (1, 2, ...): only then does libfuse 3.14 pass the
+        # attributes of a READDIRPLUS on to the kernel instead of buffering bare names.
+        plus = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
+        entries = self.operations.readdir(path.decode(self.encoding, self.errors), 0)
+        for position, (name, attrs, _) in enumerate(itertools.islice(entries, offset, None), offset + 1):
             st = mfusepy.c_stat()
             mfusepy.set_st_attrs(st, attrs, use_ns=True)
-            plus = FUSE_FILL_DIR_PLUS if name not in (".", "..") else 0  # the kernel skips those two
-            if filler(buf, name.encode(self.encoding, self.errors), st, 0, plus) != 0:
+            fill = plus if name not in (".", "..") else 0  # the kernel skips these two in READDIRPLUS
+            if filler(buf, name.encode(self.encoding, self.errors), st, position, fill) != 0:
                 break
         return 0
 
@@ -272,6 +281,10 @@ class LazyFS(mfusepy.Operations):
         yield "..", own, 0
         for name, child in merged.children(node).items():
             yield name, merged.attrs(child), 0
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def opendir(self, path: str) -> int:
+        return 0  # defined so that _FUSE.opendir is called
 
     @mfusepy.overrides(mfusepy.Operations)
     def readlink(self, path: str) -> str:

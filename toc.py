@@ -743,15 +743,19 @@ def decompress_chunk(data: bytes, chunk: Chunk, fmt: str = GZIP, verify: bool = 
     if fmt == ZSTD:
         out = _unzstd(data, want, what)
     else:
-        out = bytearray()
-        while len(out) < want and data:
+        parts: list[bytes] = []  # one gzip member per chunk, as a rule: then no copy is made
+        got = 0
+        while got < want and data:
             d = isal_zlib.decompressobj(wbits=31)
             try:
-                out += d.decompress(data, want - len(out))
+                parts.append(d.decompress(data, want - got))
             except isal_zlib.error as e:
                 raise FormatError(f"{what}: corrupt gzip data ({e})") from None
+            got += len(parts[-1])
             data = d.unused_data if d.eof else b""
-    out = bytes(out[chunk.inner_offset:want])
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+    if chunk.inner_offset or len(out) > want:
+        out = out[chunk.inner_offset:want]
     if len(out) != chunk.size:
         raise TruncatedError(f"{what}: {len(out)} bytes where {chunk.size} were promised")
     if verify and sha256_digest(out) != chunk.digest:

@@ -270,7 +270,8 @@ def big_image(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> t
     """One eStargz layer of ~42 MiB random data in 4 MiB chunks plus small files; (ref, tree, digests)."""
     work = tmp_path_factory.mktemp("big")
     files = {"small.txt": 100, **{f"blob/part{i}.bin": 6 * MIB + i for i in range(6)},
-             **{f"etc/conf{i}": 2000 + i for i in range(20)}}
+             **{f"etc/conf{i}": 2000 + i for i in range(20)},
+             **{f"many/entry-{i:04d}-{'x' * 80}": i % 50 for i in range(600)}}  # listed in many replies
     tree = _random_tree(work / "tree", files)
     src = make_oci_image(work / "src", "v1", [tree])
     converted = work / "conv"
@@ -301,6 +302,20 @@ def test_files_stored_together_come_in_one_request(big_image: tuple[str, Path, d
     assert layer["chunks_fetched"] + layer["chunk_hits"] >= len(names)
     assert layer["requests"] <= 4, layer  # 20 files: two single misses, then their neighbours together
     assert layer["bytes_fetched"] < 100_000  # the 2 KB files and what follows them, not the 6 MiB blobs
+
+
+def test_long_listing_continues_at_each_offset(big_image: tuple[str, Path, dict], tmp_path: Path) -> None:
+    """A directory far longer than one READDIR(PLUS) reply lists every entry once, with its attributes."""
+    ref, tree, _ = big_image
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, "--cache-dir", str(tmp_path / "cache"), "--no-prefetch", "--no-background-fetch"):
+        listed = os.listdir(mnt / "many")
+        attrs = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(mnt / "many")}
+    expected = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(tree / "many")}
+    assert len(listed) == len(set(listed)) == len(expected) == 600 and set(listed) == set(expected)
+    assert {name: (st.st_mode, st.st_size) for name, st in attrs.items()} == {
+        name: (st.st_mode, st.st_size) for name, st in expected.items()}
+    assert len({st.st_ino for st in attrs.values()}) == 600
 
 
 def _read_all(mnt: Path, names: list[str]) -> dict[str, str]:

@@ -198,14 +198,8 @@ OPEN_FILES = 4096  # files whose sequential-read state the daemon remembers with
 
 
 class _FUSE(mfusepy.FUSE):
-    """mfusepy.FUSE with directory listings cached by the kernel and READDIRPLUS answered with full
-    attributes, so that a walk of the tree needs no LOOKUP round trip per entry (mfusepy fills only mode
-    and inode)."""
-
-    def opendir(self, path: bytes, fip) -> int:
-        fip.contents.cache_readdir = 1  # the kernel may keep a directory's listing...
-        fip.contents.keep_cache = 1  # ...across opens
-        return super().opendir(path, fip)
+    """mfusepy.FUSE answering READDIRPLUS with full attributes, so that a walk of the tree needs no
+    LOOKUP round trip per entry (mfusepy fills only mode and inode)."""
 
     def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip, flags: int) -> int:
         # Entries go out with their own offsets (1, 2, ...): only then does libfuse 3.14 pass the
@@ -281,10 +275,6 @@ class LazyFS(mfusepy.Operations):
         yield "..", own, 0
         for name, child in merged.children(node).items():
             yield name, merged.attrs(child), 0
-
-    @mfusepy.overrides(mfusepy.Operations)
-    def opendir(self, path: str) -> int:
-        return 0  # defined so that _FUSE.opendir is called
 
     @mfusepy.overrides(mfusepy.Operations)
     def readlink(self, path: str) -> str:

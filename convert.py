@@ -17,12 +17,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, BinaryIO
 
 import fetch
 import toc
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 class _ProgressReader:
     """A file wrapper that reports the bytes read to a tqdm bar."""
 
-    def __init__(self, f: BinaryIO, bar: tqdm) -> None:
+    def __init__(self, f: BinaryIO, bar: tqdm | _NoBar) -> None:
         self.f, self.bar = f, bar
 
     def read(self, n: int = -1) -> bytes:
@@ -129,16 +130,38 @@ class _ProgressReader:
         return data
 
 
-def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False,
-                disable=not (enabled and sys.stderr.isatty()))
+class _NoBar:
+    """What progress_bar gives off a terminal: counts updates, shows nothing."""
+
+    n = 0
+    total: int | None = None
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+def progress_bar(desc: str, total: int | None = None, enabled: bool = True) -> tqdm | _NoBar:
+    """A progress bar of bytes on stderr when it is a terminal.  tqdm is imported only then: it adds
+    ~60 ms to a command's start-up."""
+    if not (enabled and sys.stderr.isatty()):
+        return _NoBar()
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # its thread only refreshes stalled bars, and joining it can delay the exit
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
 
 
 def convert_layer_file(src: Path, dst: Path, options: ConvertOptions,
                        prioritized: list[str] | None = None) -> toc.LayerInfo:
     """Convert one layer file (tar, tar.gz, tar.zst) into an eStargz blob at `dst` (written atomically)."""
     dst = Path(dst)
-    with open(src, "rb") as raw, _progress_bar(os.fstat(raw.fileno()).st_size, Path(src).name[:20],
+    with open(src, "rb") as raw, progress_bar(Path(src).name[:20], os.fstat(raw.fileno()).st_size,
                                                 options.progress) as bar:
         info: list[toc.LayerInfo] = []
         _atomic_write(dst, lambda out: info.append(toc.write_layer(

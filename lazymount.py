@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import cachetools
-from tqdm import tqdm
 
 import cache
 import convert
@@ -44,8 +43,6 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy  # noqa: E402
 
 log = logging.getLogger("lazymount")
-# tqdm's monitor thread only refreshes stalled bars, and joining it can hold up the exit by seconds
-tqdm.monitor_interval = 0
 
 STATS_XATTR = "user.lazymount.stats"  # virtual, on the root directory, never listed
 IMAGE_XATTR = "user.lazymount.image"  # the image's reference, digest and runtime config (Env, User...)
@@ -480,8 +477,7 @@ def _mount_in_background(args: argparse.Namespace) -> None:
     os.close(write_fd)
     os.waitpid(pid, 0)
     lines = []
-    with os.fdopen(read_fd, "rb") as pipe, tqdm(desc="prefetch", unit="B", unit_scale=True, leave=False,
-                                                disable=not sys.stderr.isatty()) as bar:
+    with os.fdopen(read_fd, "rb") as pipe, convert.progress_bar("prefetch") as bar:
         for raw in pipe:
             line = raw.decode(errors="replace").strip()
             if line.startswith(PROGRESS + " "):

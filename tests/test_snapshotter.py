@@ -797,7 +797,7 @@ def _remote_snapshots(containerd: Containerd) -> list[str]:
     return [i["Name"] for i in infos if snapshot_grpc.REMOTE_LABEL in (i.get("Labels") or {})]
 
 
-def _layer_mounts(daemon: Snapshotter) -> dict[str, int]:
+def served_layers(daemon: Snapshotter) -> dict[str, int]:
     """Layer name (its spec file's) -> PID of the `lazymount layers` daemon serving it, for the layers the
     snapshotter handed over and that are served now."""
     out = {}
@@ -808,7 +808,7 @@ def _layer_mounts(daemon: Snapshotter) -> dict[str, int]:
     return out
 
 
-def _layer_daemons(daemon: Snapshotter) -> list[int]:
+def layer_daemons(daemon: Snapshotter) -> list[int]:
     """PIDs of the `lazymount layers` processes serving under the snapshotter's root."""
     pids = []
     for proc in Path("/proc").iterdir():
@@ -838,9 +838,9 @@ def test_containerd_rpull_estargz_is_lazy(stack: tuple[Containerd, Snapshotter],
     assert daemon.log().count("remote-snapshot-prepared: true") == len(layers) == 2
     content = containerd.ctr("content", "ls", "-q", text=True).stdout.split()
     assert not set(layers) & set(content)
-    served = _layer_mounts(daemon)
+    served = served_layers(daemon)
     assert len(served) == 2
-    assert _layer_daemons(daemon) == sorted(set(served.values())), "one daemon serves every layer"
+    assert layer_daemons(daemon) == sorted(set(served.values())), "one daemon serves every layer"
     assert len(_fuse_mounts(daemon)) == 1
     assert len(_remote_snapshots(containerd)) == 2
     assert _ctr_run(containerd, image, "lazy-run", 'read line < /hello.txt; echo "$line"') == \
@@ -856,24 +856,24 @@ def test_containerd_dead_layer_mount_is_restored(stack: tuple[Containerd, Snapsh
     containerd, daemon = stack
     image, _ = lazy_image
     containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", image)
-    before = _layer_mounts(daemon)
+    before = served_layers(daemon)
     (pid,) = set(before.values())
     os.kill(pid, signal.SIGKILL)
     assert _ctr_run(containerd, image, "restored-run", "echo ok") == "ok\n"
-    after = _layer_mounts(daemon)
+    after = served_layers(daemon)
     assert set(after) == set(before) and len(set(after.values())) == 1 and pid not in after.values()
     assert "is not mounted: mounting it again" in daemon.log()
 
     daemon.stop(signal.SIGKILL)
     daemon.start()
-    assert _layer_mounts(daemon) == after, "live layer mounts are kept across a restart"
+    assert served_layers(daemon) == after, "live layer mounts are kept across a restart"
     _snapshot_names(containerd)  # waits until containerd has redialled
     assert _ctr_run(containerd, image, "after-restart-lazy", "echo ok") == "ok\n"
 
     daemon.stop()  # as after a reboot: the snapshotter starts with no layer mounted
     subprocess.run(["fusermount3", "-u", str(daemon.root / "layers")], check=True)
     daemon.start()
-    remounted = _layer_mounts(daemon)
+    remounted = served_layers(daemon)
     assert set(remounted) == set(after) and not set(remounted.values()) & set(after.values())
     _snapshot_names(containerd)
     assert _ctr_run(containerd, image, "after-reboot-lazy", "echo ok") == "ok\n"
@@ -886,9 +886,9 @@ def test_containerd_image_removal_unmounts_layers(stack: tuple[Containerd, Snaps
     containerd, daemon = stack
     image, _ = lazy_image
     containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", image)
-    assert len(_layer_mounts(daemon)) == 2
+    assert len(served_layers(daemon)) == 2
     containerd.ctr("images", "rm", "--sync", image)
-    assert _layer_mounts(daemon) == {}
+    assert served_layers(daemon) == {}
     assert _remote_snapshots(containerd) == []
 
 
@@ -933,14 +933,14 @@ def test_remote_layer_from_cri_labels(sn: Snapshotter, lazy_image: tuple[str, li
     assert grpc_code(lambda: sn.prepare("ns2/7/extract-2 " + target, "", labels)) == \
         grpc.StatusCode.ALREADY_EXISTS
     assert 'remote-snapshot-prepared: true reason="mounted lazily"' in sn.log()
-    mounts = _layer_mounts(sn)
+    mounts = served_layers(sn)
     assert len(mounts) == 1
     with mounted(sn.view("v", target), sn.root.parent / "view") as view:
         assert (view / "hello.txt").exists() is False  # the bottom layer only
         assert (view / "bin" / "sh").is_file() or (view / "usr" / "bin" / "sh").is_file()
     sn.remove("v")
     sn.remove(target)
-    assert _layer_mounts(sn) == {}
+    assert served_layers(sn) == {}
     assert not any((sn.root / "snapshots").iterdir())
 
 
@@ -958,16 +958,16 @@ def test_remote_layers_share_one_daemon(sn: Snapshotter, lazy_image: tuple[str, 
             sn.prepare(key, parent, labels)
         assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
         parent = target
-    served = _layer_mounts(sn)
+    served = served_layers(sn)
     assert len(served) == len(layers) == 2
-    assert _layer_daemons(sn) == sorted(set(served.values())), "one daemon serves every layer"
+    assert layer_daemons(sn) == sorted(set(served.values())), "one daemon serves every layer"
     assert _fuse_mounts(sn) == [str(sn.root / "layers")]
     sn.prepare("container", parent)
 
     (pid,) = set(served.values())
     os.kill(pid, signal.SIGKILL)
     mounts = sn.stub.Mounts(pb.MountsRequest(key="container")).mounts
-    restored = _layer_mounts(sn)
+    restored = served_layers(sn)
     assert set(restored) == set(served) and len(set(restored.values())) == 1 and pid not in restored.values()
     assert _fuse_mounts(sn) == [str(sn.root / "layers")]
     with mounted(list(mounts), sn.root.parent / "container") as rootfs:
@@ -997,7 +997,7 @@ def test_remote_declines_fall_back_to_overlay(sn: Snapshotter, estargz_layout: P
             assert f'remote-snapshot-prepared: false reason="{reason}' in sn.log(), reason
     finally:
         proxy.stop()
-    assert _layer_mounts(sn) == {}
+    assert served_layers(sn) == {}
 
 
 @needs_containerd

@@ -136,6 +136,7 @@ class LayersFS(mfusepy.Operations):
         if not spec_path(self.spec_dir, name).exists():
             with self._lock:
                 served = self._layers.pop(name, None)
+                self._loading.pop(name, None)
             if served is not None:
                 served.fs.view.close()
                 log.info("layer %s: spec removed, forgotten", name)

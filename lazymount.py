@@ -3,7 +3,8 @@
 What belongs here: argument parsing, turning errors into one-line messages and exit codes, and the
 adapters a user starts (commands): `convert`, `inspect`, `mount` (the FUSE operations over tree.py's
 merged view, daemonized), `umount`, `run` (bubblewrap over a mount), `record` (a run that writes a
-profile of the files the command opened), `optimize` (convert with a profile) and `stats`.  What never does:
+profile of the files the command opened), `optimize` (convert with a profile), `stats` and `layers` (the
+snapshotter's one daemon for all its lazy layers; its file system is layerfs.py's).  What never does:
 format, registry, cache or overlay logic — those live in toc.py, fetch.py, cache.py, tree.py and
 convert.py.
 """

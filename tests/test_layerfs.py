@@ -6,6 +6,7 @@ The daemon mounted under a real snapshotter and containerd is tested in test_sna
 from __future__ import annotations
 
 import errno
+import json
 import stat
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def test_layers_are_top_level_directories(setup: tuple) -> None:
     whiteout = fs.getattr("/2/etc/os-release")
     assert stat.S_ISCHR(whiteout["st_mode"]) and whiteout["st_rdev"] == 0
     assert [entry[0] for entry in fs.readdir("/", 0)] == [".", "..", "1", "2"]
+    stats = json.loads(fs.getxattr("/", lazymount.STATS_XATTR))  # what `lazymount stats MOUNT` shows
+    assert [layer["digest"] for layer in stats["layers"]] == [layers[0][0], layers[1][0]]
 
     inodes: dict[str, set[int]] = {"1": set(), "2": set()}
     for name in inodes:

@@ -84,6 +84,7 @@ class LayersFS(mfusepy.Operations):
         self._next_ino = tree.ROOT_INO + 1  # the root of the mount is ROOT_INO; layers follow
         self._lock = threading.Lock()
         self._started = time.time_ns()
+        self.activity = tree.ReadActivity()  # one for all layers: background fetches wait for any reader
 
     # -- the layer table ----------------------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class LayersFS(mfusepy.Operations):
         assert layer.index is not None
         view = tree.ImageView([layer], self.cache, self.work_dir, raw=True,
                               opaque_xattr=lazymount.OPAQUE_XATTR, prefetch=self.prefetch,
-                              background=self.background)
+                              background=self.background, activity=self.activity)
         prefetched = threading.Event()
         view.start(prefetched.set)
         prefetched.wait()  # like `lazymount mount`: the landmark range is in the cache before first use

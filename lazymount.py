@@ -3,7 +3,8 @@
 What belongs here: argument parsing, turning errors into one-line messages and exit codes, and the
 adapters a user starts (commands): `convert`, `inspect`, `mount` (the FUSE operations over tree.py's
 merged view, daemonized), `umount`, `run` (bubblewrap over a mount), `record` (a run that writes a
-profile of the files the command opened), `optimize` (convert with a profile) and `stats`.  What never does:
+profile of the files the command opened), `optimize` (convert with a profile), `stats` and `layers` (the
+snapshotter's one daemon for all its lazy layers; its file system is layerfs.py's).  What never does:
 format, registry, cache or overlay logic — those live in toc.py, fetch.py, cache.py, tree.py and
 convert.py.
 """
@@ -44,6 +45,7 @@ import mfusepy  # noqa: E402
 
 log = logging.getLogger("lazymount")
 
+OPAQUE_XATTR = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"  # raw layer views
 STATS_XATTR = "user.lazymount.stats"  # virtual, on the root directory, never listed
 IMAGE_XATTR = "user.lazymount.image"  # the image's reference, digest and runtime config (Env, User...)
 ATTR_TIMEOUT = 86400.0  # an image never changes: the kernel may cache names and attributes for a day
@@ -195,8 +197,13 @@ OPEN_FILES = 4096  # files whose sequential-read state the daemon remembers with
 
 
 class _FUSE(mfusepy.FUSE):
-    """mfusepy.FUSE answering READDIRPLUS with full attributes, so that a walk of the tree needs no
-    LOOKUP round trip per entry (mfusepy fills only mode and inode)."""
+    """mfusepy.FUSE that lets the kernel cache symlinks and answers READDIRPLUS with full attributes, so
+    that a walk of the tree needs no LOOKUP round trip per entry (mfusepy fills only mode and inode)."""
+
+    def _init(self, conn, config) -> None:
+        if conn and conn.contents.capable & FUSE_CAP_CACHE_SYMLINKS:
+            conn.contents.want |= FUSE_CAP_CACHE_SYMLINKS
+        super()._init(conn, config)
 
     def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip, flags: int) -> int:
         # Entries go out with their own offsets (1, 2, ...): only then does libfuse 3.14 pass the
@@ -248,9 +255,7 @@ class LazyFS(mfusepy.Operations):
         return merged, node
 
     @mfusepy.overrides(mfusepy.Operations)
-    def init_with_config(self, conn_info, config_3) -> None:
-        if conn_info is not None and conn_info.capable & FUSE_CAP_CACHE_SYMLINKS:
-            conn_info.want |= FUSE_CAP_CACHE_SYMLINKS
+    def init(self, path: str) -> None:
         self.view.start(self._on_ready, self._progress)
 
     @mfusepy.overrides(mfusepy.Operations)
@@ -366,6 +371,12 @@ def registry_client(args: argparse.Namespace, *refs: fetch.Reference) -> fetch.R
     return fetch.RegistryClient(config, credentials)
 
 
+def open_chunk_cache(args: argparse.Namespace) -> tuple[Path, cache.ChunkCache]:
+    """The chunk cache of the --cache-dir and --cache-size flags, and its directory."""
+    cache_dir = Path(args.cache_dir) if args.cache_dir else cache.default_cache_dir()
+    return cache_dir, cache.ChunkCache(cache_dir, disk_bytes=args.cache_size)
+
+
 def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
     """Resolve the image, read every eStargz layer's TOC, and set up the cache and the view."""
     ref = fetch.parse_reference(args.image)
@@ -383,12 +394,10 @@ def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
         if not is_lazy:
             log.warning("layer %s (%s) is not eStargz with a TOC digest: downloading it whole in the "
                         "background", layer.digest, descriptor.media_type or "no media type")
-    cache_dir = Path(args.cache_dir) if args.cache_dir else cache.default_cache_dir()
-    chunk_cache = cache.ChunkCache(cache_dir, disk_bytes=args.cache_size)
-    opaque = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"
+    cache_dir, chunk_cache = open_chunk_cache(args)
     recorder = tree.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
     view = tree.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
-                          opaque_xattr=opaque, prefetch=args.prefetch, background=args.background_fetch,
+                          opaque_xattr=OPAQUE_XATTR, prefetch=args.prefetch, background=args.background_fetch,
                           recorder=recorder)
     runtime = image.config.get("config") if isinstance(image.config.get("config"), dict) else {}
     info = {"reference": str(ref), "digest": image.digest, "mountpoint": str(args.mountpoint),
@@ -407,34 +416,47 @@ def _raise_read_ahead(mountpoint: Path) -> None:
         log.debug("read_ahead_kb not raised: %s", e)
 
 
+def announce(mountpoint: Path, what: str, notify: Callable[[], None]) -> Callable[[], None]:
+    """The callback to run once the mount at `mountpoint` answers: raise its read-ahead, log, `notify`."""
+    def ready() -> None:
+        threading.Thread(target=_raise_read_ahead, args=(mountpoint,), daemon=True).start()
+        log.info("mounted %s at %s", what, mountpoint)
+        notify()
+    return ready
+
+
+def serve_fuse(operations: mfusepy.Operations, mountpoint: Path, extra_options: str | None) -> None:
+    """Serve `operations` read-only at `mountpoint` in this process until unmounted."""
+    options = {"fsname": "lazymount", "subtype": "lazymount", "ro": True, "nosuid": True, "nodev": True,
+               "default_permissions": True, "kernel_cache": True, "use_ino": True,
+               "attr_timeout": ATTR_TIMEOUT, "entry_timeout": ATTR_TIMEOUT, "negative_timeout": ATTR_TIMEOUT,
+               **_parse_fuse_options(extra_options)}
+    try:
+        _FUSE(operations, str(mountpoint), foreground=True, **options)
+    except RuntimeError as e:
+        raise MountError(f"mounting {mountpoint} failed (libfuse: {e})") from None
+
+
 def _serve(args: argparse.Namespace, notify: Callable[[], None],
            progress: Callable[[int, int], None] | None = None) -> None:
     """Open the image and serve it at args.mountpoint until unmounted; `notify` runs once it answers and
     the landmark ranges are prefetched, `progress(done, total)` reports the prefetch meanwhile."""
     view, info = _open_view(args)
     mountpoint = Path(args.mountpoint)
-
-    def ready() -> None:
-        threading.Thread(target=_raise_read_ahead, args=(mountpoint,), daemon=True).start()
-        log.info("mounted %s at %s", info["reference"], mountpoint)
-        notify()
-
-    options = {"fsname": "lazymount", "subtype": "lazymount", "ro": True, "nosuid": True, "nodev": True,
-               "default_permissions": True, "kernel_cache": True, "use_ino": True,
-               "attr_timeout": ATTR_TIMEOUT, "entry_timeout": ATTR_TIMEOUT, "negative_timeout": ATTR_TIMEOUT,
-               **_parse_fuse_options(args.options)}
     try:
-        _FUSE(LazyFS(view, info, ready, progress), str(mountpoint), foreground=True, **options)
-    except RuntimeError as e:
-        raise MountError(f"mounting {mountpoint} failed (libfuse: {e})") from None
+        serve_fuse(LazyFS(view, info, announce(mountpoint, info["reference"], notify), progress), mountpoint,
+                   args.options)
     finally:
         view.close()
         view.cache.close()
 
 
-def _mount_in_background(args: argparse.Namespace) -> None:
-    """Fork the daemon (before any thread exists), wait until its mount answers and the landmark ranges
-    are prefetched (a progress bar on a terminal), or it fails."""
+Server = Callable[[argparse.Namespace, Callable[[], None], Callable[[int, int], None]], None]
+
+
+def _mount_in_background(args: argparse.Namespace, serve: Server = _serve) -> None:
+    """Fork the daemon (before any thread exists) that runs `serve` (default: `_serve`), wait until its
+    mount answers and the landmark ranges are prefetched (a progress bar on a terminal), or it fails."""
     if args.cache_dir:
         args.cache_dir = os.path.abspath(args.cache_dir)
     read_fd, write_fd = os.pipe()
@@ -462,7 +484,7 @@ def _mount_in_background(args: argparse.Namespace) -> None:
                 with contextlib.suppress(OSError):
                     os.write(write_fd, f"{PROGRESS} {done} {total}\n".encode())
 
-            _serve(args, ready, progress)
+            serve(args, ready, progress)
             code = 0
         except toc.LazymountError as e:
             with contextlib.suppress(OSError):
@@ -514,6 +536,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
         _serve(args, lambda: None)
     else:
         _mount_in_background(args)
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    import layerfs  # the snapshotter's daemon only
+
+    args.mountpoint = Path(args.mountpoint).absolute()
+    args.specs = os.path.abspath(args.specs)
+    if not args.mountpoint.is_dir():
+        raise MountError(f"mount point {args.mountpoint} is not a directory")
+    if args.foreground:
+        layerfs.serve_layers(args, lambda: None)
+    else:
+        _mount_in_background(args, layerfs.serve_layers)
     return 0
 
 
@@ -766,12 +802,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the mount's stats (as `stats --json`) here after the command")
     running.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... (default: Entrypoint + Cmd)")
 
-    p = sub.add_parser("mount", parents=[image], help="mount an image read-only (FUSE)")
-    p.add_argument("mountpoint")
+    daemon = argparse.ArgumentParser(add_help=False)
+    daemon.add_argument("mountpoint")
+    daemon.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    daemon.add_argument("-o", dest="options", metavar="FUSE_OPTS",
+                        help="extra FUSE options, e.g. allow_other")
+
+    p = sub.add_parser("mount", parents=[image, daemon], help="mount an image read-only (FUSE)")
     p.add_argument("--layer", metavar="DIGEST", help="mount one layer as an overlayfs lower directory")
-    p.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
-    p.add_argument("-o", dest="options", metavar="FUSE_OPTS", help="extra FUSE options, e.g. allow_other")
     p.set_defaults(func=cmd_mount)
+
+    specs = argparse.ArgumentParser(add_help=False)
+    specs.add_argument("specs", help="directory of layer spec files NAME.json")
+    p = sub.add_parser("layers", parents=[registry, mounting, specs, daemon],
+                       help="serve many layers from one daemon, each a top-level directory named after its "
+                            "spec file in SPECS (what the snapshotter runs; see layerfs.py)")
+    p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("umount", help="unmount (also a mount whose daemon died)")
     p.add_argument("mountpoint")
@@ -839,4 +885,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("lazymount", sys.modules[__name__])  # `python -m lazymount`: layerfs imports us
     sys.exit(main())

@@ -5,8 +5,8 @@ out like containerd's built-in overlayfs snapshotter (`ROOT/snapshots/ID/fs` and
 answers, usage), the remote-layer flow (a layer is mounted lazily, committed under its chain ID and
 answered ALREADY_EXISTS, or declined so containerd downloads it), restoring remote layers, the health
 service, Prometheus metrics and the daemon's command line.  What never does: the metadata and its
-queries (snapshot_store.py), FUSE, registry HTTP or the eStargz format — a layer is mounted by
-`lazymount mount --layer` (lazymount.py, tree.py) and probed through fetch.py and toc.py.
+queries (snapshot_store.py), FUSE, registry HTTP or the eStargz format — every lazy layer is served by
+one `lazymount layers` daemon (layerfs.py) and probed through fetch.py and toc.py.
 
 Containerd registers it with ``[proxy_plugins.lazymount] type = "snapshot" address = "SOCKET"``
 (contrib/containerd-config.toml).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -68,7 +69,7 @@ SERVICE_NAME = "containerd.services.snapshots.v1.Snapshots"
 DEFAULT_ADDRESS = "/run/lazymount/snapshotter.sock"
 DEFAULT_ROOT = "/var/lib/lazymount-snapshotter"
 LIST_BATCH = 100  # Info messages per ListSnapshotsResponse
-MOUNT_TIMEOUT = 300.0  # seconds one `lazymount mount --layer` may take (TOC fetch included)
+MOUNT_TIMEOUT = 300.0  # seconds starting the `lazymount layers` daemon may take
 IMAGE_CACHE_SIZE = 32  # resolved images kept to find the descriptors of their layers
 GRACE_SECONDS = 10.0  # in-flight calls may finish this long after SIGTERM
 
@@ -122,17 +123,21 @@ def disk_usage(root: Path) -> tuple[int, int]:
 
 
 class LayerMounter(Protocol):
-    """What the snapshotter needs of a lazy file system: one read-only tree per layer, shaped as an
-    overlayfs lower directory (whiteouts as 0:0 character devices, `trusted.overlay.opaque=y`)."""
+    """What the snapshotter needs of a lazy file system: one read-only directory per layer, shaped as an
+    overlayfs lower directory (whiteouts as 0:0 character devices, `trusted.overlay.opaque=y`), named by
+    the snapshotter (`name`: the snapshot's ID)."""
 
-    def mount(self, reference: str, layer_digest: str, mountpoint: Path) -> None:
-        """Mount the layer at `mountpoint` or raise DeclinedError with the reason."""
+    def mount(self, name: str, reference: str, layer_digest: str) -> None:
+        """Serve the layer as `name` or raise DeclinedError with the reason."""
 
-    def alive(self, mountpoint: Path) -> bool:
-        """Whether the layer's mount at `mountpoint` answers."""
+    def directory(self, name: str) -> Path:
+        """Where the layer `name` is served."""
 
-    def unmount(self, mountpoint: Path) -> None:
-        """Unmount (also a mount whose server died); no error if nothing is mounted there."""
+    def alive(self, name: str) -> bool:
+        """Whether the layer `name` is served (loading it if its server just started)."""
+
+    def unmount(self, name: str) -> None:
+        """Stop serving the layer `name`; no error if it is not served."""
 
 
 def _mount_state(mountpoint: Path) -> str:
@@ -150,23 +155,26 @@ def _mount_state(mountpoint: Path) -> str:
     return "alive"
 
 
-class DaemonMounter:
-    """Mounts each layer with `lazymount mount --layer` (its own daemon process, which survives a restart
-    of the snapshotter) after probing the registry: the layer must be eStargz (a TOC digest annotation
-    and an eStargz footer) and its registry must answer Range requests."""
+class LayerDaemon:
+    """Serves every layer from one `lazymount layers` daemon (layerfs.py) mounted at ROOT/layers, which
+    survives a restart of the snapshotter and is started again when found dead.  A layer is handed over
+    as a spec file in ROOT/layer-specs after probing the registry: the layer must be eStargz (a TOC digest
+    annotation and an eStargz footer) and its registry must answer Range requests."""
 
     def __init__(self, root: Path, config_path: str | None) -> None:
         self.root, self.config_path = root, config_path
+        self.mountpoint, self.spec_dir = root / "layers", root / "layer-specs"
         self._config: fetch.Config | None = None
         self._images: OrderedDict[str, fetch.Image] = OrderedDict()
         self._lock = threading.Lock()
+        self._daemon_lock = threading.Lock()
 
-    def _lazymount(self) -> types.ModuleType:
+    def _layerfs(self) -> types.ModuleType:
         """The FUSE side, imported at call time: the snapshotter serves ordinary layers without it."""
         if not os.path.exists("/dev/fuse"):
             raise DeclinedError("lazy mount unavailable: no /dev/fuse")
         try:
-            module = importlib.import_module("lazymount")
+            module = importlib.import_module("layerfs")
         except (ImportError, OSError) as e:  # mfusepy raises OSError without libfuse
             raise DeclinedError(f"lazy mount unavailable: {type(e).__name__}: {e}") from None
         return module
@@ -187,8 +195,9 @@ class DaemonMounter:
                 self._images.popitem(last=False)
         return image
 
-    def probe(self, reference: str, layer_digest: str) -> None:
-        """Raise DeclinedError unless the layer is eStargz in a registry that answers Range requests."""
+    def probe(self, reference: str, layer_digest: str) -> fetch.Descriptor:
+        """The layer's descriptor; DeclinedError unless it is eStargz in a registry that answers Range
+        requests."""
         try:
             image = self._image(reference)
             descriptor = next((d for d in image.layers if d.digest == layer_digest), None)
@@ -205,37 +214,80 @@ class DaemonMounter:
             raise DeclinedError(f"layer is not eStargz ({e})") from None
         except (fetch.RegistryError, fetch.InvalidInputError, OSError) as e:
             raise DeclinedError(f"registry unreachable or refused: {e}") from None
+        return descriptor
 
-    def mount(self, reference: str, layer_digest: str, mountpoint: Path) -> None:
-        self._lazymount()
-        self.probe(reference, layer_digest)
-        logs = self.root / "logs"
-        logs.mkdir(exist_ok=True)
-        command = [sys.executable, "-m", "lazymount", "-v", "mount", "--layer", layer_digest,
-                   "--cache-dir", str(self.root / "cache"), "-o", "allow_other",
-                   "--log-file", str(logs / f"{layer_digest[7:]}.log"), reference, str(mountpoint)]
-        env = dict(os.environ)
-        if self.config_path:
-            env["LAZYMOUNT_CONFIG"] = str(Path(self.config_path).absolute())
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=MOUNT_TIMEOUT,
-                                    check=False, cwd=Path(__file__).parent)
-        except subprocess.TimeoutExpired:
-            self.unmount(mountpoint)
-            raise DeclinedError(f"mounting took over {MOUNT_TIMEOUT:.0f} s") from None
-        if result.returncode != 0:
-            message = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
-            raise DeclinedError(f"mount failed: {message[0].removeprefix('lazymount: error: ')}")
-
-    def alive(self, mountpoint: Path) -> bool:
-        return _mount_state(mountpoint) == "alive"
-
-    def unmount(self, mountpoint: Path) -> None:
-        if _mount_state(mountpoint) != "absent":
+    def _ensure_daemon(self) -> None:
+        """Start the daemon unless its mount answers (a dead one is unmounted first)."""
+        layerfs = self._layerfs()
+        with self._daemon_lock:
+            state = _mount_state(self.mountpoint)
+            if state == "alive":
+                return
+            if state == "dead":
+                log.warning("the layer daemon at %s died: starting it again", self.mountpoint)
+                try:
+                    layerfs.lazymount.unmount(self.mountpoint)
+                except toc.LazymountError as e:
+                    raise DeclinedError(f"cannot unmount the dead layer daemon: {e}") from None
+            self.mountpoint.mkdir(exist_ok=True)
+            logs = self.root / "logs"
+            logs.mkdir(exist_ok=True)
+            command = [sys.executable, "-m", "lazymount", "-v", "layers", "--cache-dir",
+                       str(self.root / "cache"), "-o", "allow_other", "--log-file", str(logs / "layers.log"),
+                       str(self.spec_dir), str(self.mountpoint)]
+            env = dict(os.environ)
+            if self.config_path:
+                env["LAZYMOUNT_CONFIG"] = str(Path(self.config_path).absolute())
             try:
-                self._lazymount().unmount(mountpoint)
-            except toc.LazymountError as e:
-                log.warning("unmounting %s: %s", mountpoint, e)
+                result = subprocess.run(command, capture_output=True, text=True, env=env,
+                                        timeout=MOUNT_TIMEOUT, check=False, cwd=Path(__file__).parent)
+            except subprocess.TimeoutExpired:
+                raise DeclinedError(f"starting the layer daemon took over {MOUNT_TIMEOUT:.0f} s") from None
+            if result.returncode != 0:
+                message = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
+                raise DeclinedError(f"mount failed: {message[0].removeprefix('lazymount: error: ')}")
+            log.info("layer daemon serving %s", self.mountpoint)
+
+    def _sync(self, name: str) -> dict:
+        """Ask the daemon to load the layer `name` (or forget it, its spec gone): its JSON answer."""
+        try:
+            return json.loads(os.getxattr(self.mountpoint, self._layerfs().LAYER_XATTR + name))
+        except OSError as e:
+            return {"error": e.strerror or str(e)}
+
+    def mount(self, name: str, reference: str, layer_digest: str) -> None:
+        layerfs = self._layerfs()
+        descriptor = self.probe(reference, layer_digest)
+        layerfs.write_spec(self.spec_dir, name, reference, layer_digest, descriptor.size,
+                           descriptor.annotations[convert.TOC_DIGEST_ANNOTATION])
+        try:
+            self._ensure_daemon()
+            error = self._sync(name).get("error")
+            if error:
+                raise DeclinedError(f"mount failed: {error}")
+        except DeclinedError:
+            self.unmount(name)
+            raise
+
+    def directory(self, name: str) -> Path:
+        return self.mountpoint / name
+
+    def alive(self, name: str) -> bool:
+        return _mount_state(self.mountpoint) == "alive" and "error" not in self._sync(name)
+
+    def unmount(self, name: str) -> None:
+        if not self.spec_dir.is_dir():
+            return  # no layer was ever handed over
+        try:
+            spec = self._layerfs().spec_path(self.spec_dir, name)
+            if not spec.exists():
+                return
+            spec.unlink()
+        except (toc.LazymountError, OSError) as e:
+            log.warning("removing the spec of layer %s: %s", name, e)
+            return
+        if _mount_state(self.mountpoint) == "alive":
+            self._sync(name)  # the daemon forgets the layer
 
 
 def _remote_source(labels: Mapping[str, str]) -> tuple[str, str]:
@@ -318,14 +370,13 @@ class Snapshotter:
         return info.kind == COMMITTED and info.parent == parent and REMOTE_LABEL in info.labels
 
     def _try_remote(self, snapshot: Snapshot, key: str, target: str, labels: Mapping[str, str]) -> None:
-        mountpoint = self._fs(snapshot.id)
         try:
             reference, digest = _remote_source(labels)
         except DeclinedError as e:
             self._log_prepared(False, str(e), "-", key)
             return
         try:
-            self.mounter.mount(reference, digest, mountpoint)
+            self.mounter.mount(str(snapshot.id), reference, digest)
         except DeclinedError as e:
             self._log_prepared(False, str(e), digest, key)
             return
@@ -338,8 +389,8 @@ class Snapshotter:
             self._log_prepared(True, "committed meanwhile by a concurrent prepare", digest, key)
             raise
         except SnapshotError as e:
-            # The layer is mounted on this active snapshot's directory: keep the key unusable rather
-            # than hand out a directory the file system has touched (as stargz-snapshotter does).
+            # The layer is served under this active snapshot's ID: keep the key unusable rather than hand
+            # out a snapshot the lazy file system stands for (as stargz-snapshotter does).
             self._log_prepared(False, f"commit failed: {e}", digest, key)
             raise
         REMOTE_MOUNTED.inc()
@@ -361,43 +412,51 @@ class Snapshotter:
         return self._mounts(snapshot)
 
     def _mounts(self, snapshot: Snapshot) -> list[mount_pb2.Mount]:
-        """The mounts of containerd's overlayfs snapshotter, after checking the remote layers below."""
-        self._ensure_remote_layers(snapshot.parent_ids)
+        """The mounts of containerd's overlayfs snapshotter, after checking the remote layers below (their
+        directories are the lazy file system's)."""
+        remote = self._ensure_remote_layers(snapshot.parent_ids)
+
+        def layer(sid: int) -> str:
+            return str(self.mounter.directory(str(sid)) if sid in remote else self._fs(sid))
+
         if not snapshot.parent_ids:
             flag = "ro" if snapshot.kind == VIEW else "rw"
             return [mount_pb2.Mount(type="bind", source=str(self._fs(snapshot.id)), options=[flag, "rbind"])]
         if snapshot.kind != ACTIVE and len(snapshot.parent_ids) == 1:
-            return [mount_pb2.Mount(type="bind", source=str(self._fs(snapshot.parent_ids[0])),
+            return [mount_pb2.Mount(type="bind", source=layer(snapshot.parent_ids[0]),
                                     options=["ro", "rbind"])]
         options = ["index=off"] if self._index_off else []
         if snapshot.kind == ACTIVE:
             options += [f"workdir={self._work(snapshot.id)}", f"upperdir={self._fs(snapshot.id)}"]
-        options.append("lowerdir=" + ":".join(str(self._fs(p)) for p in snapshot.parent_ids))
+        options.append("lowerdir=" + ":".join(layer(p) for p in snapshot.parent_ids))
         return [mount_pb2.Mount(type="overlay", source="overlay", options=options)]
 
     # -- remote layer health -----------------------------------------------------------------------
 
-    def _ensure_remote_layers(self, ids: Sequence[int]) -> None:
-        """Mount again every remote layer among `ids` whose mount died; UnavailableError if one cannot."""
+    def _ensure_remote_layers(self, ids: Sequence[int]) -> set[int]:
+        """The remote layers among `ids`, each mounted again if its mount died; UnavailableError if one
+        cannot be."""
         if not ids:
-            return
+            return set()
         with self.store.transaction() as db:
             remote = self.store.remote_layers(db, ids)
         for sid, info in remote:
-            if not self.mounter.alive(self._fs(sid)):
+            if not self.mounter.alive(str(sid)):
                 self._restore(sid, info)
+        return {sid for sid, _ in remote}
 
     def _restore(self, sid: int, info: Info) -> None:
         with self._restore_guard:
             lock = self._restore_locks.setdefault(sid, threading.Lock())
         with lock:
-            mountpoint = self._fs(sid)
-            if self.mounter.alive(mountpoint):
+            name = str(sid)
+            if self.mounter.alive(name):
                 return
-            log.warning("remote layer %s (%s) is not mounted: mounting it again", info.name, mountpoint)
-            self.mounter.unmount(mountpoint)
+            log.warning("remote layer %s (%s) is not mounted: mounting it again", info.name,
+                        self.mounter.directory(name))
+            self.mounter.unmount(name)
             try:
-                self.mounter.mount(*_remote_source(info.labels), mountpoint)
+                self.mounter.mount(name, *_remote_source(info.labels))
             except DeclinedError as e:
                 REMOTE_RESTORES.labels(result="failed").inc()
                 log.error("remote layer %s unavailable: %s", info.name, e)
@@ -411,7 +470,7 @@ class Snapshotter:
             remote = self.store.remote_layers(db)
         REMOTE_MOUNTED.set(len(remote))
         for sid, info in remote:
-            if self.mounter.alive(self._fs(sid)):
+            if self.mounter.alive(str(sid)):
                 log.info("remote layer %s still mounted", info.name)
                 continue
             with contextlib.suppress(UnavailableError):
@@ -438,7 +497,7 @@ class Snapshotter:
 
     def _remove_directory(self, directory: Path) -> None:
         fs = directory / "fs"
-        self.mounter.unmount(fs)
+        self.mounter.unmount(directory.name)
         if _mount_state(fs) != "absent":
             log.error("%s is still mounted: not removing %s", fs, directory)
             return
@@ -608,7 +667,7 @@ def serve(args: argparse.Namespace) -> None:
     """Restore remote layers, serve until SIGTERM or SIGINT, then stop gracefully."""
     root = Path(args.root).absolute()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    snapshotter = Snapshotter(root, DaemonMounter(root, args.config))
+    snapshotter = Snapshotter(root, LayerDaemon(root, args.config))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

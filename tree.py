@@ -491,6 +491,34 @@ class ReadState:
     ahead_until: int = 0
 
 
+class ReadActivity:
+    """Reads in flight, so that background fetches wait while anyone reads.  One may be shared by several
+    views (the snapshotter's layer daemon serves many layers in one process): then no layer's background
+    fetch competes with another layer's readers."""
+
+    def __init__(self) -> None:
+        self._busy = 0
+        self._idle = threading.Condition()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Count a read for the duration of the block."""
+        with self._idle:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, stop: threading.Event) -> None:
+        """Return once no read is in flight, or `stop` is set."""
+        with self._idle:
+            while self._busy and not stop.is_set():
+                self._idle.wait(1.0)
+
+
 class ImageView:
     """An image's layers, their merged tree once every layer is indexed, and file data through the cache.
 
@@ -500,7 +528,8 @@ class ImageView:
 
     def __init__(self, layers: Sequence[Layer], chunk_cache: cache.ChunkCache, work_dir: Path, *,
                  raw: bool = False, opaque_xattr: str = "trusted.overlay.opaque", prefetch: bool = True,
-                 background: bool = True, recorder: AccessRecorder | None = None) -> None:
+                 background: bool = True, recorder: AccessRecorder | None = None,
+                 activity: ReadActivity | None = None) -> None:
         self.layers = list(layers)
         self.recorder = recorder
         self.cache, self.work_dir = chunk_cache, Path(work_dir)
@@ -511,8 +540,7 @@ class ImageView:
         self._tree: MergedTree | None = None
         self._ready = threading.Event()
         self._stop = threading.Event()
-        self._busy = 0
-        self._idle = threading.Condition()
+        self.activity = activity if activity is not None else ReadActivity()
         self._ahead = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "readahead")
         self._neighbour_lock = threading.Lock()
         self._neighbour_bytes: dict[str, bytes] = {}  # digest -> compressed chunk fetched with a neighbour
@@ -595,7 +623,7 @@ class ImageView:
             for span in _spans(missing):
                 if self._stop.is_set():
                     return
-                self._wait_idle()
+                self.activity.wait_idle(self._stop)
                 self._fetch_span(layer, span[0].comp_offset, span[-1].comp_end, span, "background_bytes")
         self.fetch_state = "done"
         log.info("background fetch complete")
@@ -694,11 +722,6 @@ class ImageView:
             layer.count("errors")
             log.warning("layer %s: fetching [%d, %d) failed: %s", layer.digest, start, end, e)
 
-    def _wait_idle(self) -> None:
-        with self._idle:
-            while self._busy and not self._stop.is_set():
-                self._idle.wait(1.0)
-
     # -- reads --------------------------------------------------------------------------------------
 
     def opened(self, node: Node) -> None:
@@ -716,16 +739,10 @@ class ImageView:
         assert index is not None
         chunks = index.chunk_range(node.entry, offset, size)
         out = bytearray()
-        with self._idle:
-            self._busy += 1
-        try:
+        with self.activity.reading():
             for c in chunks:
                 out += self._chunk(layer, c, node, max(offset, c.file_offset) - c.file_offset,
                                    min(offset + size, c.file_offset + c.size) - c.file_offset)
-        finally:
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
         layer.count("bytes_served", len(out))
         if state is not None and chunks:
             self._read_ahead(layer, node, chunks[-1], offset, len(out), state)

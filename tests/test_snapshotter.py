@@ -99,6 +99,12 @@ class Snapshotter:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def unmount_layers(self) -> None:
+        """Unmount the layer daemon's file system (the daemon then exits), if it is mounted."""
+        layers = self.root / "layers"
+        if str(layers) in _mount_points():
+            subprocess.run(["fusermount3", "-u", "-z", str(layers)], check=False)
+
     @property
     def stub(self) -> snapshots_pb2_grpc.SnapshotsStub:
         assert self.channel is not None
@@ -197,6 +203,11 @@ def remove_all(root: Path, rel: str) -> None:
         path.unlink()
 
 
+def _mount_points() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f]
+
+
 @pytest.fixture()
 def sn(tmp_path: Path) -> Iterator[Snapshotter]:
     daemon = Snapshotter(tmp_path / "root", tmp_path / "sn.sock").start()
@@ -204,6 +215,7 @@ def sn(tmp_path: Path) -> Iterator[Snapshotter]:
         yield daemon
     finally:
         daemon.stop()
+        daemon.unmount_layers()
 
 
 def test_generated_stubs_are_current() -> None:
@@ -785,13 +797,34 @@ def _remote_snapshots(containerd: Containerd) -> list[str]:
     return [i["Name"] for i in infos if snapshot_grpc.REMOTE_LABEL in (i.get("Labels") or {})]
 
 
-def _layer_mounts(daemon: Snapshotter) -> dict[str, int]:
-    """mountpoint -> PID of the `lazymount mount --layer` daemon serving it, for the snapshotter's layers."""
+def served_layers(daemon: Snapshotter) -> dict[str, int]:
+    """Layer name (its spec file's) -> PID of the `lazymount layers` daemon serving it, for the layers the
+    snapshotter handed over and that are served now."""
     out = {}
-    for fs in (daemon.root / "snapshots").glob("*/fs"):
+    for spec in (daemon.root / "layer-specs").glob("*.json"):
         with contextlib.suppress(OSError, ValueError, KeyError):
-            out[str(fs)] = json.loads(os.getxattr(fs, "user.lazymount.stats"))["pid"]
+            stats = json.loads(os.getxattr(daemon.root / "layers" / spec.stem, "user.lazymount.stats"))
+            out[spec.stem] = stats["pid"]
     return out
+
+
+def layer_daemons(daemon: Snapshotter) -> list[int]:
+    """PIDs of the `lazymount layers` processes serving under the snapshotter's root."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit():
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if b"layers" in argv and str(daemon.root / "layers").encode() in argv:
+                    pids.append(int(proc.name))
+    return pids
+
+
+def _fuse_mounts(daemon: Snapshotter) -> list[str]:
+    """The FUSE mounts under the snapshotter's root."""
+    with open("/proc/self/mountinfo") as f:
+        fields = [line.split() for line in f]
+    return [f[4] for f in fields if f[4].startswith(str(daemon.root)) and "fuse.lazymount" in f]
 
 
 @needs_containerd
@@ -805,7 +838,10 @@ def test_containerd_rpull_estargz_is_lazy(stack: tuple[Containerd, Snapshotter],
     assert daemon.log().count("remote-snapshot-prepared: true") == len(layers) == 2
     content = containerd.ctr("content", "ls", "-q", text=True).stdout.split()
     assert not set(layers) & set(content)
-    assert len(_layer_mounts(daemon)) == 2
+    served = served_layers(daemon)
+    assert len(served) == 2
+    assert layer_daemons(daemon) == sorted(set(served.values())), "one daemon serves every layer"
+    assert len(_fuse_mounts(daemon)) == 1
     assert len(_remote_snapshots(containerd)) == 2
     assert _ctr_run(containerd, image, "lazy-run", 'read line < /hello.txt; echo "$line"') == \
         "hello from a lazymount snapshot\n"
@@ -814,30 +850,30 @@ def test_containerd_rpull_estargz_is_lazy(stack: tuple[Containerd, Snapshotter],
 @needs_containerd
 def test_containerd_dead_layer_mount_is_restored(stack: tuple[Containerd, Snapshotter],
                                                  lazy_image: tuple[str, list]) -> None:
-    """A layer daemon killed: the next container start mounts the layer again; a snapshotter killed and
-    restarted adopts the live layer mounts; started with none mounted, it mounts them before serving."""
+    """The layer daemon killed: the next container start starts it again and serves every layer; a
+    snapshotter killed and restarted adopts the live daemon; started with none mounted, it mounts the
+    layers before serving."""
     containerd, daemon = stack
     image, _ = lazy_image
     containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", image)
-    before = _layer_mounts(daemon)
-    victim, pid = sorted(before.items())[0]
+    before = served_layers(daemon)
+    (pid,) = set(before.values())
     os.kill(pid, signal.SIGKILL)
     assert _ctr_run(containerd, image, "restored-run", "echo ok") == "ok\n"
-    after = _layer_mounts(daemon)
-    assert set(after) == set(before) and after[victim] != pid
+    after = served_layers(daemon)
+    assert set(after) == set(before) and len(set(after.values())) == 1 and pid not in after.values()
     assert "is not mounted: mounting it again" in daemon.log()
 
     daemon.stop(signal.SIGKILL)
     daemon.start()
-    assert _layer_mounts(daemon) == after, "live layer mounts are kept across a restart"
+    assert served_layers(daemon) == after, "live layer mounts are kept across a restart"
     _snapshot_names(containerd)  # waits until containerd has redialled
     assert _ctr_run(containerd, image, "after-restart-lazy", "echo ok") == "ok\n"
 
     daemon.stop()  # as after a reboot: the snapshotter starts with no layer mounted
-    for mountpoint in after:
-        subprocess.run(["fusermount3", "-u", mountpoint], check=True)
+    subprocess.run(["fusermount3", "-u", str(daemon.root / "layers")], check=True)
     daemon.start()
-    remounted = _layer_mounts(daemon)
+    remounted = served_layers(daemon)
     assert set(remounted) == set(after) and not set(remounted.values()) & set(after.values())
     _snapshot_names(containerd)
     assert _ctr_run(containerd, image, "after-reboot-lazy", "echo ok") == "ok\n"
@@ -850,9 +886,9 @@ def test_containerd_image_removal_unmounts_layers(stack: tuple[Containerd, Snaps
     containerd, daemon = stack
     image, _ = lazy_image
     containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", image)
-    assert len(_layer_mounts(daemon)) == 2
+    assert len(served_layers(daemon)) == 2
     containerd.ctr("images", "rm", "--sync", image)
-    assert _layer_mounts(daemon) == {}
+    assert served_layers(daemon) == {}
     assert _remote_snapshots(containerd) == []
 
 
@@ -897,15 +933,45 @@ def test_remote_layer_from_cri_labels(sn: Snapshotter, lazy_image: tuple[str, li
     assert grpc_code(lambda: sn.prepare("ns2/7/extract-2 " + target, "", labels)) == \
         grpc.StatusCode.ALREADY_EXISTS
     assert 'remote-snapshot-prepared: true reason="mounted lazily"' in sn.log()
-    mounts = _layer_mounts(sn)
+    mounts = served_layers(sn)
     assert len(mounts) == 1
     with mounted(sn.view("v", target), sn.root.parent / "view") as view:
         assert (view / "hello.txt").exists() is False  # the bottom layer only
         assert (view / "bin" / "sh").is_file() or (view / "usr" / "bin" / "sh").is_file()
     sn.remove("v")
     sn.remove(target)
-    assert _layer_mounts(sn) == {}
+    assert served_layers(sn) == {}
     assert not any((sn.root / "snapshots").iterdir())
+
+
+@needs_containerd
+def test_remote_layers_share_one_daemon(sn: Snapshotter, lazy_image: tuple[str, list]) -> None:
+    """Every lazily prepared layer is served by one daemon process from one FUSE mount; that daemon
+    killed, the next Mounts call starts it again and serves every layer (never a hung mount)."""
+    image, layers = lazy_image
+    parent = ""
+    for i, digest in enumerate(layers):
+        target = f"sha256:{i + 10:064x}"
+        labels = _layer_labels(image, digest, target)
+        key = f"ns/1/extract-{i} {target}"
+        with pytest.raises(grpc.RpcError) as raised:
+            sn.prepare(key, parent, labels)
+        assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        parent = target
+    served = served_layers(sn)
+    assert len(served) == len(layers) == 2
+    assert layer_daemons(sn) == sorted(set(served.values())), "one daemon serves every layer"
+    assert _fuse_mounts(sn) == [str(sn.root / "layers")]
+    sn.prepare("container", parent)
+
+    (pid,) = set(served.values())
+    os.kill(pid, signal.SIGKILL)
+    mounts = sn.stub.Mounts(pb.MountsRequest(key="container")).mounts
+    restored = served_layers(sn)
+    assert set(restored) == set(served) and len(set(restored.values())) == 1 and pid not in restored.values()
+    assert _fuse_mounts(sn) == [str(sn.root / "layers")]
+    with mounted(list(mounts), sn.root.parent / "container") as rootfs:
+        assert (rootfs / "hello.txt").read_text() == "hello from a lazymount snapshot\n"
 
 
 @needs_containerd
@@ -931,7 +997,7 @@ def test_remote_declines_fall_back_to_overlay(sn: Snapshotter, estargz_layout: P
             assert f'remote-snapshot-prepared: false reason="{reason}' in sn.log(), reason
     finally:
         proxy.stop()
-    assert _layer_mounts(sn) == {}
+    assert served_layers(sn) == {}
 
 
 @needs_containerd

@@ -1,0 +1,273 @@
+"""The snapshotter's layer daemon: one FUSE file system whose top-level directories are image layers.
+
+What belongs here: the spec files through which snapshot_grpc.py hands a layer over (one per layer, read
+when the layer is first used, so they outlive both processes), loading a layer into a raw tree.ImageView
+that shares the daemon's one registry client and one chunk cache, keeping the layers' inode numbers apart,
+and the FUSE operations that hand each path to its layer's lazymount.LazyFS.  What never does: the file
+system of one layer (lazymount.LazyFS over tree.py), snapshots (snapshot_grpc.py), HTTP (fetch.py).
+
+Layout of the mount: `/NAME` is the layer of `SPECS/NAME.json` exactly as `lazymount mount --layer` shows
+it (an overlayfs lower directory).  The root's virtual xattr `user.lazymount.layer.NAME` loads the layer
+and answers JSON (`{"error": ...}` if it cannot be served), or forgets the layer when its spec is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cache
+import fetch
+import lazymount
+import toc
+import tree
+
+mfusepy = lazymount.mfusepy  # as lazymount imported it: after choosing libfuse3
+log = logging.getLogger(__name__)
+
+LAYER_XATTR = "user.lazymount.layer."  # + NAME, on the root: load (or, its spec gone, forget) layer NAME
+SPEC_SUFFIX = ".json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+
+
+def spec_path(spec_dir: Path, name: str) -> Path:
+    """The spec file of layer `name` (letters, digits, `_` and `-`: never a path)."""
+    if not _NAME.fullmatch(name):
+        raise lazymount.MountError(f"invalid layer name {name[:100]!r}")
+    return spec_dir / f"{name}{SPEC_SUFFIX}"
+
+
+def write_spec(spec_dir: Path, name: str, reference: str, digest: str, size: int, toc_digest: str) -> None:
+    """Hand layer `digest` of image `reference` (blob `size` bytes, TOC digest `toc_digest`) to the daemon
+    under `name` (written whole: temp file, then rename)."""
+    path = spec_path(spec_dir, name)
+    spec_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"reference": reference, "digest": toc.check_digest(digest), "size": size,
+                               "toc_digest": toc.check_digest(toc_digest)}))
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Served:
+    """A loaded layer: its file system and the offset added to its inode numbers."""
+
+    fs: lazymount.LazyFS
+    ino_offset: int
+
+
+class LayersFS(mfusepy.Operations):
+    """The FUSE operations: `/NAME/...` goes to layer NAME's LazyFS, loaded on first use from its spec."""
+
+    use_ns = True
+
+    def __init__(self, spec_dir: Path, mountpoint: Path, client: fetch.RegistryClient,
+                 chunk_cache: cache.ChunkCache, work_dir: Path, on_ready: Callable[[], None], *,
+                 prefetch: bool = True, background: bool = True) -> None:
+        self.spec_dir, self.mountpoint, self.client, self.cache = spec_dir, mountpoint, client, chunk_cache
+        self.work_dir, self._on_ready = work_dir, on_ready
+        self.prefetch, self.background = prefetch, background
+        self._layers: dict[str, _Served] = {}
+        self._loading: dict[str, threading.Lock] = {}
+        self._next_ino = tree.ROOT_INO + 1  # the root of the mount is ROOT_INO; layers follow
+        self._lock = threading.Lock()
+        self._started = time.time_ns()
+        self.activity = tree.ReadActivity()  # one for all layers: background fetches wait for any reader
+
+    # -- the layer table ----------------------------------------------------------------------------
+
+    def layer(self, name: str) -> _Served:
+        """The layer `name`, loaded from its spec on first use; OSError ENOENT without a spec, EIO if it
+        cannot be loaded (an error is not cached: the next use tries again)."""
+        served = self._layers.get(name)
+        if served is not None:
+            return served
+        with self._lock:
+            lock = self._loading.setdefault(name, threading.Lock())
+        with lock:
+            served = self._layers.get(name)
+            if served is None:
+                try:
+                    served = self._load(name)
+                except FileNotFoundError:
+                    raise OSError(errno.ENOENT, name) from None
+                except (toc.LazymountError, OSError, ValueError, KeyError, TypeError) as e:
+                    log.warning("layer %s: %s", name, e)
+                    raise OSError(errno.EIO, f"layer {name}: {e}") from None
+        return served
+
+    def _load(self, name: str) -> _Served:
+        spec = json.loads(spec_path(self.spec_dir, name).read_text())
+        digest, toc_digest = toc.check_digest(spec["digest"]), toc.check_digest(spec["toc_digest"])
+        layer = tree.Layer(digest, self.client.blob(spec["reference"], digest, int(spec["size"])), toc_digest)
+        if not layer.open_index():
+            raise lazymount.MountError(f"layer {digest} is not eStargz")
+        assert layer.index is not None
+        view = tree.ImageView([layer], self.cache, self.work_dir, raw=True,
+                              opaque_xattr=lazymount.OPAQUE_XATTR, prefetch=self.prefetch,
+                              background=self.background, activity=self.activity)
+        prefetched = threading.Event()
+        view.start(prefetched.set)
+        prefetched.wait()  # like `lazymount mount`: the landmark range is in the cache before first use
+        info = {"reference": spec["reference"], "digest": digest, "mountpoint": str(self.mountpoint / name),
+                "config": {}}
+        with self._lock:
+            # MergedTree numbers its inodes ROOT_INO .. ROOT_INO + entries: give each layer its own range
+            served = _Served(lazymount.LazyFS(view, info, lambda: None), self._next_ino - tree.ROOT_INO)
+            self._next_ino += len(layer.index) + 1
+            self._layers[name] = served
+        log.info("layer %s: serving %s of %s (%d entries)", name, digest, spec["reference"], len(layer.index))
+        return served
+
+    def sync(self, name: str) -> dict:
+        """Load layer `name` (answer `{"error": ...}` if it cannot be), or forget it if its spec is gone
+        (OSError ENOATTR)."""
+        if not spec_path(self.spec_dir, name).exists():
+            with self._lock:
+                served = self._layers.pop(name, None)
+                self._loading.pop(name, None)
+            if served is not None:
+                served.fs.view.close()
+                log.info("layer %s: spec removed, forgotten", name)
+            raise OSError(mfusepy.ENOATTR, name)
+        try:
+            served = self.layer(name)
+        except OSError as e:
+            return {"error": e.strerror.removeprefix(f"layer {name}: ") if e.strerror else str(e)}
+        return {"pid": os.getpid(), "digest": served.fs.info["digest"],
+                "mountpoint": served.fs.info["mountpoint"]}
+
+    def close(self) -> None:
+        """Stop every layer's background work."""
+        with self._lock:
+            layers = list(self._layers.values())
+        for served in layers:
+            served.fs.view.close()
+
+    # -- FUSE operations ----------------------------------------------------------------------------
+
+    def _split(self, path: str) -> tuple[_Served | None, str]:
+        """(the layer, the path inside it) of a path; (None, '/') for the root."""
+        name, _, rest = path.lstrip("/").partition("/")
+        if not name:
+            return None, "/"
+        if not _NAME.fullmatch(name):
+            raise OSError(errno.ENOENT, path)
+        return self.layer(name), "/" + rest
+
+    @staticmethod
+    def _shifted(served: _Served, attrs: dict) -> dict:
+        return {**attrs, "st_ino": attrs["st_ino"] + served.ino_offset}
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def init(self, path: str) -> None:
+        self._on_ready()
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def destroy(self, path: str) -> None:
+        self.close()
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def getattr(self, path: str, fh: int | None = None) -> dict:
+        served, rest = self._split(path)
+        if served is None:
+            return {"st_ino": tree.ROOT_INO, "st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2,
+                    "st_mtime": self._started, "st_atime": self._started, "st_ctime": self._started,
+                    "st_blksize": tree.BLOCK_SIZE}
+        return self._shifted(served, served.fs.getattr(rest))
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def readdir(self, path: str, fh: int) -> Iterator[tuple[str, dict, int]]:
+        served, rest = self._split(path)
+        if served is not None:
+            for name, attrs, offset in served.fs.readdir(rest, fh):
+                yield name, self._shifted(served, attrs), offset
+            return
+        own = {"st_mode": stat.S_IFDIR | 0o755, "st_ino": tree.ROOT_INO}
+        yield ".", own, 0
+        yield "..", own, 0
+        with self._lock:
+            layers = list(self._layers.items())
+        for name, layer in layers:
+            yield name, self._shifted(layer, layer.fs.getattr("/")), 0
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def readlink(self, path: str) -> str:
+        served, rest = self._split(path)
+        if served is None:
+            raise OSError(errno.EINVAL, path)
+        return served.fs.readlink(rest)
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def open(self, path: str, flags: int) -> int:
+        served, rest = self._split(path)
+        if served is None:
+            raise OSError(errno.EISDIR, path)
+        return served.fs.open(rest, flags)  # ENOSYS: files are opened without a round trip (see LazyFS)
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        served, rest = self._split(path)
+        if served is None:
+            raise OSError(errno.EISDIR, path)
+        return served.fs.read(rest, size, offset, 0)
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        served, rest = self._split(path)
+        if served is not None:
+            return served.fs.getxattr(rest, name, position)
+        if name.startswith(LAYER_XATTR):
+            try:
+                return json.dumps(self.sync(name[len(LAYER_XATTR):])).encode()
+            except lazymount.MountError:
+                raise OSError(mfusepy.ENOATTR, name) from None
+        if name == lazymount.STATS_XATTR:
+            with self._lock:
+                layers = list(self._layers.values())
+            stats = [s for layer in layers for s in layer.fs.view.stats()["layers"]]
+            return json.dumps({"reference": f"layers of {self.spec_dir}", "mountpoint": str(self.mountpoint),
+                               "pid": os.getpid(), "layers": stats, "cache": self.cache.stats()}).encode()
+        raise OSError(mfusepy.ENOATTR, name)
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def listxattr(self, path: str) -> list[str]:
+        served, rest = self._split(path)
+        return served.fs.listxattr(rest) if served is not None else []
+
+    @mfusepy.overrides(mfusepy.Operations)
+    def statfs(self, path: str) -> dict[str, int]:
+        served, rest = self._split(path)
+        if served is not None:
+            return served.fs.statfs(rest)
+        return {"f_bsize": tree.BLOCK_SIZE, "f_frsize": tree.BLOCK_SIZE, "f_blocks": 0, "f_bfree": 0,
+                "f_bavail": 0, "f_files": len(self._layers) + 1, "f_ffree": 0, "f_favail": 0,
+                "f_namemax": 255}
+
+
+def serve_layers(args: argparse.Namespace, notify: Callable[[], None],
+                 progress: Callable[[int, int], None] | None = None) -> None:
+    """Serve the layers of the spec directory args.specs at args.mountpoint until unmounted; `notify` runs
+    once the mount answers (`progress` is unused: layers are prefetched when each is loaded)."""
+    mountpoint = Path(args.mountpoint)
+    cache_dir, chunk_cache = lazymount.open_chunk_cache(args)
+    client = lazymount.registry_client(args)
+    fs = LayersFS(Path(args.specs), mountpoint, client, chunk_cache, cache_dir / "layers",
+                  lazymount.announce(mountpoint, f"the layers of {args.specs}", notify),
+                  prefetch=args.prefetch, background=args.background_fetch)
+    try:
+        lazymount.serve_fuse(fs, mountpoint, args.options)
+    finally:
+        fs.close()
+        chunk_cache.close()
+        client.close()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+import config
 import fetch
 import toc
 
@@ -179,7 +180,7 @@ def _uncompressed_size(path: Path) -> int:
 class _LayoutSink:
     """Writes the converted image into an OCI layout."""
 
-    def __init__(self, ref: fetch.Reference) -> None:
+    def __init__(self, ref: config.Reference) -> None:
         self.layout = OCILayout(Path(ref.layout))
         self.tag = ref.tag
         self.staging = self.layout.root / "blobs" / "sha256"
@@ -208,7 +209,7 @@ class _RegistrySink:
     """Pushes the converted image to a registry: only blobs it lacks, mounted across repositories
     of the same registry where possible."""
 
-    def __init__(self, ref: fetch.Reference, client: fetch.RegistryClient) -> None:
+    def __init__(self, ref: config.Reference, client: fetch.RegistryClient) -> None:
         self.ref, self.client = ref, client
         self.staging = None
 
@@ -253,7 +254,7 @@ def convert_image(src_ref: str, dst_ref: str, options: ConvertOptions,
     converted blobs are pushed while later ones convert.  Returns the new manifest.
     """
     image = fetch.open_image(src_ref, platform=platform, client=client)
-    dst = fetch.parse_reference(dst_ref)
+    dst = config.parse_reference(dst_ref)
     if dst.layout is None and client is None:
         client = fetch.RegistryClient()
     sink = _LayoutSink(dst) if dst.layout is not None else _RegistrySink(dst, client)

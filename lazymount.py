@@ -34,6 +34,7 @@ from typing import BinaryIO
 import cachetools
 
 import cache
+import config
 import convert
 import fetch
 import toc
@@ -91,7 +92,7 @@ def read_profile(path: Path) -> dict[str, list[str]]:
         elif not line.strip() or line.startswith("#"):
             continue
         elif current is None:
-            raise fetch.InvalidInputError(f"{path}:{number}: a path before any '{PROFILE_LAYER}DIGEST' line")
+            raise config.InvalidInputError(f"{path}:{number}: a path before any '{PROFILE_LAYER}DIGEST' line")
         else:
             current.append(line.lstrip("/"))
     return profile
@@ -135,7 +136,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                           "tocDigest": info.toc_digest, "uncompressedSize": info.uncompressed_size,
                           "entries": info.entries, "annotations": info.annotations}, indent=2))
         return 0
-    refs = fetch.parse_reference(args.src), fetch.parse_reference(args.dst)
+    refs = config.parse_reference(args.src), config.parse_reference(args.dst)
     manifest = convert.convert_image(args.src, args.dst, options, registry_client(args, *refs), args.platform)
     _print_manifest_layers(manifest)
     return 0
@@ -150,7 +151,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if _is_local_file(args.src):
         blobs = [(args.src, tree.FileBlob(Path(args.src)), None)]
     else:
-        ref = fetch.parse_reference(args.src)
+        ref = config.parse_reference(args.src)
         image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
         layers = [d for d in image.layers if args.layer in (None, d.digest)]
         if not layers:
@@ -359,16 +360,16 @@ def _parse_fuse_options(text: str | None) -> dict[str, str | bool]:
     return options
 
 
-def registry_client(args: argparse.Namespace, *refs: fetch.Reference) -> fetch.RegistryClient:
+def registry_client(args: argparse.Namespace, *refs: config.Reference) -> fetch.RegistryClient:
     """A registry client configured from the config file and the --creds/--plain-http flags."""
-    config = fetch.load_config(args.config, **({"plain_http": True} if args.plain_http else {}))
+    settings = config.load_config(args.config, **({"plain_http": True} if args.plain_http else {}))
     credentials = None
     if args.creds:
         user, sep, password = args.creds.partition(":")
         if not sep:
-            raise fetch.InvalidInputError("--creds takes USER:PASSWORD")
+            raise config.InvalidInputError("--creds takes USER:PASSWORD")
         credentials = {ref.domain: (user, password) for ref in refs if ref.layout is None}
-    return fetch.RegistryClient(config, credentials)
+    return fetch.RegistryClient(settings, credentials)
 
 
 def open_chunk_cache(args: argparse.Namespace) -> tuple[Path, cache.ChunkCache]:
@@ -379,7 +380,7 @@ def open_chunk_cache(args: argparse.Namespace) -> tuple[Path, cache.ChunkCache]:
 
 def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
     """Resolve the image, read every eStargz layer's TOC, and set up the cache and the view."""
-    ref = fetch.parse_reference(args.image)
+    ref = config.parse_reference(args.image)
     image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
     descriptors = image.layers
     if args.layer:
@@ -730,8 +731,8 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     if bool(args.profile) == bool(args.workload):
-        raise fetch.InvalidInputError("give either --profile FILE (repeatable) or --workload CMD")
-    refs = fetch.parse_reference(args.src), fetch.parse_reference(args.dst)
+        raise config.InvalidInputError("give either --profile FILE (repeatable) or --workload CMD")
+    refs = config.parse_reference(args.src), config.parse_reference(args.dst)
     if args.workload:
         args.image, args.bind, args.stats_file = args.src, [], None
         code, profile = record_workload(args, shlex.split(args.workload))

@@ -39,6 +39,7 @@ import prometheus_client
 from google.protobuf import empty_pb2, timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+import config
 import convert
 import fetch
 import mount_pb2
@@ -164,7 +165,7 @@ class LayerDaemon:
     def __init__(self, root: Path, config_path: str | None) -> None:
         self.root, self.config_path = root, config_path
         self.mountpoint, self.spec_dir = root / "layers", root / "layer-specs"
-        self._config: fetch.Config | None = None
+        self._config: config.Config | None = None
         self._images: OrderedDict[str, fetch.Image] = OrderedDict()
         self._lock = threading.Lock()
         self._daemon_lock = threading.Lock()
@@ -186,9 +187,9 @@ class LayerDaemon:
                 self._images.move_to_end(reference)
                 return image
             if self._config is None:
-                self._config = fetch.load_config(self.config_path)
-            config = self._config
-        image = fetch.open_image(reference, config)
+                self._config = config.load_config(self.config_path)
+            settings = self._config
+        image = fetch.open_image(reference, settings)
         with self._lock:
             self._images[reference] = image
             while len(self._images) > IMAGE_CACHE_SIZE:
@@ -212,7 +213,7 @@ class LayerDaemon:
             toc.parse_footer(tail, descriptor.size)
         except toc.FooterError as e:
             raise DeclinedError(f"layer is not eStargz ({e})") from None
-        except (fetch.RegistryError, fetch.InvalidInputError, OSError) as e:
+        except (fetch.RegistryError, config.InvalidInputError, OSError) as e:
             raise DeclinedError(f"registry unreachable or refused: {e}") from None
         return descriptor
 
@@ -703,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"unix socket to serve (default {DEFAULT_ADDRESS})")
     parser.add_argument("--root", default=DEFAULT_ROOT,
                         help=f"snapshots and metadata (default {DEFAULT_ROOT})")
-    parser.add_argument("--config", metavar="FILE", help="registry config YAML (see fetch.load_config)")
+    parser.add_argument("--config", metavar="FILE", help="registry config YAML (see config.load_config)")
     parser.add_argument("--metrics-address", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser

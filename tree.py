@@ -35,7 +35,10 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 ROOT_INO = 1
 BLOCK_SIZE = 4096  # st_blksize and statfs block size
-PREFETCH_SPAN = 16 << 20  # compressed bytes fetched in one request by prefetch and background fetch
+PREFETCH_SPAN = 16 << 20  # compressed bytes fetched in one request by the landmark prefetch
+# ... and by the background fetch, which holds a span's bytes and its chunks' Chunk objects (~300 bytes
+# each: ~10 MB for a 16 MiB span of 1 KB files) while it stores them
+BACKGROUND_SPAN = 2 << 20
 PREFETCH_CONNECTIONS = 4  # parallel requests fetching the landmark ranges at mount time
 MIN_PREFETCH_REQUEST = 1 << 20  # the landmark range is cut into requests no smaller than this
 READ_AHEAD_BYTES = 8 << 20  # how far ahead of a sequential reader chunks are loaded
@@ -578,7 +581,7 @@ class ImageView:
         for layer in lazy:
             assert layer.index is not None
             missing = (c for c in layer.index.blob_chunks() if not self.cache.contains(c.digest))
-            for span in _spans(missing):
+            for span in _spans(missing, BACKGROUND_SPAN):
                 if self._stop.is_set():
                     return
                 self._wait_idle()
@@ -811,12 +814,14 @@ def _cut_range(chunks: list[toc.Chunk], end: int, target: int) -> list[tuple[int
     return pieces
 
 
-def _spans(chunks: Iterable[toc.Chunk], gap: int = 64 << 10) -> Iterator[list[toc.Chunk]]:
-    """Group chunks (in blob order) into runs one range request can fetch."""
+def _spans(chunks: Iterable[toc.Chunk], limit: int = PREFETCH_SPAN,
+           gap: int = 64 << 10) -> Iterator[list[toc.Chunk]]:
+    """Group chunks (in blob order) into runs one range request can fetch, at most `limit` bytes long
+    unless a single chunk is longer."""
     span: list[toc.Chunk] = []
     for c in chunks:
         far = c.comp_offset - span[-1].comp_end > gap if span else False
-        if span and (far or c.comp_end - span[0].comp_offset > PREFETCH_SPAN):
+        if span and (far or c.comp_end - span[0].comp_offset > limit):
             yield span
             span = []
         span.append(c)

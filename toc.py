@@ -731,8 +731,11 @@ class _IndexBuilder:
         live.sort(key=lambda i, names=names: (ix._parent[i], names[i]))
         ix._order = array("I", live)
         del live, names
-        ix.names = self.names.decode("utf-8", "surrogatepass").split("\0")
+        distinct: dict[str, str] = {}  # one str per distinct base name (__init__.py, README, ...)
+        names = self.names.decode("utf-8", "surrogatepass").split("\0")
+        ix.names = [distinct.setdefault(n, n) for n in names]
         self.names = bytearray()
+        del distinct, names
         for entry_id, target in ix._hardlink_of.items():
             ix._nlink[entry_id] = ix._nlink[target]
         # arrays grow by over-allocating; copies are exact

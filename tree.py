@@ -199,7 +199,7 @@ class Node:
     def __init__(self, ino: int, parent: Node | None, name: str, layer: int, entry: int) -> None:
         self.ino, self.parent, self.name = ino, parent, name
         self.layer, self.entry = layer, entry
-        self.sources: list[tuple[int, int]] = [(layer, entry)]
+        self.sources: list[tuple[int, int]] | None = [(layer, entry)]  # None once merged if only one
         self.children: dict[str, Node | int] | None = None  # a directory's, once merged
         self.closed = False  # no lower layer merges into this directory (opaque, or a non-dir below)
 
@@ -306,7 +306,7 @@ class MergedTree:
         """Apply the overlay rules to the directory's sources, top layer first."""
         merged: dict[str, Node] = {}
         hidden: set[str] = set()
-        for layer, entry in node.sources:
+        for layer, entry in node.sources or [(node.layer, node.entry)]:
             index = self._index(layer)
             whiteouts = set()
             for name, child in index.children(entry):
@@ -334,6 +334,8 @@ class MergedTree:
             if self.is_dir(child):
                 child.layer, child.entry = self._metadata_source(child)
                 child.ino = self._ino(child.layer, child.entry)
+                if len(child.sources) == 1:
+                    child.sources = None  # its one source is (layer, entry)
                 children[name] = child
             else:
                 children[name] = child.layer << 32 | child.entry
@@ -341,10 +343,11 @@ class MergedTree:
 
     def _metadata_source(self, node: Node) -> tuple[int, int]:
         """The topmost source with an entry of its own: an implied directory keeps lower metadata."""
-        for layer, entry in node.sources:
+        sources = node.sources or [(node.layer, node.entry)]
+        for layer, entry in sources:
             if not self._index(layer).is_implicit(entry):
                 return layer, entry
-        return node.sources[0]
+        return sources[0]
 
     def _is_raw_whiteout(self, node: Node) -> bool:
         return self.raw and self._index(node.layer).names[node.entry].startswith(WHITEOUT_PREFIX)

@@ -259,6 +259,7 @@ def serve_layers(args: argparse.Namespace, notify: Callable[[], None],
                  progress: Callable[[int, int], None] | None = None) -> None:
     """Serve the layers of the spec directory args.specs at args.mountpoint until unmounted; `notify` runs
     once the mount answers (`progress` is unused: layers are prefetched when each is loaded)."""
+    lazymount.tune_malloc()
     mountpoint = Path(args.mountpoint)
     cache_dir, chunk_cache = lazymount.open_chunk_cache(args)
     client = lazymount.registry_client(args)

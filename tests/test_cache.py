@@ -197,6 +197,17 @@ def test_disk_bound_never_exceeded(tmp_path):
     assert sum(disk_files(tmp_path).values()) <= bound
 
 
+def test_eviction_scans_again_when_its_candidates_run_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache._DiskTier, "EVICTION_CANDIDATES", 2)  # a scan remembers 2 of the 10 files
+    c = ChunkCache(tmp_path, memory_bytes=0, disk_bytes=10_000)
+    for i in range(10):
+        c.put(*chunk(i, 1000))
+    big = chunk(99, 7000)
+    c.put(*big)  # 7 files must go: more than one scan's candidates
+    assert c.contains(big[0])
+    assert sum(disk_files(tmp_path).values()) == c.stats()["bytes_on_disk"] == 10_000
+
+
 def test_disk_eviction_is_lru(tmp_path):
     a, b, d, e = (chunk(i, 1000) for i in range(4))
     c = ChunkCache(tmp_path, memory_bytes=0, disk_bytes=3000)

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import cachetools
 
@@ -217,17 +217,36 @@ class _FUSE(mfusepy.FUSE):
             conn.contents.want |= FUSE_CAP_CACHE_SYMLINKS
         super()._init(conn, config)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # listings cut short by a full reply buffer, by (path, offset): the kernel's next READDIR of that
+        # directory resumes there, so a long directory costs one pass over its entries, not one per reply
+        self._unfinished: cachetools.LRUCache[tuple[bytes, int], Iterator] = cachetools.LRUCache(64)
+        self._unfinished_lock = threading.Lock()
+        super().__init__(*args, **kwargs)  # mfusepy serves the file system from here until unmounted
+
     def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip, flags: int) -> int:
         # Entries go out with their own offsets (1, 2, ...): only then does libfuse 3.14 pass the
         # attributes of a READDIRPLUS on to the kernel instead of buffering bare names.
         plus = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
-        entries = self.operations.readdir(path.decode(self.encoding, self.errors), 0)
-        for position, (name, attrs, _) in enumerate(itertools.islice(entries, offset, None), offset + 1):
+        path = path or b"/"
+        with self._unfinished_lock:
+            entries = self._unfinished.pop((path, offset), None)
+        if entries is None:
+            listing = self.operations.readdir(path.decode(self.encoding, self.errors), 0)
+            entries = itertools.islice(listing, offset, None)
+        position = offset
+        for entry in entries:
+            name, attrs, _ = entry
             st = mfusepy.c_stat()
             mfusepy.set_st_attrs(st, attrs, use_ns=True)
             fill = plus if name not in (".", "..") else 0  # the kernel skips these two in READDIRPLUS
-            if filler(buf, name.encode(self.encoding, self.errors), st, position, fill) != 0:
+            if filler(buf, name.encode(self.encoding, self.errors), st, position + 1, fill) != 0:
+                entries = itertools.chain([entry], entries)  # did not fit: the next reply starts with it
                 break
+            position += 1
+        if position > offset:  # the kernel asks again from here, if only to learn that the listing ended
+            with self._unfinished_lock:
+                self._unfinished[(path, position)] = entries
         return 0
 
 

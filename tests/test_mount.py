@@ -523,3 +523,43 @@ def test_basic_auth_credentials_never_shown(tmp_path: Path, tmp_path_factory: py
         assert reg.password not in log_file.read_text()
     finally:
         reg.close()
+
+
+def test_long_listing_is_generated_once_across_replies() -> None:
+    """READDIR replies that fill up resume the listing where it stopped instead of generating it again
+    (which would make a directory of n entries cost n²/entries-per-reply attribute lookups)."""
+    import lazymount
+
+    class Operations:
+        calls = 0
+
+        def readdir(self, path: str, fh: int):
+            Operations.calls += 1
+            for i in range(1000):
+                yield f"f{i}", {"st_mode": stat.S_IFREG | 0o644, "st_ino": i + 2, "st_size": i}, 0
+
+    fuse = lazymount._FUSE.__new__(lazymount._FUSE)  # no mount: only the readdir callback is exercised
+    fuse._unfinished, fuse._unfinished_lock = lazymount.cachetools.LRUCache(64), lazymount.threading.Lock()
+    fuse.operations, fuse.encoding, fuse.errors = Operations(), "utf-8", "surrogateescape"
+    received: list[tuple[str, int, int]] = []
+    room = [0]  # entries that still fit in the current reply
+
+    def filler(buf, name: bytes, st, off: int, flags: int) -> int:
+        if not room[0]:
+            return 1
+        room[0] -= 1
+        received.append((name.decode(), st.st_size, flags))
+        return 0
+
+    offset = 0
+    while True:
+        room[0] = 17
+        before = len(received)
+        fuse.readdir_fuse_3(b"/dir", None, filler, offset, None, lazymount.FUSE_READDIR_PLUS)
+        if len(received) == before:
+            break
+        offset += len(received) - before  # the kernel asks again from the offset of the next entry
+    assert [name for name, _, _ in received] == [f"f{i}" for i in range(1000)]
+    assert [size for _, size, _ in received] == list(range(1000))
+    assert {flags for _, _, flags in received} == {lazymount.FUSE_FILL_DIR_PLUS}
+    assert Operations.calls == 1

@@ -355,16 +355,7 @@ class ChunkCache:
             if flight.error is not None:
                 raise flight.error
             return flight.data
-        try:
-            flight.data = self._fill(digest, hexdigest, loader)
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        finally:
-            with self._lock:
-                del self._flights[hexdigest]
-            flight.done.set()
-        return flight.data
+        return self._lead(hexdigest, flight, lambda: self._fill(digest, hexdigest, loader))
 
     def read(self, digest: str, start: int, stop: int, loader: Callable[[], bytes]) -> bytes:
         """Bytes [start, stop) of the chunk, as ``get`` would give them; a chunk file this process has
@@ -395,15 +386,7 @@ class ChunkCache:
             if hexdigest in self._flights:
                 return  # someone is loading it already
             flight = self._flights[hexdigest] = _Flight()
-        try:
-            flight.data = self._load(digest, hexdigest, loader)
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        finally:
-            with self._lock:
-                del self._flights[hexdigest]
-            flight.done.set()
+        self._lead(hexdigest, flight, lambda: self._load(digest, hexdigest, loader))
 
     def put(self, digest: str, data: bytes) -> None:
         """Store bytes already in hand (e.g. from a prefetch); raises toc.DigestError if they do not match."""
@@ -437,6 +420,19 @@ class ChunkCache:
             except OSError as exc:
                 log.warning("chunk cache: reading the disk total failed: %s", exc)
         return counts
+
+    def _lead(self, hexdigest: str, flight: _Flight, fill: Callable[[], bytes]) -> bytes:
+        """Run `fill` as the leader of `flight`: whoever waits on it gets its bytes or its exception."""
+        try:
+            flight.data = fill()
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._flights[hexdigest]
+            flight.done.set()
+        return flight.data
 
     def _fill(self, digest: str, hexdigest: str, loader: Callable[[], bytes]) -> bytes:
         data = self._disk_read(hexdigest)

@@ -675,8 +675,12 @@ class ImageView:
         done = 0
         if progress is not None:
             progress(done, total)
-        for layer in {id(layer): layer for layer, *_ in requests}.values():
-            layer.staged = StagedRanges(self.work_dir)
+        try:
+            for layer in {id(layer): layer for layer, *_ in requests}.values():
+                layer.staged = StagedRanges(self.work_dir)
+        except OSError as e:  # e.g. a read-only cache directory: reads fetch on demand instead
+            log.warning("landmark prefetch skipped: cannot stage %d bytes in %s: %s", total, self.work_dir, e)
+            return
         with concurrent.futures.ThreadPoolExecutor(PREFETCH_CONNECTIONS, "prefetch") as pool:
             futures = {pool.submit(self._stage_span, layer, start, stop, part):
                        stop - start for layer, start, stop, part in requests}

@@ -115,6 +115,17 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
         assert after["totals"]["chunks_fetched"] == 0 and after["totals"]["chunk_hits"] > 0
         _assert_same_tree(describe_tree(mnt), images["expected"])
 
+    # Where nothing can be staged (here a cache dir whose `layers` is a file) the mount skips the
+    # prefetch and the workload still runs, fetching on demand.
+    (tmp_path / "c3").mkdir()
+    (tmp_path / "c3" / "layers").write_text("not a directory")
+    with mounted(optimized, mnt, "--cache-dir", str(tmp_path / "c3"), "--no-background-fetch"):
+        assert [layer["bytes_fetched"] for layer in stats(mnt)["layers"]] == [0, 0]
+        result = subprocess.run(cli.bwrap_command(mnt, info["config"], WORKLOAD, []), check=True,
+                                capture_output=True, text=True)
+        assert result.stdout == out
+        assert stats(mnt)["totals"]["chunks_fetched"] > 0
+
     # Optimizing an image already laid out for the profile keeps every layer.
     renamed = {opt_layers[0][0]: paths}
     cli.write_profile(tmp_path / "renamed", renamed)

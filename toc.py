@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO
 
-import zstandard
 from isal import igzip_threaded, isal_zlib
 
 
@@ -193,6 +192,8 @@ def _gunzip_bounded(data: bytes, limit: int, what: str) -> bytes:
 
 def _unzstd(data: bytes, want: int, what: str) -> bytes:
     """Up to `want` bytes of zstd frames, read in pieces: python-zstandard's read(n) allocates n bytes."""
+    import zstandard  # here, not at the top: gzip images never need it and it costs ~40 ms of start-up
+
     out = bytearray()
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
@@ -846,6 +847,8 @@ def open_layer_source(src: BinaryIO, threads: int = 1) -> BinaryIO:
     if magic[:2] == b"\x1f\x8b":
         return igzip_threaded.open(src, "rb", threads=min(threads, 1))  # type: ignore[return-value]
     if magic == b"\x28\xb5\x2f\xfd":
+        import zstandard  # see _unzstd
+
         return zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)  # type: ignore
     return src
 
@@ -858,6 +861,8 @@ def _compress_member(data: bytes, chunk_len: int, fmt: str, level: int) -> tuple
     """Compress one member; return it and the digest of its first `chunk_len` bytes (the chunk)."""
     digest = sha256_digest(data[:chunk_len]) if chunk_len else None
     if fmt == ZSTD:
+        import zstandard  # see _unzstd
+
         return zstandard.ZstdCompressor(level=level).compress(data), digest
     return isal_zlib.compress(data, level, wbits=31), digest
 
@@ -1186,6 +1191,8 @@ def _write_toc(writer: _BlobWriter, entries: list[dict], fmt: str, level: int, p
     end_of_archive = b"\0" * (2 * tarfile.BLOCKSIZE)
     annotations = {}
     if fmt == ZSTD:
+        import zstandard  # see _unzstd
+
         compressor = zstandard.ZstdCompressor(level=level)
         writer.write_compressed(compressor.compress(end_of_archive), end_of_archive)
         compressed_toc = compressor.compress(toc_json)

@@ -18,10 +18,12 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cachetools
 import pytest
 from images import describe_tree, make_oci_image, write_oci_layout
 from reference import Containerd, read_layout, ref_convert
@@ -539,7 +541,7 @@ def test_long_listing_is_generated_once_across_replies() -> None:
                 yield f"f{i}", {"st_mode": stat.S_IFREG | 0o644, "st_ino": i + 2, "st_size": i}, 0
 
     fuse = lazymount._FUSE.__new__(lazymount._FUSE)  # no mount: only the readdir callback is exercised
-    fuse._unfinished, fuse._unfinished_lock = lazymount.cachetools.LRUCache(64), lazymount.threading.Lock()
+    fuse._unfinished, fuse._unfinished_lock = cachetools.LRUCache(64), threading.Lock()
     fuse.operations, fuse.encoding, fuse.errors = Operations(), "utf-8", "surrogateescape"
     received: list[tuple[str, int, int]] = []
     room = [0]  # entries that still fit in the current reply

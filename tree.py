@@ -170,6 +170,16 @@ class Layer:
             return False
         return True
 
+    def staged_chunk(self, c: toc.Chunk) -> bytes | None:
+        """The chunk decompressed from its staged (prefetched) bytes, not yet verified (the cache does
+        that); None if they are not staged."""
+        staged = self.staged
+        compressed = staged.read(c.comp_offset, c.comp_end - c.comp_offset) if staged else None
+        if compressed is None:
+            return None
+        assert self.index is not None
+        return toc.decompress_chunk(compressed, c, self.index.format, verify=False)
+
     def fetch(self, offset: int, length: int) -> bytes:
         """Raw compressed bytes of the blob, counted."""
         data = self.blob.read_at(offset, length)
@@ -705,27 +715,25 @@ class ImageView:
         """Decompress the staged chunks into the cache on every core, in blob order (the order a profiled
         workload reads them; its reads of chunks not yet done decompress them themselves), layers taking
         turns; then drop the staged bytes."""
-        staged = [layer for layer in layers if layer.staged is not None]
+        staged = [(layer, layer.staged) for layer in layers if layer.staged is not None]
         order = itertools.chain.from_iterable(itertools.zip_longest(
-            *([(layer, c) for c in layer.staged.chunks] for layer in staged if layer.staged)))
+            *([(layer, c) for c in ranges.chunks] for layer, ranges in staged)))
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, "unstage") as pool:
             for layer, c in filter(None, order):
                 pool.submit(self._unstage_chunk, layer, c)
-        for layer in staged:
-            if layer.staged is not None:
-                layer.staged.close()
+        for layer, ranges in staged:
+            layer.staged = None  # a reader still holding it finds it closed and fetches instead
+            ranges.close()
 
     def _unstage_chunk(self, layer: Layer, c: toc.Chunk) -> None:
-        assert layer.index is not None and layer.staged is not None
         if self._stop.is_set():
             return
-        fmt, staged = layer.index.format, layer.staged
 
         def load() -> bytes:
-            compressed = staged.read(c.comp_offset, c.comp_end - c.comp_offset)
-            if compressed is None:
+            data = layer.staged_chunk(c)
+            if data is None:
                 raise OSError(errno.EIO, "staged bytes gone")
-            return toc.decompress_chunk(compressed, c, fmt, verify=False)
+            return data
 
         try:
             self.cache.store(c.digest, load)
@@ -784,10 +792,9 @@ class ImageView:
         loaded = []
 
         def load() -> bytes:
-            staged = layer.staged
-            compressed = staged.read(c.comp_offset, c.comp_end - c.comp_offset) if staged else None
-            if compressed is not None:  # prefetched: a hit
-                return toc.decompress_chunk(compressed, c, fmt, verify=False)
+            data = layer.staged_chunk(c)
+            if data is not None:  # prefetched: a hit
+                return data
             loaded.append(True)
             with self._neighbour_lock:
                 compressed = self._neighbour_bytes.pop(c.digest, None)

@@ -212,17 +212,17 @@ class _FUSE(mfusepy.FUSE):
     """mfusepy.FUSE that lets the kernel cache symlinks and answers READDIRPLUS with full attributes, so
     that a walk of the tree needs no LOOKUP round trip per entry (mfusepy fills only mode and inode)."""
 
-    def _init(self, conn, config) -> None:
-        if conn and conn.contents.capable & FUSE_CAP_CACHE_SYMLINKS:
-            conn.contents.want |= FUSE_CAP_CACHE_SYMLINKS
-        super()._init(conn, config)
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # listings cut short by a full reply buffer, by (path, offset): the kernel's next READDIR of that
         # directory resumes there, so a long directory costs one pass over its entries, not one per reply
         self._unfinished: cachetools.LRUCache[tuple[bytes, int], Iterator] = cachetools.LRUCache(64)
         self._unfinished_lock = threading.Lock()
         super().__init__(*args, **kwargs)  # mfusepy serves the file system from here until unmounted
+
+    def _init(self, conn, config) -> None:
+        if conn and conn.contents.capable & FUSE_CAP_CACHE_SYMLINKS:
+            conn.contents.want |= FUSE_CAP_CACHE_SYMLINKS
+        super()._init(conn, config)
 
     def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip, flags: int) -> int:
         # Entries go out with their own offsets (1, 2, ...): only then does libfuse 3.14 pass the

@@ -649,8 +649,7 @@ class ImageView:
         if not self.background:
             return
         self.fetch_state = "background"
-        with contextlib.suppress(OSError):  # below normal priority: only this thread
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        _lowest_priority()
         for layer in lazy:
             assert layer.index is not None
             missing = (c for c in layer.index.blob_chunks() if not self.cache.contains(c.digest))
@@ -718,7 +717,8 @@ class ImageView:
         staged = [(layer, layer.staged) for layer in layers if layer.staged is not None]
         order = itertools.chain.from_iterable(itertools.zip_longest(
             *([(layer, c) for c in ranges.chunks] for layer, ranges in staged)))
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, "unstage") as pool:
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, "unstage",
+                                                   initializer=_lowest_priority) as pool:
             for layer, c in filter(None, order):
                 pool.submit(self._unstage_chunk, layer, c)
         for layer, ranges in staged:
@@ -900,6 +900,14 @@ class ImageView:
         totals = {key: sum(layer[key] for layer in layers) for key in vars(LayerStats())}
         return {"layers": layers, "totals": totals, "cache": self.cache.stats(),
                 "fetch_state": self.fetch_state, "nodes": self._tree.nodes if self._tree else 0}
+
+
+def _lowest_priority() -> None:
+    """Run the calling thread at the lowest CPU priority: work that can wait yields the cores to the
+    threads answering the workload's reads (the daemon's own session shares a scheduler group with them
+    and would otherwise compete on equal terms)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _inside(index: toc.Index, entry: int, directory: int) -> bool:

@@ -107,7 +107,7 @@ class Containerd:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
-        for mount_point in sorted(_mounts_under(self.base_dir), key=len, reverse=True):
+        for mount_point in sorted(mounts_under(self.base_dir), key=len, reverse=True):
             subprocess.run(["umount", "--lazy", mount_point], check=False)
 
     def _run(self, tool: str, args: tuple[str, ...], check: bool, **kwargs) -> subprocess.CompletedProcess:
@@ -128,14 +128,15 @@ class Containerd:
         return self._run("ctr-remote", args, check, **kwargs)
 
 
-def _mounts_under(base: Path) -> list[str]:
-    prefix = str(base.resolve()) + "/"
+def mounts_under(base: Path) -> list[str]:
+    """The mount points at or below `base` in this process's mount namespace."""
+    base = str(base.resolve())
     points = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             # mountinfo escapes space, tab, newline and backslash as octal (\040 ...)
             point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])
-            if point.startswith(prefix):
+            if point == base or point.startswith(base + "/"):
                 points.append(point)
     return points
 

@@ -8,6 +8,7 @@ fetched less than the full pull, and the optimized image needed fewer data reque
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from reference import mounts_under
 
 REPO = Path(__file__).resolve().parent.parent
 NEEDED = ("docker-registry", "skopeo", "umoci", "bwrap", "fusermount3")
@@ -25,15 +27,12 @@ pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in NEEDED),
                                 reason=f"needs {', '.join(NEEDED)}")
 
 
-def _lazymount_mounts() -> list[str]:
-    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if "lazymount" in line]
-
-
 def test_demo_fast(tmp_path: Path) -> None:
-    before = _lazymount_mounts()
-    work = tmp_path / "work"
+    work, tmp = tmp_path / "work", tmp_path / "tmp"  # `lazymount run` mounts in $TMPDIR
+    tmp.mkdir()
     result = subprocess.run([sys.executable, str(REPO / "demo.py"), "--fast", "--workdir", str(work)],
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
+                            capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "TMPDIR": str(tmp)})
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {m.group(1): m.groups()[1:] for m in map(ROW.match, result.stdout.splitlines()) if m}
     assert len(rows) == 3, result.stdout
@@ -47,6 +46,7 @@ def test_demo_fast(tmp_path: Path) -> None:
     assert all(float(row[3]) > 0 for row in (full, plain, optimized))
     assert result.stdout.count("first result: ") == 3  # the workload's own output, once per path
     assert not work.exists()
-    assert _lazymount_mounts() == before
+    assert mounts_under(tmp_path) == []
+    assert list(tmp.iterdir()) == []
     registries = subprocess.run(["pgrep", "-f", f"docker-registry serve {work}"], capture_output=True)
     assert registries.returncode == 1  # none left

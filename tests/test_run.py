@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from images import debian_python_rootfs, make_oci_image
+from reference import mounts_under
 from registry import Registry, push_layout
 from test_mount import MISSING, convert, lazymount, mounted
 
@@ -75,20 +76,19 @@ def debian_image(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -
 
 
 def _as_user(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {"HOME": str(home), "PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
+    """Run lazymount as the test user, with its temp dir (where `run` mounts) in `home`."""
+    tmp = home / "tmp"
+    if not tmp.exists():
+        tmp.mkdir()
+        os.chown(tmp, pwd.getpwnam(USER).pw_uid, -1)
+    env = {"HOME": str(home), "PATH": os.environ["PATH"], "LANG": "C.UTF-8", "TMPDIR": str(tmp)}
     return lazymount(*args, check=False, env=env, user=USER)
-
-
-def _lazymount_mounts() -> list[str]:
-    lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    return [line for line in lines if "fuse.lazymount" in line]
 
 
 def test_run_shell_and_python_as_user(debian_image: str, user_home: Path) -> None:
     """Output and exit codes pass through; the image's Env, WorkingDir and User apply; nothing stays
     mounted afterwards."""
     cache = ("--cache-dir", str(user_home / "cache"))
-    before = _lazymount_mounts()
     result = _as_user(user_home, "run", *cache, debian_image, "--", "/bin/sh", "-c", "echo ok; exit 7")
     assert (result.returncode, result.stdout, result.stderr) == (7, "ok\n", "")
     result = _as_user(user_home, "run", *cache, debian_image, "--", "python3", "hello.py", "3")
@@ -103,7 +103,8 @@ def test_run_shell_and_python_as_user(debian_image: str, user_home: Path) -> Non
                       "/bin/sh", "-c", 'read -r l </home/tester/in.txt && echo "$l" && test -w /tmp '
                       "&& test -e /proc/self/status")
     assert (result.returncode, result.stdout) == (0, "from the host\n"), result.stderr
-    assert _lazymount_mounts() == before
+    assert mounts_under(user_home) == []
+    assert list((user_home / "tmp").iterdir()) == []  # every run's mount point removed
 
 
 def test_mount_read_umount_as_user(debian_image: str, user_home: Path) -> None:
@@ -112,7 +113,8 @@ def test_mount_read_umount_as_user(debian_image: str, user_home: Path) -> None:
     os.chown(mnt, pwd.getpwnam(USER).pw_uid, -1)
     env = {"HOME": str(user_home), "PATH": os.environ["PATH"]}
     with mounted(debian_image, mnt, "--cache-dir", str(user_home / "cache"), env=env, user=USER):
-        line = next(x for x in _lazymount_mounts() if f" {mnt} " in x)
+        mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+        line = next(x for x in mountinfo if f" {mnt} " in x and "fuse.lazymount" in x)
         assert {"nosuid", "nodev", "ro"} <= set(line.split()[5].split(","))
         cat = subprocess.run(["runuser", "-u", USER, "--", "cat", str(mnt / "etc/passwd")],
                              capture_output=True, text=True, check=True)

@@ -276,6 +276,9 @@ def read_index(read_at: ReadAt, blob_size: int, expected_digest: str | None = No
     return Index.from_json(text, footer)
 
 
+_BAD_COMPONENTS = frozenset(("", ".", ".."))
+
+
 def normalize_name(name: object) -> str:
     """Return a TOC/tar name as a clean relative path ('' for the root) or raise UnsafePathError."""
     if not isinstance(name, str):
@@ -289,8 +292,7 @@ def normalize_name(name: object) -> str:
     name = name.rstrip("/")
     if name in ("", "."):
         return ""
-    parts = name.split("/")
-    if any(p in ("", ".", "..") for p in parts):
+    if not _BAD_COMPONENTS.isdisjoint(name.split("/")):
         raise UnsafePathError(f"entry name {name!r} has an empty, '.' or '..' component")
     return name
 
@@ -589,9 +591,14 @@ class _IndexBuilder:
         ix = self.index
         self.names += b"\0" + base.encode("utf-8", "surrogatepass")
         ix._kind.append(KIND_DIR)
-        for col, value in ((ix._mode, 0o755), (ix._uid, 0), (ix._gid, 0), (ix._size, 0), (ix._mtime, 0),
-                           (ix._parent, parent), (ix._first_chunk, -1), (ix._nchunks, 0)):
-            col.append(value)
+        ix._mode.append(0o755)
+        ix._uid.append(0)
+        ix._gid.append(0)
+        ix._size.append(0)
+        ix._mtime.append(0)
+        ix._parent.append(parent)
+        ix._first_chunk.append(-1)
+        ix._nchunks.append(0)
         return len(ix._kind) - 1
 
     def _mtime(self, value: object) -> int:
@@ -759,11 +766,11 @@ _ENTRY = object()  # what the JSON hook leaves in the entries list for each entr
 
 def _int(obj: dict, key: str, maximum: int = (1 << 63) - 1) -> int:
     value = obj.get(key, 0)
+    if type(value) is int and 0 <= value <= maximum:  # noqa: E721 -- exactly int: bool is not a number here
+        return value
     if value is None:
         return 0
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
-        raise TOCError(f"field {key!r} of {str(obj.get('name'))[:80]!r} is not a valid number: {value!r}")
-    return value
+    raise TOCError(f"field {key!r} of {str(obj.get('name'))[:80]!r} is not a valid number: {value!r}")
 
 
 def _str(obj: dict, key: str) -> str:

@@ -512,9 +512,14 @@ def _serve(args: argparse.Namespace, notify: Callable[[], None],
 Server = Callable[[argparse.Namespace, Callable[[], None], Callable[[int, int], None]], None]
 
 
-def _mount_in_background(args: argparse.Namespace, serve: Server = _serve) -> None:
+def _mount_in_background(args: argparse.Namespace, serve: Server = _serve, own_session: bool = True) -> None:
     """Fork the daemon (before any thread exists) that runs `serve` (default: `_serve`), wait until its
-    mount answers and the landmark ranges are prefetched (a progress bar on a terminal), or it fails."""
+    mount answers and the landmark ranges are prefetched (a progress bar on a terminal), or it fails.
+
+    The daemon gets a session of its own, or with `own_session=False` (a mount that lives only as long
+    as the command using it) just a process group of its own: the terminal's signals still miss it, and
+    it stays in the caller's scheduler autogroup, where its nice-19 threads yield to the command
+    instead of taking half a core from it as a separate group would."""
     if args.cache_dir:
         args.cache_dir = os.path.abspath(args.cache_dir)
     read_fd, write_fd = os.pipe()
@@ -526,7 +531,10 @@ def _mount_in_background(args: argparse.Namespace, serve: Server = _serve) -> No
         # whose fuse lines explain a failure; afterwards to /dev/null.
         captured = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the daemon
         try:
-            os.setsid()
+            if own_session:
+                os.setsid()
+            else:
+                os.setpgid(0, 0)
             if os.fork():
                 os._exit(0)
             os.chdir("/")  # pin no directory of the caller's
@@ -745,7 +753,7 @@ def run_in_image(args: argparse.Namespace, command: list[str]) -> int:
     args.mountpoint = Path(tempfile.mkdtemp(prefix="lazymount-run-"))
     args.layer, args.options = None, None
     try:
-        _mount_in_background(args)
+        _mount_in_background(args, own_session=False)
         try:
             info = json.loads(os.getxattr(args.mountpoint, IMAGE_XATTR))
             argv = bwrap_command(args.mountpoint, info["config"], command, args.bind)

@@ -295,7 +295,13 @@ class LazyFS(mfusepy.Operations):
 
     @mfusepy.overrides(mfusepy.Operations)
     def getattr(self, path: str, fh: int | None = None) -> dict:
-        merged, node = self._node(path)
+        try:
+            merged, node = self._node(path)
+        except OSError:
+            if path != "/":
+                raise
+            # no tree (a layer failed): a bare root, so that `lazymount stats` can still say why
+            return {"st_mode": stat.S_IFDIR | 0o755, "st_ino": 1, "st_nlink": 2}
         return merged.attrs(node)
 
     @mfusepy.overrides(mfusepy.Operations)
@@ -354,9 +360,9 @@ class LazyFS(mfusepy.Operations):
 
     @mfusepy.overrides(mfusepy.Operations)
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        merged, node = self._node(path)
-        if node is merged.root and name == STATS_XATTR:
+        if path == "/" and name == STATS_XATTR:  # answered even while a layer is missing
             return json.dumps({**self.info, **self.view.stats(), "pid": os.getpid()}).encode()
+        merged, node = self._node(path)
         if node is merged.root and name == IMAGE_XATTR:
             return json.dumps(self.info).encode()
         value = merged.xattrs(node).get(name)
@@ -755,7 +761,10 @@ def run_in_image(args: argparse.Namespace, command: list[str]) -> int:
     try:
         _mount_in_background(args, own_session=False)
         try:
-            info = json.loads(os.getxattr(args.mountpoint, IMAGE_XATTR))
+            try:  # waits for layers still downloading
+                info = json.loads(os.getxattr(args.mountpoint, IMAGE_XATTR))
+            except OSError as e:
+                raise MountError(_unusable(args.mountpoint, e)) from None
             argv = bwrap_command(args.mountpoint, info["config"], command, args.bind)
             log.debug("running %s", argv)
             code = subprocess.run(argv, check=False).returncode
@@ -767,6 +776,17 @@ def run_in_image(args: argparse.Namespace, command: list[str]) -> int:
         with contextlib.suppress(OSError):
             args.mountpoint.rmdir()
     return code if code >= 0 else 128 - code
+
+
+def _unusable(mountpoint: Path, error: OSError) -> str:
+    """Why the image mounted at `mountpoint` cannot be used: its failed layers, from its stats."""
+    try:
+        stats = json.loads(os.getxattr(mountpoint, STATS_XATTR))
+    except OSError:
+        return f"the mount at {mountpoint} does not answer ({error.strerror})"
+    failed = [f"layer {layer['digest']}: {layer.get('error')}" for layer in stats["layers"]
+              if layer["state"] == "failed"]
+    return "; ".join(failed) or f"the mount at {mountpoint} does not answer ({error.strerror})"
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ _KIND_MODE = {toc.KIND_DIR: stat.S_IFDIR, toc.KIND_REG: stat.S_IFREG, toc.KIND_S
 
 
 class NotReadyError(toc.LazymountError):
-    """A layer of the image is still being downloaded (or its download failed and is retried)."""
+    """A layer of the image is still being downloaded."""
 
     errno = errno.EAGAIN
 
@@ -143,7 +143,8 @@ class Layer:
     toc_digest: str | None = None
     index: toc.Index | None = None
     stats: LayerStats = field(default_factory=LayerStats)
-    error: str | None = None
+    error: str | None = None  # why the last download (or conversion) attempt failed
+    permanent: bool = False  # the error is in the layer's verified bytes: it is not tried again
     staged: StagedRanges | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -572,7 +573,7 @@ class ImageView:
         # starting -> prefetched -> background -> done, or off
         self.fetch_state = "starting" if prefetch or background else "off"
         self._tree: MergedTree | None = None
-        self._ready = threading.Event()
+        self._layers_changed = threading.Condition()  # notified when the tree is built or a download fails
         self._stop = threading.Event()
         self.activity = activity if activity is not None else ReadActivity()
         self._ahead = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "readahead")
@@ -582,8 +583,10 @@ class ImageView:
             self._build_tree()
 
     def _build_tree(self) -> None:
-        self._tree = MergedTree(self.layers, *self._tree_args)
-        self._ready.set()
+        merged = MergedTree(self.layers, *self._tree_args)
+        with self._layers_changed:
+            self._tree = merged
+            self._layers_changed.notify_all()
 
     def start(self, on_prefetched: Callable[[], None] | None = None,
               progress: Callable[[int, int], None] | None = None) -> None:
@@ -606,12 +609,19 @@ class ImageView:
             self.recorder.close()
 
     def tree(self, timeout: float = READY_TIMEOUT) -> MergedTree:
-        """The merged tree; waits up to `timeout` for layers still being downloaded."""
-        if not self._ready.wait(timeout):
-            failed = [f"{layer.digest}: {layer.error}" for layer in self.layers if layer.error]
-            raise NotReadyError("layers still downloading" + (f" ({'; '.join(failed)})" if failed else ""))
-        assert self._tree is not None
-        return self._tree
+        """The merged tree; waits up to `timeout` for layers still being downloaded, but raises at once
+        while a layer's last download attempt has failed (a later attempt may still succeed)."""
+        def failed() -> list[str]:
+            return [f"{layer.digest}: {layer.error}" for layer in self.layers if layer.state == "failed"]
+
+        with self._layers_changed:
+            self._layers_changed.wait_for(lambda: self._tree is not None or failed(), timeout)
+            if self._tree is not None:
+                return self._tree
+        errors = failed()
+        if errors:
+            raise toc.LazymountError(f"layer download failed ({'; '.join(errors)})")  # EIO
+        raise NotReadyError("layers still downloading")
 
     # -- background work ----------------------------------------------------------------------------
 
@@ -626,13 +636,21 @@ class ImageView:
                     layer.localize(self.work_dir)
                     layer.error = None
                     log.info("layer %s downloaded and indexed; serving it", layer.digest)
+                except toc.FormatError as e:  # verified bytes that are no layer: no retry can help
+                    layer.error, layer.permanent = str(e), True
+                    log.error("layer %s: %s; its files cannot be served", layer.digest, e)
                 except (toc.LazymountError, OSError) as e:
                     layer.error = str(e)
                     log.warning("layer %s: download failed, retrying in %.0f s: %s", layer.digest, delay, e)
+                with self._layers_changed:
+                    self._layers_changed.notify_all()
+            if any(layer.permanent for layer in self.layers):
+                break
             if any(layer.index is None for layer in self.layers):
                 self._stop.wait(delay)
                 delay = min(delay * 2, 60.0)
-        if not self._stop.is_set() and self._tree is None:
+        if not self._stop.is_set() and self._tree is None and all(layer.index is not None
+                                                                   for layer in self.layers):
             self._build_tree()
 
     def _prefetch_all(self, on_prefetched: Callable[[], None] | None,

@@ -257,6 +257,49 @@ def test_plain_layers_downloaded_in_background(edge_pushed: str, edge_expected: 
         assert log.count(f"layer {layer['digest']} (application/vnd.oci.image.layer.v1.tar") == 1
 
 
+def test_corrupt_plain_layer_fails_at_once(tmp_path: Path) -> None:
+    """A plain layer whose verified bytes are no layer (a gzip stream cut short): the mount stays up, the
+    layer is marked failed and not downloaded again, and every access fails with EIO at once instead of
+    waiting for a download that cannot succeed."""
+    import gzip
+    import io
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("data.bin")
+        info.size = 300_000
+        tar.addfile(info, io.BytesIO(os.urandom(info.size)))
+    whole = tmp_path / "layer.tar.gz"
+    whole.write_bytes(gzip.compress(raw.getvalue()))
+    layout = write_oci_layout(tmp_path / "layout", "v1", [whole])
+
+    def put_blob(data: bytes) -> dict:
+        digest = hashlib.sha256(data).hexdigest()
+        (layout / "blobs/sha256" / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    index = json.loads((layout / "index.json").read_text())
+    entry = index["manifests"][0]
+    manifest = json.loads((layout / "blobs/sha256" / entry["digest"][7:]).read_bytes())
+    manifest["layers"][0].update(put_blob(whole.read_bytes()[:-50_000]))
+    entry.update(put_blob(json.dumps(manifest).encode()))
+    (layout / "index.json").write_text(json.dumps(index))
+    mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
+    with mounted(f"oci:{layout}:v1", mnt, "--cache-dir", str(tmp_path / "cache"),
+                 "--log-file", str(log_file)):
+        listing = subprocess.run(["ls", str(mnt)], capture_output=True, text=True, timeout=120)
+        assert listing.returncode != 0 and "Input/output error" in listing.stderr
+        (layer,) = stats(mnt)["layers"]
+        assert layer["state"] == "failed" and "corrupt or truncated" in layer["error"]
+        time.sleep(3)  # a retry would come after 1 s, then 2 s
+        assert log_file.read_text().count("its files cannot be served") == 1
+    if shutil.which("bwrap"):
+        run = lazymount("run", "--cache-dir", str(tmp_path / "cache"), f"oci:{layout}:v1", "--", "true",
+                        check=False)
+        assert run.returncode == 1 and run.stdout == ""
+        assert run.stderr.startswith(f"lazymount: error: layer {manifest['layers'][0]['digest']}: source "
+                                     "layer is corrupt or truncated") and run.stderr.count("\n") == 1
+
+
 def _random_tree(root: Path, files: dict[str, int], seed: int = 7) -> Path:
     import random
     rng = random.Random(seed)

@@ -82,6 +82,11 @@ def valid_digest(digest: str) -> str:
         raise InvalidInputError(f"invalid digest {str(digest)[:80]!r}") from None
 
 
+def absolute_reference(text: str) -> str:
+    """`text` with an `oci:` layout directory made absolute (for a daemon that works from /)."""
+    return "oci:" + os.path.abspath(text[4:]) if text.startswith("oci:") and text[4:] else text
+
+
 def parse_reference(text: str) -> Reference:
     """Parse `[host[:port]/]name[:tag][@digest]` (Docker Hub normalized) or `oci:DIR[:TAG|@DIGEST]`."""
     if not isinstance(text, str) or not text or len(text) > 4096 or "\0" in text:

@@ -20,8 +20,10 @@ import itertools
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -166,7 +168,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
         layers = [d for d in image.layers if args.layer in (None, d.digest)]
         if not layers:
-            raise convert.ImageError(f"{args.src} has no layer {args.layer}")
+            raise convert.ImageError(f"{args.src} has no layer {args.layer}" if args.layer
+                                     else f"{args.src} has no layers")
         blobs = [(d.digest, image.blob(d.digest), d.annotations.get(convert.TOC_DIGEST_ANNOTATION))
                  for d in layers]
     reports = []
@@ -205,6 +208,7 @@ class MountError(toc.LazymountError):
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23  # the kernel caches READLINK answers like page data
 FUSE_READDIR_PLUS = 1 << 0  # readdir is asked for full attributes...
 FUSE_FILL_DIR_PLUS = 1 << 1  # ...and an entry filled with them needs no LOOKUP afterwards
+_TERMINATIONS = (signal.SIGTERM, signal.SIGHUP)
 OPEN_FILES = 4096  # files whose sequential-read state the daemon remembers without OPEN
 
 
@@ -270,6 +274,8 @@ class LazyFS(mfusepy.Operations):
         self._next_fh = 1
         self._lock = threading.Lock()
         self._fs_bytes: int | None = None
+        self._fuse: int | None = None  # libfuse's `struct fuse *`, once serving
+        self._bare_root_shown = False
 
     def _tree(self) -> tree.MergedTree:
         try:
@@ -287,7 +293,13 @@ class LazyFS(mfusepy.Operations):
 
     @mfusepy.overrides(mfusepy.Operations)
     def init(self, path: str) -> None:
+        self._fuse = mfusepy._libfuse.fuse_get_context().contents.fuse  # for fuse_invalidate_path
+        self.view.on_tree = self._tree_arrived
         self.view.start(self._on_ready, self._progress)
+
+    def _tree_arrived(self) -> None:
+        if self._bare_root_shown and self._fuse:  # the kernel caches attributes: make it ask again
+            mfusepy._libfuse.fuse_invalidate_path(ctypes.c_void_p(self._fuse), b"/")
 
     @mfusepy.overrides(mfusepy.Operations)
     def destroy(self, path: str) -> None:
@@ -295,13 +307,16 @@ class LazyFS(mfusepy.Operations):
 
     @mfusepy.overrides(mfusepy.Operations)
     def getattr(self, path: str, fh: int | None = None) -> dict:
-        try:
-            merged, node = self._node(path)
-        except OSError:
-            if path != "/":
-                raise
-            # no tree (a layer failed): a bare root, so that `lazymount stats` can still say why
-            return {"st_mode": stat.S_IFDIR | 0o755, "st_ino": 1, "st_nlink": 2}
+        if path == "/":
+            # Without waiting for layers still downloading (or failed): `lazymount stats` and `umount`
+            # read the root's xattrs, and the kernel asks for its attributes first.
+            self._bare_root_shown = True  # before looking: a tree arriving meanwhile invalidates it
+            try:
+                merged = self.view.tree(timeout=0)
+            except toc.LazymountError:
+                return {"st_mode": stat.S_IFDIR | 0o755, "st_ino": 1, "st_nlink": 2}
+            return merged.attrs(merged.root)
+        merged, node = self._node(path)
         return merged.attrs(node)
 
     @mfusepy.overrides(mfusepy.Operations)
@@ -419,6 +434,8 @@ def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
     ref = config.parse_reference(args.image)
     image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
     descriptors = image.layers
+    if not descriptors:
+        raise MountError(f"{args.image} has no layers: there is nothing to mount")
     if args.layer:
         descriptors = [d for d in descriptors if d.digest == args.layer]
         if not descriptors:
@@ -442,12 +459,28 @@ def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
     return view, info
 
 
+def _mount_device(mountpoint: Path) -> str | None:
+    """The `major:minor` of the file system mounted last at `mountpoint`, from /proc/self/mountinfo: a
+    stat of the mount point would be a call to our own file system, which waits for layers still being
+    downloaded (and would leave the daemon unkillable if it were killed meanwhile)."""
+    target = os.fsencode(os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name))
+    device = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            # mountinfo escapes space, tab, newline and backslash as octal (\040 ...)
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
+            if point == target:
+                device = fields[2].decode()
+    return device
+
+
 def _raise_read_ahead(mountpoint: Path) -> None:
     """Let the kernel read ahead 1 MiB on this mount (the bdi file is writable by root only)."""
     try:
-        dev = os.stat(mountpoint).st_dev
-        path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-        if os.access(path, os.W_OK):
+        device = _mount_device(mountpoint)
+        path = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+        if device and os.access(path, os.W_OK):
             path.write_text(str(READ_AHEAD_KB))
     except OSError as e:
         log.debug("read_ahead_kb not raised: %s", e)
@@ -526,8 +559,11 @@ def _mount_in_background(args: argparse.Namespace, serve: Server = _serve, own_s
     as the command using it) just a process group of its own: the terminal's signals still miss it, and
     it stays in the caller's scheduler autogroup, where its nice-19 threads yield to the command
     instead of taking half a core from it as a separate group would."""
-    if args.cache_dir:
-        args.cache_dir = os.path.abspath(args.cache_dir)
+    for name in ("cache_dir", "config"):  # the daemon works from /
+        if getattr(args, name, None):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    if getattr(args, "image", None):
+        args.image = config.absolute_reference(args.image)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -536,6 +572,8 @@ def _mount_in_background(args: argparse.Namespace, serve: Server = _serve, own_s
         # Until the mount answers, stderr (libfuse's and fusermount3's complaints) goes to a temp file
         # whose fuse lines explain a failure; afterwards to /dev/null.
         captured = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the daemon
+        for sig in _TERMINATIONS:  # not the caller's handlers (see _exit_on_termination)
+            signal.signal(sig, signal.SIG_DFL)
         try:
             if own_session:
                 os.setsid()
@@ -548,7 +586,11 @@ def _mount_in_background(args: argparse.Namespace, serve: Server = _serve, own_s
             os.dup2(captured.fileno(), 2)
 
             def ready() -> None:
-                os.write(write_fd, b"ok\n")
+                try:
+                    os.write(write_fd, b"ok\n")
+                except BrokenPipeError:  # the caller was stopped: no one will use or unmount this mount
+                    log.warning("the mount command is gone: unmounting %s", args.mountpoint)
+                    subprocess.run(["fusermount3", "-u", "-z", str(args.mountpoint)], check=False)
                 os.close(write_fd)
                 _redirect_to_null(2)
 
@@ -753,29 +795,46 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 def run_in_image(args: argparse.Namespace, command: list[str]) -> int:
     """Mount args.image on a temp dir, run `command` (default: the image's) in it with bubblewrap, write
-    the mount's stats to args.stats_file if set, unmount; return the command's exit status."""
+    the mount's stats to args.stats_file if set, unmount; return the command's exit status.  SIGTERM and
+    SIGHUP end it like Ctrl-C does: the command is killed and the mount cleaned up."""
     if shutil.which("bwrap") is None:
         raise MountError("bubblewrap (bwrap) is not installed")
     args.mountpoint = Path(tempfile.mkdtemp(prefix="lazymount-run-"))
     args.layer, args.options = None, None
     try:
-        _mount_in_background(args, own_session=False)
-        try:
-            try:  # waits for layers still downloading
-                info = json.loads(os.getxattr(args.mountpoint, IMAGE_XATTR))
-            except OSError as e:
-                raise MountError(_unusable(args.mountpoint, e)) from None
-            argv = bwrap_command(args.mountpoint, info["config"], command, args.bind)
-            log.debug("running %s", argv)
-            code = subprocess.run(argv, check=False).returncode
-            if args.stats_file:
-                Path(args.stats_file).write_bytes(os.getxattr(args.mountpoint, STATS_XATTR))
-        finally:
-            unmount(args.mountpoint)
+        with _exit_on_termination():
+            _mount_in_background(args, own_session=False)
+            try:
+                try:  # waits for layers still downloading
+                    info = json.loads(os.getxattr(args.mountpoint, IMAGE_XATTR))
+                except OSError as e:
+                    raise MountError(_unusable(args.mountpoint, e)) from None
+                argv = bwrap_command(args.mountpoint, info["config"], command, args.bind)
+                log.debug("running %s", argv)
+                code = subprocess.run(argv, check=False).returncode
+                if args.stats_file:
+                    Path(args.stats_file).write_bytes(os.getxattr(args.mountpoint, STATS_XATTR))
+            finally:
+                unmount(args.mountpoint)
     finally:
         with contextlib.suppress(OSError):
             args.mountpoint.rmdir()
     return code if code >= 0 else 128 - code
+
+
+@contextlib.contextmanager
+def _exit_on_termination() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise SystemExit(128 + signal number), so that cleanups run
+    (subprocess.run kills its child on the way out)."""
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, leave) for sig in _TERMINATIONS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _unusable(mountpoint: Path, error: OSError) -> str:

@@ -574,6 +574,7 @@ class ImageView:
         self.fetch_state = "starting" if prefetch or background else "off"
         self._tree: MergedTree | None = None
         self._layers_changed = threading.Condition()  # notified when the tree is built or a download fails
+        self.on_tree: Callable[[], None] | None = None  # called once the tree is built after start()
         self._stop = threading.Event()
         self.activity = activity if activity is not None else ReadActivity()
         self._ahead = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "readahead")
@@ -587,6 +588,8 @@ class ImageView:
         with self._layers_changed:
             self._tree = merged
             self._layers_changed.notify_all()
+        if self.on_tree is not None:
+            self.on_tree()
 
     def start(self, on_prefetched: Callable[[], None] | None = None,
               progress: Callable[[int, int], None] | None = None) -> None:

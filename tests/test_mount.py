@@ -25,7 +25,7 @@ from pathlib import Path
 
 import cachetools
 import pytest
-from images import describe_tree, make_oci_image, write_oci_layout
+from images import describe_tree, make_layer_tar, make_oci_image, write_oci_layout
 from reference import Containerd, read_layout, ref_convert
 from registry import Registry, push_layout
 
@@ -250,6 +250,8 @@ def test_plain_layers_downloaded_in_background(edge_pushed: str, edge_expected: 
     with mounted(f"{registry.host}/edge-plain:v1", mnt, "--cache-dir", str(tmp_path / "cache"),
                  "--log-file", str(log_file)):
         _assert_same_tree(describe_tree(mnt), edge_expected)
+        # the root's attributes, shown bare while the layers were downloading, are the image's now
+        assert os.stat(mnt).st_nlink == 2 + sum(1 for e in os.scandir(mnt) if e.is_dir(follow_symlinks=False))
         layers = stats(mnt)["layers"]
         assert {layer["state"] for layer in layers} == {"local"}
     log = log_file.read_text()
@@ -298,6 +300,41 @@ def test_corrupt_plain_layer_fails_at_once(tmp_path: Path) -> None:
         assert run.returncode == 1 and run.stdout == ""
         assert run.stderr.startswith(f"lazymount: error: layer {manifest['layers'][0]['digest']}: source "
                                      "layer is corrupt or truncated") and run.stderr.count("\n") == 1
+
+
+def test_relative_paths_and_read_ahead(tmp_path: Path) -> None:
+    """`mount oci:DIR MNT --cache-dir D` with paths relative to the caller's directory (the daemon works
+    from /), and the mount's read-ahead raised to 1 MiB (its device found in /proc/self/mountinfo, not
+    by a stat of the mount point, which would be a call to the daemon's own file system)."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree/hello").write_text("hi\n")
+    tar = make_layer_tar(tmp_path / "tree", tmp_path / "layer.tar")
+    write_oci_layout(tmp_path / "layout", "v1", [tar])
+    (tmp_path / "mnt").mkdir()
+    command = [sys.executable, str(REPO / "lazymount.py"), "mount", "oci:layout:v1", "mnt",
+               "--cache-dir", "c"]
+    try:
+        subprocess.run(command, cwd=tmp_path, check=True, capture_output=True, timeout=120)
+        assert (tmp_path / "mnt/hello").read_text() == "hi\n"
+        device = os.stat(tmp_path / "mnt").st_dev
+        read_ahead = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+        for _ in range(100):  # raised by a thread of the daemon once the mount answers
+            if read_ahead.read_text().strip() == "1024":
+                break
+            time.sleep(0.05)
+        assert read_ahead.read_text().strip() == "1024"
+        assert (tmp_path / "c").is_dir()
+    finally:
+        force_unmount(tmp_path / "mnt", None)
+
+
+def test_image_without_layers_is_one_line_error(tmp_path: Path) -> None:
+    layout = write_oci_layout(tmp_path / "layout", "v1", [])
+    (tmp_path / "mnt").mkdir()
+    result = lazymount("mount", f"oci:{layout}:v1", str(tmp_path / "mnt"), check=False)
+    assert (result.returncode, result.stderr) == (
+        1, f"lazymount: error: oci:{layout}:v1 has no layers: there is nothing to mount\n")
+    assert not os.path.ismount(tmp_path / "mnt")
 
 
 def _random_tree(root: Path, files: dict[str, int], seed: int = 7) -> Path:

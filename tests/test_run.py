@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ import pytest
 from images import debian_python_rootfs, make_oci_image
 from reference import mounts_under
 from registry import Registry, push_layout
-from test_mount import MISSING, convert, lazymount, mounted
+from test_mount import MISSING, REPO, convert, force_unmount, lazymount, mounted
 
 USER = "lazytest"
 
@@ -129,3 +131,29 @@ def test_cli_reports_missing_image_in_one_line(registry: Registry, user_home: Pa
                       "--", "true")
     assert result.returncode == 1
     assert result.stderr.startswith("lazymount: error:") and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_run_stopped_by_signal_cleans_up(debian_image: str, user_home: Path, sig: signal.Signals) -> None:
+    """SIGTERM or SIGHUP to `lazymount run` ends it like Ctrl-C: the command is killed, the mount and its
+    temp dir are gone, the exit status is 128 + the signal."""
+    tmp = user_home / "tmp"
+    env = {"HOME": str(user_home), "PATH": os.environ["PATH"], "TMPDIR": str(tmp)}
+    tmp.mkdir(exist_ok=True)
+    os.chown(tmp, pwd.getpwnam(USER).pw_uid, -1)
+    run = subprocess.Popen(["runuser", "-u", USER, "--", sys.executable, str(REPO / "lazymount.py"), "run",
+                            "--cache-dir", str(user_home / "cache"), debian_image, "--", "/bin/sh", "-c",
+                            "echo started; exec sleep 600"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline() == "started\n"  # mounted, and the command runs
+        assert len(mounts_under(tmp)) == 1
+        lazymount_pid = int(subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True,
+                                           check=True).stdout.split()[0])
+        os.kill(lazymount_pid, sig)
+        assert run.wait(timeout=60) == 128 + sig
+    finally:
+        run.kill()
+        for point in mounts_under(tmp):
+            force_unmount(Path(point), None)
+    assert mounts_under(tmp) == []
+    assert list(tmp.iterdir()) == []

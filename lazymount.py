@@ -85,9 +85,17 @@ def parse_size(text: str) -> int:
     return number * _SIZE_SUFFIXES[suffix]
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file given by the user (InvalidInputError if it is not text)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise config.InvalidInputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def _read_path_list(path: Path) -> list[str]:
     """A prioritized-files list: one path per line; blank lines and '#' comments ignored."""
-    lines = Path(path).read_text().splitlines()
+    lines = _read_text(path).splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -99,7 +107,7 @@ def read_profile(path: Path) -> dict[str, list[str]]:
     line, in the order first opened); blank lines and other '#' lines are ignored."""
     profile: dict[str, list[str]] = {}
     current: list[str] | None = None
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if line.startswith(PROFILE_LAYER):
             current = profile.setdefault(toc.check_digest(line[len(PROFILE_LAYER):].strip()), [])
         elif not line.strip() or line.startswith("#"):
@@ -459,28 +467,28 @@ def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
     return view, info
 
 
-def _mount_device(mountpoint: Path) -> str | None:
-    """The `major:minor` of the file system mounted last at `mountpoint`, from /proc/self/mountinfo: a
-    stat of the mount point would be a call to our own file system, which waits for layers still being
-    downloaded (and would leave the daemon unkillable if it were killed meanwhile)."""
+def _mount_at(mountpoint: Path) -> tuple[str, str] | None:
+    """(`major:minor`, file system type) of the mount on top at `mountpoint`, from /proc/self/mountinfo:
+    a stat of the mount point would be a call to the file system, and our own waits for layers still
+    being downloaded (a daemon asking itself would be left unkillable if killed meanwhile)."""
     target = os.fsencode(os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name))
-    device = None
+    found = None
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
             # mountinfo escapes space, tab, newline and backslash as octal (\040 ...)
             point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
             if point == target:
-                device = fields[2].decode()
-    return device
+                found = fields[2].decode(), fields[fields.index(b"-") + 1].decode()
+    return found
 
 
 def _raise_read_ahead(mountpoint: Path) -> None:
     """Let the kernel read ahead 1 MiB on this mount (the bdi file is writable by root only)."""
     try:
-        device = _mount_device(mountpoint)
-        path = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
-        if device and os.access(path, os.W_OK):
+        mounted = _mount_at(mountpoint)
+        path = Path(f"/sys/class/bdi/{mounted[0] if mounted else None}/read_ahead_kb")
+        if mounted and os.access(path, os.W_OK):
             path.write_text(str(READ_AHEAD_KB))
     except OSError as e:
         log.debug("read_ahead_kb not raised: %s", e)
@@ -603,6 +611,9 @@ def _mount_in_background(args: argparse.Namespace, serve: Server = _serve, own_s
         except toc.LazymountError as e:
             with contextlib.suppress(OSError):
                 os.write(write_fd, f"{e}{_fuse_complaints(captured)}\n".encode())
+        except OSError as e:  # e.g. a --cache-dir that is a file or not writable
+            with contextlib.suppress(OSError):
+                os.write(write_fd, f"{_os_error_text(e)}\n".encode())
         except BaseException as e:  # noqa: BLE001 -- the daemon must report and exit, never return
             log.debug("daemon failed", exc_info=True)
             with contextlib.suppress(OSError):
@@ -644,6 +655,9 @@ def _redirect_to_null(*fds: int) -> None:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     args.mountpoint = Path(args.mountpoint).absolute()
+    mounted = _mount_at(args.mountpoint)
+    if mounted and mounted[1].startswith("fuse.lazymount"):
+        raise MountError(f"{args.mountpoint} is already a lazymount mount (lazymount umount it first)")
     if not args.mountpoint.is_dir():
         raise MountError(f"mount point {args.mountpoint} is not a directory")
     if args.foreground:
@@ -727,10 +741,41 @@ def cmd_stats(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ run
 
 
+def _image_path(root: Path, relative: str) -> Path | None:
+    """Where `relative` leads in the image mounted at `root`, its symlinks (absolute ones too) resolved
+    inside the image as they will be in the container; None if it does not exist there."""
+    parts, resolved, links = relative.strip("/").split("/"), root, 0
+    while parts:
+        name = parts.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            resolved = resolved.parent if resolved != root else root
+            continue
+        candidate = resolved / name
+        try:
+            if not stat.S_ISLNK(os.lstat(candidate).st_mode):
+                resolved = candidate
+                continue
+            target = os.readlink(candidate)
+        except OSError:
+            return None
+        links += 1
+        if links > 40:
+            return None
+        parts = target.split("/") + parts
+        if target.startswith("/"):
+            resolved = root
+    return resolved
+
+
 def _read_image_file(root: Path, relative: str) -> str:
-    """A small text file of the mounted image, not following a final symlink out of it."""
+    """A small text file of the mounted image (symlinks resolved inside the image), or ''."""
+    path = _image_path(root, relative)
+    if path is None:
+        return ""
     try:
-        fd = os.open(root / relative, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return ""
     with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
@@ -768,8 +813,8 @@ def bwrap_command(root: Path, config: dict, command: list[str], binds: list[str]
     argv = ["bwrap", "--unshare-user", "--unshare-pid", "--die-with-parent", "--uid", str(uid),
             "--gid", str(gid), "--bind", str(root), "/", "--proc", "/proc", "--dev", "/dev",
             "--tmpfs", "/tmp"]
-    for name in ("etc/resolv.conf", "etc/hosts"):
-        if os.path.isfile(f"/{name}") and (root / name).is_file() and not (root / name).is_symlink():
+    for name in ("etc/resolv.conf", "etc/hosts"):  # the host's, over a plain file of the image's
+        if os.path.isfile(f"/{name}") and _image_path(root, name) == root / name and (root / name).is_file():
             argv += ["--ro-bind", f"/{name}", f"/{name}"]
     for bind in binds:
         src, sep, dst = bind.partition(":")
@@ -997,6 +1042,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_text(e: OSError) -> str:
+    return f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the lazymount command line; return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
@@ -1018,8 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:
         log.debug("failed", exc_info=True)
-        print(f"lazymount: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}",
-              file=sys.stderr)
+        print(f"lazymount: error: {_os_error_text(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -645,3 +645,45 @@ def test_long_listing_is_generated_once_across_replies() -> None:
     assert [size for _, size, _ in received] == list(range(1000))
     assert {flags for _, _, flags in received} == {lazymount.FUSE_FILL_DIR_PLUS}
     assert Operations.calls == 1
+
+
+def test_image_paths_resolve_inside_the_image(tmp_path: Path) -> None:
+    """`run` reads the image's /etc/passwd with the image's symlinks resolved inside the image (as the
+    container will see them), never on the host."""
+    import lazymount
+    root = tmp_path / "root"
+    (root / "usr/etc").mkdir(parents=True)
+    (root / "usr/etc/passwd").write_text("tester:x:1000:1000::/:/bin/sh\n")
+    os.symlink("/usr/etc", root / "etc")  # absolute: the host's /usr/etc on the host
+    os.symlink("../../..", root / "up")  # cannot climb out of the image
+    os.symlink("loop", root / "loop")
+    assert lazymount._image_path(root, "etc/passwd") == root / "usr/etc/passwd"
+    assert lazymount._image_path(root, "up/etc/passwd") == root / "usr/etc/passwd"
+    assert lazymount._image_path(root, "loop/x") is None
+    assert lazymount._image_path(root, "etc/shadow") is None  # missing in the image: not read on the host
+    assert lazymount._read_image_file(root, "etc/shadow") == ""
+    assert lazymount._image_ids(root, "tester") == (1000, 1000)
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    """A --cache-dir that is a file, a second mount on a mounted directory, a profile that is not text:
+    one line, exit 1, and no second mount stacked on the first."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree/hello").write_text("hi\n")
+    tar = make_layer_tar(tmp_path / "tree", tmp_path / "l.tar")
+    layout = write_oci_layout(tmp_path / "layout", "v1", [tar])
+    image, mnt = f"oci:{layout}:v1", tmp_path / "mnt"
+    (tmp_path / "a-file").touch()
+    result = lazymount("mount", image, str(tmp_path), "--cache-dir", str(tmp_path / "a-file"), check=False)
+    assert (result.returncode, result.stderr) == (
+        1, f"lazymount: error: File exists: {tmp_path / 'a-file'}\n")
+    with mounted(image, mnt, "--cache-dir", str(tmp_path / "cache")):
+        result = lazymount("mount", image, str(mnt), "--cache-dir", str(tmp_path / "cache"), check=False)
+        assert (result.returncode, result.stderr) == (
+            1, f"lazymount: error: {mnt} is already a lazymount mount (lazymount umount it first)\n")
+        assert Path("/proc/self/mountinfo").read_text().count(f" {mnt} ") == 1
+    (tmp_path / "bad.profile").write_bytes(b"# layer \xff\n")
+    result = lazymount("optimize", "--profile", str(tmp_path / "bad.profile"), image,
+                       f"oci:{tmp_path}/out:v1", check=False)
+    assert (result.returncode, result.stderr) == (
+        1, f"lazymount: error: {tmp_path / 'bad.profile'}: not UTF-8 text (byte 8)\n")

@@ -835,7 +835,14 @@ def bwrap_command(root: Path, config: dict, command: list[str], binds: list[str]
 
 
 def _command(args: argparse.Namespace) -> list[str]:
-    return args.command[1:] if args.command[:1] == ["--"] else args.command
+    """The command after IMAGE; options between IMAGE and `--` are the subcommand's, as before IMAGE."""
+    command = args.command
+    if "--" not in command:
+        return command
+    split = command.index("--")
+    if split:
+        args.subparser.parse_args([*command[:split], args.image], namespace=args)
+    return command[split + 1:]
 
 
 def run_in_image(args: argparse.Namespace, command: list[str]) -> int:
@@ -1014,14 +1021,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_umount)
 
     p = sub.add_parser("run", parents=[image, running], help="run a command in an image with bubblewrap")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, subparser=p)
 
     p = sub.add_parser("record", parents=[image, running],
                        help="run a command like `run` and write the files it opened as a profile")
     p.add_argument("-o", "--output", type=Path, default=Path("lazymount.profile"), metavar="PROFILE",
                    help="profile to write (default: lazymount.profile)")
     p.add_argument("--append", action="store_true", help="merge into PROFILE instead of replacing it")
-    p.set_defaults(func=cmd_record)
+    p.set_defaults(func=cmd_record, subparser=p)
 
     p = sub.add_parser("optimize", parents=[registry, layout, mounting],
                        help="convert an image with each layer's profiled files first (prefetched at mount)")

@@ -63,7 +63,8 @@ def _layers(ref: str) -> list[tuple[str, bytes, toc.Index]]:
 
 
 def _record(ref: str, profile: Path, cache_dir: Path, command: list[str], *extra: str) -> str:
-    result = lazymount("record", "--cache-dir", str(cache_dir), "-o", str(profile), *extra, ref, "--",
+    """`lazymount record IMAGE OPTIONS -- CMD`, options after the image as in the README."""
+    result = lazymount("record", ref, "--cache-dir", str(cache_dir), "-o", str(profile), *extra, "--",
                        *command)
     return result.stdout
 

@@ -487,8 +487,8 @@ def _raise_read_ahead(mountpoint: Path) -> None:
     """Let the kernel read ahead 1 MiB on this mount (the bdi file is writable by root only)."""
     try:
         mounted = _mount_at(mountpoint)
-        path = Path(f"/sys/class/bdi/{mounted[0] if mounted else None}/read_ahead_kb")
-        if mounted and os.access(path, os.W_OK):
+        path = Path(f"/sys/class/bdi/{mounted[0]}/read_ahead_kb") if mounted else None
+        if path is not None and os.access(path, os.W_OK):
             path.write_text(str(READ_AHEAD_KB))
     except OSError as e:
         log.debug("read_ahead_kb not raised: %s", e)
@@ -891,12 +891,11 @@ def _exit_on_termination() -> Iterator[None]:
 
 def _unusable(mountpoint: Path, error: OSError) -> str:
     """Why the image mounted at `mountpoint` cannot be used: its failed layers, from its stats."""
-    try:
-        stats = json.loads(os.getxattr(mountpoint, STATS_XATTR))
-    except OSError:
-        return f"the mount at {mountpoint} does not answer ({error.strerror})"
-    failed = [f"layer {layer['digest']}: {layer.get('error')}" for layer in stats["layers"]
-              if layer["state"] == "failed"]
+    failed = []
+    with contextlib.suppress(OSError):
+        failed = [f"layer {layer['digest']}: {layer.get('error')}"
+                  for layer in json.loads(os.getxattr(mountpoint, STATS_XATTR))["layers"]
+                  if layer["state"] == "failed"]
     return "; ".join(failed) or f"the mount at {mountpoint} does not answer ({error.strerror})"
 
 

@@ -289,7 +289,7 @@ def make_oci_image(layout_dir: Path, tag: str, layer_trees: list[Path],
     return layout_dir
 
 
-def _add_blob(layout_dir: Path, data: bytes | Path) -> tuple[str, int]:
+def add_blob(layout_dir: Path, data: bytes | Path) -> tuple[str, int]:
     """Store bytes or a file's content as a blob of the layout; return (digest, size)."""
     blobs = layout_dir / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
@@ -319,15 +319,15 @@ def append_layers(layout_dir: Path, tag: str, layer_tars: list[Path]) -> None:
     for tar_path in layer_tars:
         with open(tar_path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
-        digest, size = _add_blob(layout_dir, tar_path)
+        digest, size = add_blob(layout_dir, tar_path)
         diff_id = f"sha256:{_sha256_file(tar_path, gzip.open)}" if gzipped else digest
         config["rootfs"]["diff_ids"].append(diff_id)
         config.setdefault("history", []).append({"created_by": f"lazymount tests: {tar_path.name}"})
         media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzipped else "")
         manifest["layers"].append({"mediaType": media, "digest": digest, "size": size})
     config_ref = manifest["config"]
-    config_ref["digest"], config_ref["size"] = _add_blob(layout_dir, json.dumps(config).encode())
-    entry["digest"], entry["size"] = _add_blob(layout_dir, json.dumps(manifest).encode())
+    config_ref["digest"], config_ref["size"] = add_blob(layout_dir, json.dumps(config).encode())
+    entry["digest"], entry["size"] = add_blob(layout_dir, json.dumps(manifest).encode())
     (layout_dir / "index.json").write_text(json.dumps(index))
 
 
@@ -339,12 +339,12 @@ def write_oci_layout(layout_dir: Path, tag: str, layer_tars: list[Path]) -> Path
     """
     config = {"architecture": _go_arch(), "os": "linux", "config": {},
               "rootfs": {"type": "layers", "diff_ids": []}}
-    cfg_digest, cfg_size = _add_blob(layout_dir, json.dumps(config).encode())
+    cfg_digest, cfg_size = add_blob(layout_dir, json.dumps(config).encode())
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                            "digest": cfg_digest, "size": cfg_size},
                 "layers": []}
-    man_digest, man_size = _add_blob(layout_dir, json.dumps(manifest).encode())
+    man_digest, man_size = add_blob(layout_dir, json.dumps(manifest).encode())
     index = {"schemaVersion": 2, "manifests": [{"mediaType": manifest["mediaType"], "digest": man_digest,
                                                  "size": man_size, "annotations": {REF_NAME: tag}}]}
     (layout_dir / "index.json").write_text(json.dumps(index))

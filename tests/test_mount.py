@@ -25,7 +25,7 @@ from pathlib import Path
 
 import cachetools
 import pytest
-from images import describe_tree, make_layer_tar, make_oci_image, write_oci_layout
+from images import add_blob, describe_tree, make_layer_tar, make_oci_image, write_oci_layout
 from reference import Containerd, read_layout, ref_convert
 from registry import Registry, push_layout
 
@@ -273,17 +273,12 @@ def test_corrupt_plain_layer_fails_at_once(tmp_path: Path) -> None:
     whole = tmp_path / "layer.tar.gz"
     whole.write_bytes(gzip.compress(raw.getvalue()))
     layout = write_oci_layout(tmp_path / "layout", "v1", [whole])
-
-    def put_blob(data: bytes) -> dict:
-        digest = hashlib.sha256(data).hexdigest()
-        (layout / "blobs/sha256" / digest).write_bytes(data)
-        return {"digest": f"sha256:{digest}", "size": len(data)}
-
     index = json.loads((layout / "index.json").read_text())
     entry = index["manifests"][0]
     manifest = json.loads((layout / "blobs/sha256" / entry["digest"][7:]).read_bytes())
-    manifest["layers"][0].update(put_blob(whole.read_bytes()[:-50_000]))
-    entry.update(put_blob(json.dumps(manifest).encode()))
+    layer = manifest["layers"][0]
+    layer["digest"], layer["size"] = add_blob(layout, whole.read_bytes()[:-50_000])
+    entry["digest"], entry["size"] = add_blob(layout, json.dumps(manifest).encode())
     (layout / "index.json").write_text(json.dumps(index))
     mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
     with mounted(f"oci:{layout}:v1", mnt, "--cache-dir", str(tmp_path / "cache"),

@@ -77,14 +77,18 @@ def debian_image(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -
     return f"{registry.host}/debian:v1"
 
 
-def _as_user(home: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run lazymount as the test user, with its temp dir (where `run` mounts) in `home`."""
+def _user_env(home: Path) -> dict[str, str]:
+    """The test user's environment, with its temp dir (where `run` mounts) at `home`/tmp."""
     tmp = home / "tmp"
     if not tmp.exists():
         tmp.mkdir()
         os.chown(tmp, pwd.getpwnam(USER).pw_uid, -1)
-    env = {"HOME": str(home), "PATH": os.environ["PATH"], "LANG": "C.UTF-8", "TMPDIR": str(tmp)}
-    return lazymount(*args, check=False, env=env, user=USER)
+    return {"HOME": str(home), "PATH": os.environ["PATH"], "LANG": "C.UTF-8", "TMPDIR": str(tmp)}
+
+
+def _as_user(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run lazymount as the test user (see _user_env)."""
+    return lazymount(*args, check=False, env=_user_env(home), user=USER)
 
 
 def test_run_shell_and_python_as_user(debian_image: str, user_home: Path) -> None:
@@ -137,10 +141,7 @@ def test_cli_reports_missing_image_in_one_line(registry: Registry, user_home: Pa
 def test_run_stopped_by_signal_cleans_up(debian_image: str, user_home: Path, sig: signal.Signals) -> None:
     """SIGTERM or SIGHUP to `lazymount run` ends it like Ctrl-C: the command is killed, the mount and its
     temp dir are gone, the exit status is 128 + the signal."""
-    tmp = user_home / "tmp"
-    env = {"HOME": str(user_home), "PATH": os.environ["PATH"], "TMPDIR": str(tmp)}
-    tmp.mkdir(exist_ok=True)
-    os.chown(tmp, pwd.getpwnam(USER).pw_uid, -1)
+    env, tmp = _user_env(user_home), user_home / "tmp"
     run = subprocess.Popen(["runuser", "-u", USER, "--", sys.executable, str(REPO / "lazymount.py"), "run",
                             "--cache-dir", str(user_home / "cache"), debian_image, "--", "/bin/sh", "-c",
                             "echo started; exec sleep 600"], env=env, stdout=subprocess.PIPE, text=True)

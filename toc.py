@@ -89,6 +89,21 @@ _ZSTD_MANIFEST_TYPE = 1
 GZIP = "estargz"
 ZSTD = "zstd:chunked"
 
+# OCI names: the one home of the media types and annotation keys every module (and the tests) use.
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_LAYER_GZIP = MEDIA_LAYER_TAR + "+gzip"
+MEDIA_LAYER_ZSTD = MEDIA_LAYER_TAR + "+zstd"
+INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
+MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"  # sha256 of the uncompressed TOC JSON
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+
 _TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo")
 KIND_DIR, KIND_REG, KIND_SYMLINK, KIND_HARDLINK, KIND_CHAR, KIND_BLOCK, KIND_FIFO = range(len(_TYPES))
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -104,6 +119,13 @@ def check_digest(digest: str) -> str:
 def sha256_digest(data: bytes | memoryview) -> str:
     """The `sha256:<hex>` digest of `data`."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def verify_digest(data: bytes | memoryview, digest: str, what: str) -> None:
+    """Raise DigestError unless `data` hashes to `digest`; `what` names the content in the message."""
+    actual = sha256_digest(data)
+    if actual != digest:
+        raise DigestError(f"{what} does not match its digest {digest} ({len(data)} bytes, {actual})")
 
 
 # ---------------------------------------------------------------------------------------------- footers
@@ -1220,8 +1242,8 @@ def _write_toc(writer: _BlobWriter, entries: list[dict], fmt: str, level: int, p
         writer.write_compressed(isal_zlib.compress(member, level, wbits=31), member)
         writer.write_compressed(footer_bytes(toc_offset))
     annotations.update({
-        "containerd.io/snapshot/stargz/toc.digest": toc_digest,
-        "io.containers.estargz.uncompressed-size": str(writer.uncompressed),
+        TOC_DIGEST_ANNOTATION: toc_digest,
+        UNCOMPRESSED_SIZE_ANNOTATION: str(writer.uncompressed),
     })
     return LayerInfo("sha256:" + writer.blob_hash.hexdigest(), writer.offset,
                      "sha256:" + writer.diff_hash.hexdigest(), toc_digest, writer.uncompressed,

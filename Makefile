@@ -35,6 +35,7 @@ $(PIP_STAMP): setup.cfg pyproject.toml | $(APT_STAMP)
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_layering.py
 
 test: setup lint
 	$(VENV)/bin/python -m pytest tests

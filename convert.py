@@ -390,3 +390,57 @@ def describe_layer(read_at: toc.ReadAt, size: int, expected_toc_digest: str | No
     return {"format": footer.format, "size": size, "toc_digest": toc.sha256_digest(toc_json),
             "toc_bytes": len(toc_json), "entries": index.stats(),
             "largest_chunk": max(chunk_sizes, default=0), "landmark": landmark}
+
+
+# -------------------------------------------------------------------------------------------- profiles
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file given by the user (InvalidInputError if it is not text)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise config.InvalidInputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def read_path_list(path: Path) -> list[str]:
+    """A prioritized-files list: one path per line; blank lines and '#' comments ignored."""
+    lines = read_text(path).splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+PROFILE_LAYER = "# layer "
+
+
+def read_profile(path: Path) -> dict[str, list[str]]:
+    """A workload profile: `# layer DIGEST` lines, each followed by that layer's paths (relative, one a
+    line, in the order first opened); blank lines and other '#' lines are ignored."""
+    profile: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if line.startswith(PROFILE_LAYER):
+            current = profile.setdefault(toc.check_digest(line[len(PROFILE_LAYER):].strip()), [])
+        elif not line.strip() or line.startswith("#"):
+            continue
+        elif current is None:
+            raise config.InvalidInputError(f"{path}:{number}: a path before any '{PROFILE_LAYER}DIGEST' line")
+        else:
+            current.append(line.lstrip("/"))
+    return profile
+
+
+def merge_profiles(profiles: list[dict[str, list[str]]]) -> dict[str, list[str]]:
+    """Profiles merged: layers and, within a layer, paths in the order of their first appearance."""
+    merged: dict[str, dict[str, None]] = {}
+    for profile in profiles:
+        for digest, paths in profile.items():
+            merged.setdefault(digest, {}).update(dict.fromkeys(paths))
+    return {digest: list(paths) for digest, paths in merged.items()}
+
+
+def write_profile(path: Path, profile: dict[str, list[str]]) -> None:
+    """Write a profile in the format read_profile reads."""
+    lines = ["# lazymount profile: the files a workload opened, by the image layer that provides them"]
+    for digest, paths in profile.items():
+        lines += [f"{PROFILE_LAYER}{digest}", *paths]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 import convert
 import fetch
-import lazymount
+import sandbox
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tests"))  # the image builder is shared with the tests
@@ -171,7 +171,7 @@ def full_pull(ref: str, work: Path, command: list[str]) -> tuple[int, str, float
                    stdout=subprocess.DEVNULL)
     setup = time.monotonic() - start
     config = fetch.open_image(f"oci:{pulled}:{TAG}", client=fetch.RegistryClient()).config.get("config", {})
-    line, elapsed = _first_line(lazymount.bwrap_command(bundle / "rootfs", config, command, []))
+    line, elapsed = _first_line(sandbox.bwrap_command(bundle / "rootfs", config, command, []))
     print(f"   {line}")
     fetched = sum(p.stat().st_size for p in (pulled / "blobs" / "sha256").iterdir())
     shutil.rmtree(bundle, ignore_errors=True)

@@ -1,10 +1,11 @@
 """The snapshotter's layer daemon: one FUSE file system whose top-level directories are image layers.
 
-What belongs here: the spec files through which snapshot_grpc.py hands a layer over (one per layer, read
-when the layer is first used, so they outlive both processes), loading a layer into a raw tree.ImageView
+What belongs here: reading the spec files through which snapshot_grpc.py hands a layer over (mountctl.py
+writes them; one per layer, read when the layer is first used, so they outlive both processes), loading a
+layer into a raw tree.ImageView
 that shares the daemon's one registry client and one chunk cache, keeping the layers' inode numbers apart,
-and the FUSE operations that hand each path to its layer's lazymount.LazyFS.  What never does: the file
-system of one layer (lazymount.LazyFS over tree.py), snapshots (snapshot_grpc.py), HTTP (fetch.py).
+and the FUSE operations that hand each path to its layer's fusefs.LazyFS.  What never does: the file
+system of one layer (fusefs.LazyFS over tree.py), snapshots (snapshot_grpc.py), HTTP (fetch.py).
 
 Layout of the mount: `/NAME` is the layer of `SPECS/NAME.json` exactly as `lazymount mount --layer` shows
 it (an overlayfs lower directory).  The root's virtual xattr `user.lazymount.layer.NAME` loads the layer
@@ -18,7 +19,6 @@ import errno
 import json
 import logging
 import os
-import re
 import stat
 import threading
 import time
@@ -28,41 +28,19 @@ from pathlib import Path
 
 import cache
 import fetch
-import lazymount
+import fusefs
 import toc
 import tree
+from mountctl import LAYER_NAME, LAYER_XATTR, STATS_XATTR, MountError, spec_path
 
-mfusepy = lazymount.mfusepy  # as lazymount imported it: after choosing libfuse3
+mfusepy = fusefs.mfusepy  # as fusefs imported it: after choosing libfuse3
 log = logging.getLogger(__name__)
-
-LAYER_XATTR = "user.lazymount.layer."  # + NAME, on the root: load (or, its spec gone, forget) layer NAME
-SPEC_SUFFIX = ".json"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
-
-
-def spec_path(spec_dir: Path, name: str) -> Path:
-    """The spec file of layer `name` (letters, digits, `_` and `-`: never a path)."""
-    if not _NAME.fullmatch(name):
-        raise lazymount.MountError(f"invalid layer name {name[:100]!r}")
-    return spec_dir / f"{name}{SPEC_SUFFIX}"
-
-
-def write_spec(spec_dir: Path, name: str, reference: str, digest: str, size: int, toc_digest: str) -> None:
-    """Hand layer `digest` of image `reference` (blob `size` bytes, TOC digest `toc_digest`) to the daemon
-    under `name` (written whole: temp file, then rename)."""
-    path = spec_path(spec_dir, name)
-    spec_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"reference": reference, "digest": toc.check_digest(digest), "size": size,
-                               "toc_digest": toc.check_digest(toc_digest)}))
-    os.replace(tmp, path)
-
 
 @dataclass
 class _Served:
     """A loaded layer: its file system and the offset added to its inode numbers."""
 
-    fs: lazymount.LazyFS
+    fs: fusefs.LazyFS
     ino_offset: int
 
 
@@ -111,10 +89,10 @@ class LayersFS(mfusepy.Operations):
         digest, toc_digest = toc.check_digest(spec["digest"]), toc.check_digest(spec["toc_digest"])
         layer = tree.Layer(digest, self.client.blob(spec["reference"], digest, int(spec["size"])), toc_digest)
         if not layer.open_index():
-            raise lazymount.MountError(f"layer {digest} is not eStargz")
+            raise MountError(f"layer {digest} is not eStargz")
         assert layer.index is not None
         view = tree.ImageView([layer], self.cache, self.work_dir, raw=True,
-                              opaque_xattr=lazymount.OPAQUE_XATTR, prefetch=self.prefetch,
+                              opaque_xattr=fusefs.OPAQUE_XATTR, prefetch=self.prefetch,
                               background=self.background, activity=self.activity)
         prefetched = threading.Event()
         view.start(prefetched.set)
@@ -123,7 +101,7 @@ class LayersFS(mfusepy.Operations):
                 "config": {}}
         with self._lock:
             # MergedTree numbers its inodes ROOT_INO .. ROOT_INO + entries: give each layer its own range
-            served = _Served(lazymount.LazyFS(view, info, lambda: None), self._next_ino - tree.ROOT_INO)
+            served = _Served(fusefs.LazyFS(view, info, lambda: None), self._next_ino - tree.ROOT_INO)
             self._next_ino += len(layer.index) + 1
             self._layers[name] = served
         log.info("layer %s: serving %s of %s (%d entries)", name, digest, spec["reference"], len(layer.index))
@@ -161,7 +139,7 @@ class LayersFS(mfusepy.Operations):
         name, _, rest = path.lstrip("/").partition("/")
         if not name:
             return None, "/"
-        if not _NAME.fullmatch(name):
+        if not LAYER_NAME.fullmatch(name):
             raise OSError(errno.ENOENT, path)
         return self.layer(name), "/" + rest
 
@@ -230,9 +208,9 @@ class LayersFS(mfusepy.Operations):
         if name.startswith(LAYER_XATTR):
             try:
                 return json.dumps(self.sync(name[len(LAYER_XATTR):])).encode()
-            except lazymount.MountError:
+            except MountError:
                 raise OSError(mfusepy.ENOATTR, name) from None
-        if name == lazymount.STATS_XATTR:
+        if name == STATS_XATTR:
             with self._lock:
                 layers = list(self._layers.values())
             stats = [s for layer in layers for s in layer.fs.view.stats()["layers"]]
@@ -259,15 +237,15 @@ def serve_layers(args: argparse.Namespace, notify: Callable[[], None],
                  progress: Callable[[int, int], None] | None = None) -> None:
     """Serve the layers of the spec directory args.specs at args.mountpoint until unmounted; `notify` runs
     once the mount answers (`progress` is unused: layers are prefetched when each is loaded)."""
-    lazymount.tune_malloc()
+    fusefs.tune_malloc()
     mountpoint = Path(args.mountpoint)
-    cache_dir, chunk_cache = lazymount.open_chunk_cache(args)
-    client = lazymount.registry_client(args)
+    cache_dir, chunk_cache = fusefs.open_chunk_cache(args)
+    client = fusefs.registry_client(args)
     fs = LayersFS(Path(args.specs), mountpoint, client, chunk_cache, cache_dir / "layers",
-                  lazymount.announce(mountpoint, f"the layers of {args.specs}", notify),
+                  fusefs.announce(mountpoint, f"the layers of {args.specs}", notify),
                   prefetch=args.prefetch, background=args.background_fetch)
     try:
-        lazymount.serve_fuse(fs, mountpoint, args.options)
+        fusefs.serve_fuse(fs, mountpoint, args.options)
     finally:
         fs.close()
         chunk_cache.close()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import wsgiref.simple_server
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,9 +38,9 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import config
-import convert
 import fetch
 import mount_pb2
+import mountctl
 import snapshots_pb2
 import snapshots_pb2_grpc
 import toc
@@ -170,16 +168,6 @@ class LayerDaemon:
         self._lock = threading.Lock()
         self._daemon_lock = threading.Lock()
 
-    def _layerfs(self) -> types.ModuleType:
-        """The FUSE side, imported at call time: the snapshotter serves ordinary layers without it."""
-        if not os.path.exists("/dev/fuse"):
-            raise DeclinedError("lazy mount unavailable: no /dev/fuse")
-        try:
-            module = importlib.import_module("layerfs")
-        except (ImportError, OSError) as e:  # mfusepy raises OSError without libfuse
-            raise DeclinedError(f"lazy mount unavailable: {type(e).__name__}: {e}") from None
-        return module
-
     def _image(self, reference: str) -> fetch.Image:
         with self._lock:
             image = self._images.get(reference)
@@ -204,7 +192,7 @@ class LayerDaemon:
             descriptor = next((d for d in image.layers if d.digest == layer_digest), None)
             if descriptor is None:
                 raise DeclinedError(f"layer {layer_digest} is not in {reference}")
-            if convert.TOC_DIGEST_ANNOTATION not in descriptor.annotations:
+            if toc.TOC_DIGEST_ANNOTATION not in descriptor.annotations:
                 raise DeclinedError("layer is not eStargz (no TOC digest annotation)")
             with image.blob(layer_digest) as blob:
                 tail = blob.read_at(max(0, blob.size - toc.FOOTER_SIZE), toc.FOOTER_SIZE)
@@ -219,7 +207,8 @@ class LayerDaemon:
 
     def _ensure_daemon(self) -> None:
         """Start the daemon unless its mount answers (a dead one is unmounted first)."""
-        layerfs = self._layerfs()
+        if not os.path.exists("/dev/fuse"):
+            raise DeclinedError("lazy mount unavailable: no /dev/fuse")
         with self._daemon_lock:
             state = _mount_state(self.mountpoint)
             if state == "alive":
@@ -227,7 +216,7 @@ class LayerDaemon:
             if state == "dead":
                 log.warning("the layer daemon at %s died: starting it again", self.mountpoint)
                 try:
-                    layerfs.lazymount.unmount(self.mountpoint)
+                    mountctl.unmount(self.mountpoint)
                 except toc.LazymountError as e:
                     raise DeclinedError(f"cannot unmount the dead layer daemon: {e}") from None
             self.mountpoint.mkdir(exist_ok=True)
@@ -241,7 +230,7 @@ class LayerDaemon:
                 env["LAZYMOUNT_CONFIG"] = str(Path(self.config_path).absolute())
             try:
                 result = subprocess.run(command, capture_output=True, text=True, env=env,
-                                        timeout=MOUNT_TIMEOUT, check=False, cwd=Path(__file__).parent)
+                                        timeout=MOUNT_TIMEOUT, check=False)
             except subprocess.TimeoutExpired:
                 raise DeclinedError(f"starting the layer daemon took over {MOUNT_TIMEOUT:.0f} s") from None
             if result.returncode != 0:
@@ -252,15 +241,14 @@ class LayerDaemon:
     def _sync(self, name: str) -> dict:
         """Ask the daemon to load the layer `name` (or forget it, its spec gone): its JSON answer."""
         try:
-            return json.loads(os.getxattr(self.mountpoint, self._layerfs().LAYER_XATTR + name))
+            return json.loads(os.getxattr(self.mountpoint, mountctl.LAYER_XATTR + name))
         except OSError as e:
             return {"error": e.strerror or str(e)}
 
     def mount(self, name: str, reference: str, layer_digest: str) -> None:
-        layerfs = self._layerfs()
         descriptor = self.probe(reference, layer_digest)
-        layerfs.write_spec(self.spec_dir, name, reference, layer_digest, descriptor.size,
-                           descriptor.annotations[convert.TOC_DIGEST_ANNOTATION])
+        mountctl.write_spec(self.spec_dir, name, reference, layer_digest, descriptor.size,
+                           descriptor.annotations[toc.TOC_DIGEST_ANNOTATION])
         try:
             self._ensure_daemon()
             error = self._sync(name).get("error")
@@ -280,7 +268,7 @@ class LayerDaemon:
         if not self.spec_dir.is_dir():
             return  # no layer was ever handed over
         try:
-            spec = self._layerfs().spec_path(self.spec_dir, name)
+            spec = mountctl.spec_path(self.spec_dir, name)
             if not spec.exists():
                 return
             spec.unlink()

@@ -17,7 +17,7 @@ from images import make_layer_tar
 import cache
 import convert
 import layerfs
-import lazymount
+import mountctl
 import tree
 
 
@@ -60,7 +60,7 @@ def setup(tmp_path: Path) -> tuple[layerfs.LayersFS, Path, list[tuple[str, int, 
 def test_layers_are_top_level_directories(setup: tuple) -> None:
     fs, specs, layers = setup
     for name, (digest, size, toc_digest) in zip(("1", "2"), layers, strict=True):
-        layerfs.write_spec(specs, name, "oci:/nowhere", digest, size, toc_digest)
+        mountctl.write_spec(specs, name, "oci:/nowhere", digest, size, toc_digest)
     assert fs.sync("1")["digest"] == layers[0][0]
     with pytest.raises(OSError) as raised:
         fs.open("/1/etc/os-release", os.O_RDONLY)
@@ -70,7 +70,7 @@ def test_layers_are_top_level_directories(setup: tuple) -> None:
     whiteout = fs.getattr("/2/etc/os-release")
     assert stat.S_ISCHR(whiteout["st_mode"]) and whiteout["st_rdev"] == 0
     assert [entry[0] for entry in fs.readdir("/", 0)] == [".", "..", "1", "2"]
-    stats = json.loads(fs.getxattr("/", lazymount.STATS_XATTR))  # what `lazymount stats MOUNT` shows
+    stats = json.loads(fs.getxattr("/", mountctl.STATS_XATTR))  # what `lazymount stats MOUNT` shows
     assert [layer["digest"] for layer in stats["layers"]] == [layers[0][0], layers[1][0]]
 
     inodes: dict[str, set[int]] = {"1": set(), "2": set()}
@@ -90,22 +90,22 @@ def test_missing_invalid_and_failing_layers(setup: tuple) -> None:
             fs.getattr(path)
         assert raised.value.errno == errno.ENOENT, path
     digest, size, _ = layers[0]
-    layerfs.write_spec(specs, "4", "oci:/nowhere", digest, size, "sha256:" + "0" * 64)
+    mountctl.write_spec(specs, "4", "oci:/nowhere", digest, size, "sha256:" + "0" * 64)
     assert fs.sync("4")["error"].startswith("TOC digest")
     with pytest.raises(OSError) as raised:
         fs.getattr("/4")
     assert raised.value.errno == errno.EIO, "an error, not a cached ENOENT"
-    layerfs.write_spec(specs, "4", "oci:/nowhere", *layers[0])
+    mountctl.write_spec(specs, "4", "oci:/nowhere", *layers[0])
     assert "error" not in fs.sync("4"), "a failed load is tried again"
-    with pytest.raises(lazymount.MountError):
-        layerfs.write_spec(specs, "../x", "oci:/nowhere", *layers[0])
+    with pytest.raises(mountctl.MountError):
+        mountctl.write_spec(specs, "../x", "oci:/nowhere", *layers[0])
 
 
 def test_removed_spec_forgets_the_layer(setup: tuple) -> None:
     fs, specs, layers = setup
-    layerfs.write_spec(specs, "1", "oci:/nowhere", *layers[0])
+    mountctl.write_spec(specs, "1", "oci:/nowhere", *layers[0])
     assert fs.read("/1/etc/os-release", 100, 0, 0) == b"ID=test\n"
-    layerfs.spec_path(specs, "1").unlink()
+    mountctl.spec_path(specs, "1").unlink()
     with pytest.raises(OSError) as raised:
         fs.sync("1")
     assert raised.value.errno == layerfs.mfusepy.ENOATTR

@@ -605,7 +605,7 @@ def test_basic_auth_credentials_never_shown(tmp_path: Path, tmp_path_factory: py
 def test_long_listing_is_generated_once_across_replies() -> None:
     """READDIR replies that fill up resume the listing where it stopped instead of generating it again
     (which would make a directory of n entries cost n²/entries-per-reply attribute lookups)."""
-    import lazymount
+    import fusefs
 
     class Operations:
         calls = 0
@@ -615,7 +615,7 @@ def test_long_listing_is_generated_once_across_replies() -> None:
             for i in range(1000):
                 yield f"f{i}", {"st_mode": stat.S_IFREG | 0o644, "st_ino": i + 2, "st_size": i}, 0
 
-    fuse = lazymount._FUSE.__new__(lazymount._FUSE)  # no mount: only the readdir callback is exercised
+    fuse = fusefs._FUSE.__new__(fusefs._FUSE)  # no mount: only the readdir callback is exercised
     fuse._unfinished, fuse._unfinished_lock = cachetools.LRUCache(64), threading.Lock()
     fuse.operations, fuse.encoding, fuse.errors = Operations(), "utf-8", "surrogateescape"
     received: list[tuple[str, int, int]] = []
@@ -632,32 +632,32 @@ def test_long_listing_is_generated_once_across_replies() -> None:
     while True:
         room[0] = 17
         before = len(received)
-        fuse.readdir_fuse_3(b"/dir", None, filler, offset, None, lazymount.FUSE_READDIR_PLUS)
+        fuse.readdir_fuse_3(b"/dir", None, filler, offset, None, fusefs.FUSE_READDIR_PLUS)
         if len(received) == before:
             break
         offset += len(received) - before  # the kernel asks again from the offset of the next entry
     assert [name for name, _, _ in received] == [f"f{i}" for i in range(1000)]
     assert [size for _, size, _ in received] == list(range(1000))
-    assert {flags for _, _, flags in received} == {lazymount.FUSE_FILL_DIR_PLUS}
+    assert {flags for _, _, flags in received} == {fusefs.FUSE_FILL_DIR_PLUS}
     assert Operations.calls == 1
 
 
 def test_image_paths_resolve_inside_the_image(tmp_path: Path) -> None:
     """`run` reads the image's /etc/passwd with the image's symlinks resolved inside the image (as the
     container will see them), never on the host."""
-    import lazymount
+    import sandbox
     root = tmp_path / "root"
     (root / "usr/etc").mkdir(parents=True)
     (root / "usr/etc/passwd").write_text("tester:x:1000:1000::/:/bin/sh\n")
     os.symlink("/usr/etc", root / "etc")  # absolute: the host's /usr/etc on the host
     os.symlink("../../..", root / "up")  # cannot climb out of the image
     os.symlink("loop", root / "loop")
-    assert lazymount._image_path(root, "etc/passwd") == root / "usr/etc/passwd"
-    assert lazymount._image_path(root, "up/etc/passwd") == root / "usr/etc/passwd"
-    assert lazymount._image_path(root, "loop/x") is None
-    assert lazymount._image_path(root, "etc/shadow") is None  # missing in the image: not read on the host
-    assert lazymount._read_image_file(root, "etc/shadow") == ""
-    assert lazymount._image_ids(root, "tester") == (1000, 1000)
+    assert sandbox.image_path(root, "etc/passwd") == root / "usr/etc/passwd"
+    assert sandbox.image_path(root, "up/etc/passwd") == root / "usr/etc/passwd"
+    assert sandbox.image_path(root, "loop/x") is None
+    assert sandbox.image_path(root, "etc/shadow") is None  # missing in the image: not read on the host
+    assert sandbox.read_image_file(root, "etc/shadow") == ""
+    assert sandbox.image_ids(root, "tester") == (1000, 1000)
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:

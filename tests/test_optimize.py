@@ -23,7 +23,8 @@ from test_mount import MISSING, _assert_same_tree, lazymount, mounted, stats, um
 
 import convert
 import fetch
-import lazymount as cli
+import mountctl
+import sandbox
 import toc
 
 pytestmark = pytest.mark.skipif(bool(MISSING) or shutil.which("bwrap") is None,
@@ -75,7 +76,7 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
     then fetches nothing more."""
     profile_path = tmp_path / "profile"
     out = _record(images["plain"], profile_path, tmp_path / "c1", WORKLOAD)
-    profile = cli.read_profile(profile_path)
+    profile = convert.read_profile(profile_path)
     plain_layers = _layers(images["plain"])
     base_digest, data_digest = (digest for digest, _, _ in plain_layers)
     assert list(profile) == [base_digest]  # the time zone layer was never opened
@@ -89,7 +90,7 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
     # --append merges in order of first appearance.
     shutil.copy(profile_path, tmp_path / "merged")
     _record(images["plain"], tmp_path / "merged", tmp_path / "c1", OTHER_WORKLOAD, "--append")
-    merged = cli.read_profile(tmp_path / "merged")[base_digest]
+    merged = convert.read_profile(tmp_path / "merged")[base_digest]
     assert merged[:len(paths)] == paths and "usr/lib/python3.11/csv.py" in merged[len(paths):]
 
     # registry eStargz -> registry, the profile keyed by the source's (eStargz) layer digests
@@ -107,8 +108,8 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
         assert at_start["fetch_state"] == "prefetched"
         assert [layer["bytes_fetched"] for layer in at_start["layers"]] == [prefetch_end, 0]
         assert at_start["layers"][0]["prefetched_bytes"] == prefetch_end
-        info = json.loads(os.getxattr(mnt, cli.IMAGE_XATTR))
-        result = subprocess.run(cli.bwrap_command(mnt, info["config"], WORKLOAD, []), check=True,
+        info = json.loads(os.getxattr(mnt, mountctl.IMAGE_XATTR))
+        result = subprocess.run(sandbox.bwrap_command(mnt, info["config"], WORKLOAD, []), check=True,
                                 capture_output=True, text=True)
         assert result.stdout == out
         after = stats(mnt)
@@ -122,14 +123,14 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
     (tmp_path / "c3" / "layers").write_text("not a directory")
     with mounted(optimized, mnt, "--cache-dir", str(tmp_path / "c3"), "--no-background-fetch"):
         assert [layer["bytes_fetched"] for layer in stats(mnt)["layers"]] == [0, 0]
-        result = subprocess.run(cli.bwrap_command(mnt, info["config"], WORKLOAD, []), check=True,
+        result = subprocess.run(sandbox.bwrap_command(mnt, info["config"], WORKLOAD, []), check=True,
                                 capture_output=True, text=True)
         assert result.stdout == out
         assert stats(mnt)["totals"]["chunks_fetched"] > 0
 
     # Optimizing an image already laid out for the profile keeps every layer.
     renamed = {opt_layers[0][0]: paths}
-    cli.write_profile(tmp_path / "renamed", renamed)
+    convert.write_profile(tmp_path / "renamed", renamed)
     again = images["plain"].replace(":v1", ":again")
     lazymount("optimize", "-q", "--profile", str(tmp_path / "renamed"), optimized, again)
     assert [layer[0] for layer in _layers(again)] == [layer[0] for layer in opt_layers]

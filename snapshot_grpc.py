@@ -154,6 +154,16 @@ def _mount_state(mountpoint: Path) -> str:
     return "alive"
 
 
+def _check_fuse() -> None:
+    """DeclinedError unless this machine can serve FUSE: /dev/fuse exists and libfuse loads."""
+    if not os.path.exists("/dev/fuse"):
+        raise DeclinedError("lazy mount unavailable: no /dev/fuse")
+    try:
+        import fusefs  # noqa: F401 -- loads libfuse, at call time: ordinary layers never need it
+    except (ImportError, OSError) as e:  # mfusepy raises OSError without libfuse
+        raise DeclinedError(f"lazy mount unavailable: {type(e).__name__}: {e}") from None
+
+
 class LayerDaemon:
     """Serves every layer from one `lazymount layers` daemon (layerfs.py) mounted at ROOT/layers, which
     survives a restart of the snapshotter and is started again when found dead.  A layer is handed over
@@ -207,8 +217,7 @@ class LayerDaemon:
 
     def _ensure_daemon(self) -> None:
         """Start the daemon unless its mount answers (a dead one is unmounted first)."""
-        if not os.path.exists("/dev/fuse"):
-            raise DeclinedError("lazy mount unavailable: no /dev/fuse")
+        _check_fuse()
         with self._daemon_lock:
             state = _mount_state(self.mountpoint)
             if state == "alive":
@@ -246,6 +255,7 @@ class LayerDaemon:
             return {"error": e.strerror or str(e)}
 
     def mount(self, name: str, reference: str, layer_digest: str) -> None:
+        _check_fuse()
         descriptor = self.probe(reference, layer_digest)
         mountctl.write_spec(self.spec_dir, name, reference, layer_digest, descriptor.size,
                            descriptor.annotations[toc.TOC_DIGEST_ANNOTATION])

@@ -28,6 +28,7 @@ import cachetools
 
 import cache
 import config
+import engine
 import fetch
 import toc
 import tree
@@ -104,7 +105,7 @@ class _FUSE(mfusepy.FUSE):
 
 
 class LazyFS(mfusepy.Operations):
-    """The FUSE operations: a thin, read-only adapter over a tree.ImageView.
+    """The FUSE operations: a thin, read-only adapter over an engine.ImageView.
 
     The image never changes, so the kernel is asked to do all it can on its own: files are opened
     without a round trip (``open`` answers ENOSYS, the kernel's zero-message open, which also keeps the
@@ -114,11 +115,11 @@ class LazyFS(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, view: tree.ImageView, info: dict, on_ready: Callable[[], None],
+    def __init__(self, view: engine.ImageView, info: dict, on_ready: Callable[[], None],
                  progress: Callable[[int, int], None] | None = None) -> None:
         self.view, self.info, self._on_ready, self._progress = view, info, on_ready, progress
-        self._handles: dict[int, tuple[tree.Node, tree.ReadState]] = {}
-        self._files: cachetools.LRUCache[str, tuple[tree.Node, tree.ReadState]]
+        self._handles: dict[int, tuple[tree.Node, engine.ReadState]] = {}
+        self._files: cachetools.LRUCache[str, tuple[tree.Node, engine.ReadState]]
         self._files = cachetools.LRUCache(OPEN_FILES)
         self._next_fh = 1
         self._lock = threading.Lock()
@@ -199,7 +200,7 @@ class LazyFS(mfusepy.Operations):
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = (node, tree.ReadState())
+            self._handles[fh] = (node, engine.ReadState())
         return fh
 
     @mfusepy.overrides(mfusepy.Operations)
@@ -210,7 +211,7 @@ class LazyFS(mfusepy.Operations):
             with self._lock:
                 found = self._files.get(path)
             if found is None:
-                found = self._node(path)[1], tree.ReadState()
+                found = self._node(path)[1], engine.ReadState()
                 with self._lock:
                     self._files[path] = found
             node, state = found
@@ -279,7 +280,7 @@ def open_chunk_cache(args: argparse.Namespace) -> tuple[Path, cache.ChunkCache]:
     return cache_dir, cache.ChunkCache(cache_dir, disk_bytes=args.cache_size)
 
 
-def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
+def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
     """Resolve the image, read every eStargz layer's TOC, and set up the cache and the view."""
     ref = config.parse_reference(args.image)
     image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
@@ -290,17 +291,17 @@ def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
         descriptors = [d for d in descriptors if d.digest == args.layer]
         if not descriptors:
             raise MountError(f"{args.image} has no layer {args.layer}")
-    layers = [tree.Layer(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION))
+    layers = [engine.Layer(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION))
               for d in descriptors]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        lazy = list(pool.map(tree.Layer.open_index, layers))
+        lazy = list(pool.map(engine.Layer.open_index, layers))
     for layer, is_lazy, descriptor in zip(layers, lazy, descriptors, strict=True):
         if not is_lazy:
             log.warning("layer %s (%s) is not eStargz with a TOC digest: downloading it whole in the "
                         "background", layer.digest, descriptor.media_type or "no media type")
     cache_dir, chunk_cache = open_chunk_cache(args)
-    recorder = tree.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
-    view = tree.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
+    recorder = engine.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
+    view = engine.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
                           opaque_xattr=OPAQUE_XATTR, prefetch=args.prefetch, background=args.background_fetch,
                           recorder=recorder)
     runtime = image.config.get("config") if isinstance(image.config.get("config"), dict) else {}

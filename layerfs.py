@@ -2,10 +2,10 @@
 
 What belongs here: reading the spec files through which snapshot_grpc.py hands a layer over (mountctl.py
 writes them; one per layer, read when the layer is first used, so they outlive both processes), loading a
-layer into a raw tree.ImageView
+layer into a raw engine.ImageView
 that shares the daemon's one registry client and one chunk cache, keeping the layers' inode numbers apart,
 and the FUSE operations that hand each path to its layer's fusefs.LazyFS.  What never does: the file
-system of one layer (fusefs.LazyFS over tree.py), snapshots (snapshot_grpc.py), HTTP (fetch.py).
+system of one layer (fusefs.LazyFS over engine.py), snapshots (snapshot_grpc.py), HTTP (fetch.py).
 
 Layout of the mount: `/NAME` is the layer of `SPECS/NAME.json` exactly as `lazymount mount --layer` shows
 it (an overlayfs lower directory).  The root's virtual xattr `user.lazymount.layer.NAME` loads the layer
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cache
+import engine
 import fetch
 import fusefs
 import toc
@@ -60,7 +61,7 @@ class LayersFS(mfusepy.Operations):
         self._next_ino = tree.ROOT_INO + 1  # the root of the mount is ROOT_INO; layers follow
         self._lock = threading.Lock()
         self._started = time.time_ns()
-        self.activity = tree.ReadActivity()  # one for all layers: background fetches wait for any reader
+        self.activity = engine.ReadActivity()  # one for all layers: background fetches wait for any reader
 
     # -- the layer table ----------------------------------------------------------------------------
 
@@ -87,11 +88,12 @@ class LayersFS(mfusepy.Operations):
     def _load(self, name: str) -> _Served:
         spec = json.loads(spec_path(self.spec_dir, name).read_text())
         digest, toc_digest = toc.check_digest(spec["digest"]), toc.check_digest(spec["toc_digest"])
-        layer = tree.Layer(digest, self.client.blob(spec["reference"], digest, int(spec["size"])), toc_digest)
+        blob = self.client.blob(spec["reference"], digest, int(spec["size"]))
+        layer = engine.Layer(digest, blob, toc_digest)
         if not layer.open_index():
             raise MountError(f"layer {digest} is not eStargz")
         assert layer.index is not None
-        view = tree.ImageView([layer], self.cache, self.work_dir, raw=True,
+        view = engine.ImageView([layer], self.cache, self.work_dir, raw=True,
                               opaque_xattr=fusefs.OPAQUE_XATTR, prefetch=self.prefetch,
                               background=self.background, activity=self.activity)
         prefetched = threading.Event()

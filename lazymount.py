@@ -22,13 +22,13 @@ from pathlib import Path
 import cache
 import config
 import convert
+import engine
 import fetch
 import fusefs
 import layerfs
 import mountctl
 import sandbox
 import toc
-import tree
 from fusefs import registry_client
 from mountctl import MountError
 
@@ -85,7 +85,7 @@ def _is_local_file(text: str) -> bool:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     if _is_local_file(args.src):
-        blobs = [(args.src, tree.FileBlob(Path(args.src)), None)]
+        blobs = [(args.src, engine.FileBlob(Path(args.src)), None)]
     else:
         ref = config.parse_reference(args.src)
         image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))

@@ -21,8 +21,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import engine
 import fusefs
-import tree
 from mountctl import IMAGE_XATTR, STATS_XATTR, TERMINATIONS, MountError, start_daemon, unmount
 
 log = logging.getLogger("lazymount")
@@ -184,4 +184,4 @@ def record_workload(args: argparse.Namespace, command: list[str]) -> tuple[int, 
         args.record_log = os.path.join(tmp, "access.log")
         Path(args.record_log).touch()
         code = run_in_image(args, command)
-        return code, tree.read_access_log(args.record_log)
+        return code, engine.read_access_log(args.record_log)

@@ -16,9 +16,9 @@ from images import make_layer_tar
 
 import cache
 import convert
+import engine
 import layerfs
 import mountctl
-import tree
 
 
 class LocalBlobs:
@@ -27,8 +27,8 @@ class LocalBlobs:
     def __init__(self) -> None:
         self.files: dict[str, Path] = {}
 
-    def blob(self, reference: str, digest: str, size: int) -> tree.FileBlob:
-        return tree.FileBlob(self.files[digest])
+    def blob(self, reference: str, digest: str, size: int) -> engine.FileBlob:
+        return engine.FileBlob(self.files[digest])
 
 
 def _layer(work: Path, files: dict[str, bytes], blobs: LocalBlobs) -> tuple[str, int, str]:

@@ -144,7 +144,7 @@ def _layout_options(args: argparse.Namespace) -> convert.ConvertOptions:
 def _print_manifest_layers(manifest: dict) -> None:
     for layer in manifest["layers"]:
         print(f"{layer['digest']}  {layer['size']:>12}  "
-              f"toc {layer['annotations'].get(convert.TOC_DIGEST_ANNOTATION, '-')}")
+              f"toc {layer['annotations'].get(toc.TOC_DIGEST_ANNOTATION, '-')}")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -178,7 +178,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if not layers:
             raise convert.ImageError(f"{args.src} has no layer {args.layer}" if args.layer
                                      else f"{args.src} has no layers")
-        blobs = [(d.digest, image.blob(d.digest), d.annotations.get(convert.TOC_DIGEST_ANNOTATION))
+        blobs = [(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION))
                  for d in layers]
     reports = []
     for name, reader, toc_digest in blobs:
@@ -448,7 +448,7 @@ def _open_view(args: argparse.Namespace) -> tuple[tree.ImageView, dict]:
         descriptors = [d for d in descriptors if d.digest == args.layer]
         if not descriptors:
             raise MountError(f"{args.image} has no layer {args.layer}")
-    layers = [tree.Layer(d.digest, image.blob(d.digest), d.annotations.get(convert.TOC_DIGEST_ANNOTATION))
+    layers = [tree.Layer(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION))
               for d in descriptors]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         lazy = list(pool.map(tree.Layer.open_index, layers))

@@ -40,7 +40,6 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import config
-import convert
 import fetch
 import mount_pb2
 import snapshots_pb2
@@ -204,7 +203,7 @@ class LayerDaemon:
             descriptor = next((d for d in image.layers if d.digest == layer_digest), None)
             if descriptor is None:
                 raise DeclinedError(f"layer {layer_digest} is not in {reference}")
-            if convert.TOC_DIGEST_ANNOTATION not in descriptor.annotations:
+            if toc.TOC_DIGEST_ANNOTATION not in descriptor.annotations:
                 raise DeclinedError("layer is not eStargz (no TOC digest annotation)")
             with image.blob(layer_digest) as blob:
                 tail = blob.read_at(max(0, blob.size - toc.FOOTER_SIZE), toc.FOOTER_SIZE)
@@ -260,7 +259,7 @@ class LayerDaemon:
         layerfs = self._layerfs()
         descriptor = self.probe(reference, layer_digest)
         layerfs.write_spec(self.spec_dir, name, reference, layer_digest, descriptor.size,
-                           descriptor.annotations[convert.TOC_DIGEST_ANNOTATION])
+                           descriptor.annotations[toc.TOC_DIGEST_ANNOTATION])
         try:
             self._ensure_daemon()
             error = self._sync(name).get("error")

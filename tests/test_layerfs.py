@@ -12,13 +12,13 @@ import stat
 from pathlib import Path
 
 import pytest
-from images import make_layer_tar
 
 import cache
 import convert
 import layerfs
 import lazymount
 import tree
+from imagebuild import make_layer_tar
 
 
 class LocalBlobs:

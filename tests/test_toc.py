@@ -27,10 +27,10 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from images import make_edge_tree, make_layer_tar
 
 import layerwriter
 import toc
+from imagebuild import make_edge_tree, make_layer_tar
 from toc import (
     GZIP,
     NO_PREFETCH_LANDMARK,
@@ -300,7 +300,8 @@ def test_round_trip_gnu_tar_layers(layer_tars, source, fmt, chunk_size, prioriti
         assert described["xattrs/file"]["xattrs"]["user.binary"] == bytes([0, 1, 2, 0xFF, 0xFE])
     with open(path, "rb") as src:
         out = io.BytesIO()
-        info = layerwriter.write_layer(src, out, chunk_size=chunk_size, prioritized=prioritized, fmt=fmt, workers=2)
+        info = layerwriter.write_layer(src, out, chunk_size=chunk_size, prioritized=prioritized, fmt=fmt,
+                                       workers=2)
     blob = out.getvalue()
     index = check_blob_matches(blob, info, described, fmt, chunk_size)
     assert index.no_prefetch == (prioritized is None)

@@ -44,7 +44,7 @@ demo: setup
 	$(VENV)/bin/python demo.py
 
 bench: setup
-	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python -m bench.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info

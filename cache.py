@@ -26,7 +26,6 @@ again.
 
 import contextlib
 import fcntl
-import hashlib
 import heapq
 import logging
 import os
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import cachetools
 
-from toc import DigestError, check_digest
+from toc import check_digest, sha256_digest, verify_digest
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +67,6 @@ def default_cache_dir() -> Path:
 def _hex(digest: str) -> str:
     """The hex part of a digest, validated (toc.FormatError otherwise) before it names a file."""
     return check_digest(digest)[len("sha256:"):]
-
-
-def _check(digest: str, hexdigest: str, data: bytes) -> None:
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != hexdigest:
-        raise DigestError(f"chunk {digest} does not match its bytes ({len(data)} bytes, sha256:{actual})")
 
 
 class _ByteLRU(cachetools.LRUCache):
@@ -222,7 +215,7 @@ class _DiskTier:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 data = f.read()
-                if hashlib.sha256(data).hexdigest() == hexdigest:
+                if sha256_digest(data) == "sha256:" + hexdigest:
                     with contextlib.suppress(OSError):  # a read-only shared cache still serves
                         os.utime(f.fileno())
                     self._remember_verified(hexdigest, f.fileno())
@@ -392,7 +385,7 @@ class ChunkCache:
         """Store bytes already in hand (e.g. from a prefetch); raises toc.DigestError if they do not match."""
         hexdigest = _hex(digest)
         data = bytes(data)
-        _check(digest, hexdigest, data)
+        verify_digest(data, digest, "chunk")
         self._disk_write(hexdigest, data)
         self._remember(hexdigest, data)
 
@@ -447,7 +440,7 @@ class ChunkCache:
         """Call the loader, verify its bytes and write them to disk."""
         self._count("misses")
         data = bytes(loader())
-        _check(digest, hexdigest, data)
+        verify_digest(data, digest, "chunk")
         self._count("bytes_loaded", len(data))
         self._disk_write(hexdigest, data)
         return data

@@ -1,9 +1,9 @@
 """Converting layers and whole images to eStargz (or zstd:chunked), and describing what a layer holds.
 
-What belongs here: the image-level work around toc.write_layer — which layers to convert and which to
-keep, manifests, configs and annotations, writing OCI layouts or pushing to a registry (through
-fetch.py), parallel transfers and progress.  What never does: the byte format (toc.py), HTTP details
-(fetch.py), FUSE.
+What belongs here: the image-level work around layerwriter.write_layer — which layers to convert and
+which to keep, manifests, configs and annotations, writing OCI layouts or pushing to a registry (through
+fetch.py), parallel transfers and progress.  What never does: the byte format (toc.py, layerwriter.py),
+HTTP details (fetch.py), FUSE.
 """
 
 from __future__ import annotations
@@ -21,21 +21,13 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import config
 import fetch
+import layerwriter
 import toc
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
 log = logging.getLogger(__name__)
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
-REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 
 
 class ImageError(toc.LazymountError):
@@ -44,7 +36,7 @@ class ImageError(toc.LazymountError):
 
 @dataclass
 class ConvertOptions:
-    """How layers are written: see toc.write_layer."""
+    """How layers are written: see layerwriter.write_layer."""
 
     chunk_size: int = toc.DEFAULT_CHUNK_SIZE
     fmt: str = toc.GZIP
@@ -91,7 +83,7 @@ class OCILayout:
         if not layout.exists():
             layout.write_text('{"imageLayoutVersion":"1.0.0"}')
         index_path = self.root / "index.json"
-        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+        index = {"schemaVersion": 2, "mediaType": toc.MEDIA_OCI_INDEX, "manifests": []}
         if index_path.exists():
             try:
                 index = json.loads(index_path.read_bytes())
@@ -99,14 +91,14 @@ class OCILayout:
                 raise ImageError(f"{index_path} is not valid JSON") from None
         descriptor = dict(descriptor)
         if tag:
-            descriptor["annotations"] = {REF_NAME_ANNOTATION: tag}
+            descriptor["annotations"] = {toc.REF_NAME_ANNOTATION: tag}
         index["manifests"] = [d for d in index.get("manifests", []) if tag and _ref_name(d) != tag]
         index["manifests"].append(descriptor)
         _atomic_write(index_path, lambda f: f.write(json.dumps(index).encode()))
 
 
 def _ref_name(descriptor: dict) -> str | None:
-    return (descriptor.get("annotations") or {}).get(REF_NAME_ANNOTATION)
+    return (descriptor.get("annotations") or {}).get(toc.REF_NAME_ANNOTATION)
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -159,13 +151,13 @@ def progress_bar(desc: str, total: int | None = None, enabled: bool = True) -> t
 
 
 def convert_layer_file(src: Path, dst: Path, options: ConvertOptions,
-                       prioritized: list[str] | None = None) -> toc.LayerInfo:
+                       prioritized: list[str] | None = None) -> layerwriter.LayerInfo:
     """Convert one layer file (tar, tar.gz, tar.zst) into an eStargz blob at `dst` (written atomically)."""
     dst = Path(dst)
     with open(src, "rb") as raw, progress_bar(Path(src).name[:20], os.fstat(raw.fileno()).st_size,
                                                 options.progress) as bar:
-        info: list[toc.LayerInfo] = []
-        _atomic_write(dst, lambda out: info.append(toc.write_layer(
+        info: list[layerwriter.LayerInfo] = []
+        _atomic_write(dst, lambda out: info.append(layerwriter.write_layer(
             _ProgressReader(raw, bar), out, chunk_size=options.chunk_size, prioritized=prioritized,
             fmt=options.fmt, level=options.level, workers=options.workers)))
     return info[0]
@@ -173,7 +165,7 @@ def convert_layer_file(src: Path, dst: Path, options: ConvertOptions,
 
 def _uncompressed_size(path: Path) -> int:
     with open(path, "rb") as f:
-        stream = toc.open_layer_source(f)
+        stream = layerwriter.open_layer_source(f)
         return sum(len(block) for block in iter(lambda: stream.read(1 << 20), b""))
 
 
@@ -201,7 +193,7 @@ class _LayoutSink:
         return self.layout.add_blob_bytes(data)
 
     def put_manifest(self, data: bytes) -> None:
-        self.layout.tag(self.tag, {"mediaType": OCI_MANIFEST, "digest": self.put_bytes(data),
+        self.layout.tag(self.tag, {"mediaType": toc.MEDIA_OCI_MANIFEST, "digest": self.put_bytes(data),
                                    "size": len(data)})
 
 
@@ -242,7 +234,7 @@ class _RegistrySink:
         return digest
 
     def put_manifest(self, data: bytes) -> None:
-        self.client.push_manifest(self.ref, self.ref.tag or "latest", data, OCI_MANIFEST)
+        self.client.push_manifest(self.ref, self.ref.tag or "latest", data, toc.MEDIA_OCI_MANIFEST)
 
 
 def convert_image(src_ref: str, dst_ref: str, options: ConvertOptions,
@@ -283,14 +275,15 @@ def convert_image(src_ref: str, dst_ref: str, options: ConvertOptions,
             log.info("%s %s -> %s (%d entries)", label, descriptor.digest, info.digest, info.entries)
             uploads.append(pool.submit(sink.put_blob, info.digest, out))
             diff_ids[position] = info.diff_id
-            new_layers.append({"mediaType": LAYER_ZSTD if options.fmt == toc.ZSTD else LAYER_GZIP,
+            media_type = toc.MEDIA_LAYER_ZSTD if options.fmt == toc.ZSTD else toc.MEDIA_LAYER_GZIP
+            new_layers.append({"mediaType": media_type,
                                "digest": info.digest, "size": info.size,
                                "annotations": {**descriptor.annotations, **info.annotations}})
         for upload in uploads:
             upload.result()
     config_bytes = json.dumps(image.config, separators=(",", ":")).encode()
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": OCI_CONFIG, "digest": sink.put_bytes(config_bytes),
+    manifest = {"schemaVersion": 2, "mediaType": toc.MEDIA_OCI_MANIFEST,
+                "config": {"mediaType": toc.MEDIA_OCI_CONFIG, "digest": sink.put_bytes(config_bytes),
                            "size": len(config_bytes)},
                 "layers": new_layers}
     if image.manifest.get("annotations"):
@@ -316,7 +309,7 @@ def _plan_layer(image: fetch.Image, descriptor: fetch.Descriptor, options: Conve
     if wanted is not None and not options.optimize:
         return None
     with image.blob(descriptor.digest) as reader:
-        annotated = descriptor.annotations.get(TOC_DIGEST_ANNOTATION)
+        annotated = descriptor.annotations.get(toc.TOC_DIGEST_ANNOTATION)
         try:
             _, toc_json = toc.read_toc_json(reader.read_at, reader.size, annotated)
         except toc.FooterError:
@@ -325,12 +318,13 @@ def _plan_layer(image: fetch.Image, descriptor: fetch.Descriptor, options: Conve
             return None
         if options.optimize and not _laid_out_for(toc_json, wanted):
             return None
-        if annotated and UNCOMPRESSED_SIZE_ANNOTATION in descriptor.annotations:
+        if annotated and toc.UNCOMPRESSED_SIZE_ANNOTATION in descriptor.annotations:
             return {}
         with tempfile.TemporaryDirectory() as tmp:
             reader.download(Path(tmp) / "blob")
             size = _uncompressed_size(Path(tmp) / "blob")
-    return {TOC_DIGEST_ANNOTATION: toc.sha256_digest(toc_json), UNCOMPRESSED_SIZE_ANNOTATION: str(size)}
+    return {toc.TOC_DIGEST_ANNOTATION: toc.sha256_digest(toc_json),
+            toc.UNCOMPRESSED_SIZE_ANNOTATION: str(size)}
 
 
 def _toc_entries(toc_json: bytes) -> list[dict]:

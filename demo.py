@@ -1,7 +1,7 @@
 """`make demo`: the whole story on one machine — full pull vs lazy eStargz vs workload-optimized eStargz.
 
 Everything it uses is local: a Debian + Python image is built from this machine's own files
-(tests/images.py `debian_python_rootfs`, plus a data layer the workload never reads), pushed to Debian's
+(imagebuild.py `debian_python_rootfs`, plus a data layer the workload never reads), pushed to Debian's
 `docker-registry` started on a free loopback port (or, if that is not installed, served from an OCI
 layout), converted to plain eStargz with `lazymount convert` and optimized for a Python workload with
 `lazymount optimize --workload`.  The workload then runs three ways, each with a cold cache: pulled
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
-import hashlib
 import json
 import os
 import shlex
@@ -28,16 +27,15 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import convert
 import fetch
 import sandbox
+import toc
+from imagebuild import debian_python_rootfs, sha256_file
+from tests.registry import free_port
 
 REPO = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO / "tests"))  # the image builder is shared with the tests
-from images import debian_python_rootfs  # noqa: E402
-from registry import free_port  # noqa: E402
 
 TAG = "demo"
 WORKLOAD = ("import json, email.mime.multipart, http.client, sqlite3, decimal, asyncio, logging, "
@@ -70,26 +68,20 @@ def build_image(work: Path, data_dirs: tuple[Path, ...]) -> Path:
     store = convert.OCILayout(work / "src")
     layers, diff_ids = [], []
     for tarball in tarballs:
-        with gzip.open(tarball) as f:
-            diff_ids.append("sha256:" + _sha256(f))
-        with open(tarball, "rb") as f:
-            digest = "sha256:" + _sha256(f)
-        layers.append({"mediaType": convert.LAYER_GZIP, "digest": digest, "size": tarball.stat().st_size})
+        diff_ids.append("sha256:" + sha256_file(tarball, gzip.open))
+        digest = "sha256:" + sha256_file(tarball)
+        layers.append({"mediaType": toc.MEDIA_LAYER_GZIP, "digest": digest, "size": tarball.stat().st_size})
         store.add_blob_file(digest, tarball)
     arch = fetch.default_platform().split("/")[1]
     config = {"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids},
               "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin"], "WorkingDir": "/"}}
     config_bytes = json.dumps(config).encode()
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": convert.OCI_MANIFEST, "layers": layers,
-                           "config": {"mediaType": convert.OCI_CONFIG, "size": len(config_bytes),
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": toc.MEDIA_OCI_MANIFEST, "layers": layers,
+                           "config": {"mediaType": toc.MEDIA_OCI_CONFIG, "size": len(config_bytes),
                                       "digest": store.add_blob_bytes(config_bytes)}}).encode()
-    store.tag(TAG, {"mediaType": convert.OCI_MANIFEST, "digest": store.add_blob_bytes(manifest),
+    store.tag(TAG, {"mediaType": toc.MEDIA_OCI_MANIFEST, "digest": store.add_blob_bytes(manifest),
                     "size": len(manifest)})
     return work / "src"
-
-
-def _sha256(f: BinaryIO) -> str:
-    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 import cache
+import layerwriter
 import toc
 import tree
 
@@ -211,7 +212,7 @@ class Layer:
             fd, tmp = tempfile.mkstemp(dir=converted.parent, prefix=".convert-")
             try:
                 with open(blob_path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                    toc.write_layer(src, dst, level=1)
+                    layerwriter.write_layer(src, dst, level=1)
                 os.replace(tmp, converted)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

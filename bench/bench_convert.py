@@ -17,9 +17,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from common import LAZYMOUNT, Report, Table, Timing, log, mb, ratio, repeat_timed, runs_label, timed
-from inputs import MANY_FILES_TAG, STANDARD_TAG, many_files_image, standard_image, uncompressed_size
-from reference import Containerd, read_layout, ref_convert
+from bench.common import LAZYMOUNT, Report, Table, Timing, log, mb, ratio, repeat_timed, runs_label, timed
+from bench.inputs import MANY_FILES_TAG, STANDARD_TAG, many_files_image, standard_image, uncompressed_size
+from tests.reference import Containerd, read_layout, ref_convert
 
 CONVERTED_PREFIX = "localhost/lazymount/converted:"  # the image names ref_convert gives its results
 JOBS = (1, 2)

@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from common import LAZYMOUNT, MB, MiB, Report, Table, Timing, log, mb, median, ratio, runs_label, timed
-from inputs import (
+from bench.common import LAZYMOUNT, MB, MiB, Report, Table, Timing, log, mb, median, ratio, runs_label, timed
+from bench.inputs import (
     BIG_FILE_PATH,
     BIG_FILE_TAG,
     MANY_FILES_TAG,
@@ -43,8 +43,8 @@ from inputs import (
     pushed,
     standard_image,
 )
-from reference import read_layout
-from registry import Registry, skopeo
+from tests.reference import read_layout
+from tests.registry import Registry, skopeo
 
 WORKLOAD = ["python3", "-c", "import torch"]
 BIG_FILE_SIZE = 256 * MiB

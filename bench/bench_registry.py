@@ -2,7 +2,7 @@
 
 Against Debian's docker-registry on loopback, holding the standard image (`torch:plain`):
 - 4 MiB range reads, sequential over the image's biggest layer blob: `RegistryBlobReader.read_at` in a
-  probe process (this module run as a script, lazymount imported from PYTHONPATH) against one `curl`
+  probe process (probes.py, lazymount imported from PYTHONPATH) against one `curl`
   process fetching the same ranges of the same URL (a config file of `url`/`range`/`next` entries, so it
   keeps its connection alive as our client does);
 - 4 KiB ranges at random 4 KiB-aligned offsets, 8 concurrent readers: 8 threads sharing one
@@ -14,26 +14,24 @@ Against Debian's docker-registry on loopback, holding the standard image (`torch
 The blob is read once (curl, untimed) before the read cases, so the registry serves both from the page
 cache.
 
-What belongs here: these cases, the probe and the tables.  What never does: starting the registry or
-pushing images (inputs.py), driving containerd (tests/reference.py).
+What belongs here: these cases and the tables.  What never does: the probe process (probes.py),
+starting the registry or pushing images (inputs.py), driving containerd (tests/reference.py).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import random
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import (
+from bench.common import (
     LAZYMOUNT,
     MB,
+    PROBES,
     PYTHON,
     REPO,
     MiB,
@@ -47,8 +45,8 @@ from common import (
     runs_label,
     timed,
 )
-from inputs import STANDARD_TAG, local_registry, pushed, standard_image
-from reference import Containerd, read_layout
+from bench.inputs import STANDARD_TAG, local_registry, pushed, standard_image
+from tests.reference import Containerd, read_layout
 
 SEQ_READ = 4 * MiB
 SMALL_READ = 4096
@@ -59,31 +57,11 @@ REPOSITORY = "torch"
 PLAIN_TAG = "plain"
 
 
-def probe(mode: str, image: str, digest: str, size: int, ranges: list[tuple[int, int]]) -> dict:
-    """Read `ranges` of blob `digest` of `image` with one RegistryClient: in order ("seq") or spread
-    over READERS threads ("parallel"); return the seconds the reads took and the bytes they returned."""
-    import fetch
-
-    client = fetch.RegistryClient()
-    reader = client.blob(image, digest, size)
-    reader.read_at(0, 1)  # connection set up, outside the timing (curl pays its start-up, ~10 ms)
-    start = time.perf_counter()
-    if mode == "seq":
-        got = sum(len(reader.read_at(offset, length)) for offset, length in ranges)
-    else:
-        shares = [ranges[i::READERS] for i in range(READERS)]
-        with concurrent.futures.ThreadPoolExecutor(READERS) as pool:
-            got = sum(pool.map(lambda share: sum(len(reader.read_at(o, n)) for o, n in share), shares))
-    seconds = time.perf_counter() - start
-    client.close()
-    return {"seconds": seconds, "bytes": got}
-
-
 def _ours(mode: str, image: str, digest: str, size: int, ranges: list[tuple[int, int]]) -> Timing:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as spec:
         json.dump(ranges, spec)
         spec.flush()
-        cmd = [str(PYTHON), __file__, mode, image, digest, str(size), spec.name]
+        cmd = [str(PYTHON), str(PROBES), "registry", mode, image, digest, str(size), spec.name, str(READERS)]
         timing, proc = timed(lambda: subprocess.run(cmd, check=True, capture_output=True, text=True,
                                                     cwd=REPO))
     result = json.loads(proc.stdout)
@@ -233,8 +211,3 @@ def run(workdir: Path, quick: bool) -> Report:
     return Report("registry", "registry client vs curl, and registry-to-registry convert vs ctr-remote",
                   tables, notes)
 
-
-if __name__ == "__main__":
-    mode, image, digest, size, spec = sys.argv[1:]
-    ranges = [tuple(pair) for pair in json.loads(Path(spec).read_text())]
-    json.dump(probe(mode, image, digest, int(size), ranges), sys.stdout)

@@ -22,12 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_lazy import WORKLOAD, drop_caches
-from common import Report, Table, Timing, log, mb, median, ratio, runs_label, timed
-from inputs import STANDARD_TAG, converted, local_registry, pushed, standard_image
-from reference import Containerd
-from registry import Registry
-from test_snapshotter import build_shell_image, layer_daemons, served_layers, snapshotter_stack
+from bench.bench_lazy import WORKLOAD, drop_caches
+from bench.common import Report, Table, Timing, log, mb, median, ratio, runs_label, timed
+from bench.inputs import STANDARD_TAG, converted, local_registry, pushed, standard_image
+from tests.reference import Containerd
+from tests.registry import Registry
+from tests.test_snapshotter import build_shell_image, layer_daemons, served_layers, snapshotter_stack
 
 COLD_RUNS = 3
 SMALL_IMAGES = 10

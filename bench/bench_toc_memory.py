@@ -9,25 +9,21 @@ index its TOC and report:
   measured by tocmem.go as Go heap bytes live after a GC.
 Bytes per entry beyond names = (retained - the names' own size) / entries, where names are
 sys.getsizeof of each distinct string in index.names (base names) for us and the bytes of
-TOCEntry.Name (full paths) for the reference.  Run as a script, this module is the probe process.
+TOCEntry.Name (full paths) for the reference.  The probe process is probes.py.
 
-What belongs here: this benchmark's cases, probes and table.  What never does: making the layer
-(inputs.py) or anything about converting speed beyond the one timing shown.
+What belongs here: this benchmark's cases and table.  What never does: the Python probe process
+(probes.py), making the layer (inputs.py) or anything about converting speed beyond the one timing shown.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
-import sys
-import time
-import tracemalloc
 from pathlib import Path
 
-from common import LAZYMOUNT, PYTHON, REPO, Report, Table, log, ratio, timed
-from inputs import many_files_tar
+from bench.common import LAZYMOUNT, PROBES, PYTHON, REPO, Report, Table, log, ratio, timed
+from bench.inputs import many_files_tar
 
 FILES = 100_000
 QUICK_FILES = 20_000
@@ -37,59 +33,8 @@ GO_PROBE_SOURCE = Path(__file__).with_name("tocmem.go")
 GOPATH = "/usr/share/gocode"
 
 
-def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
-def _deep_size(value: object, seen: set[int]) -> int:
-    """sys.getsizeof of value plus, for dicts, sets and tuples, of what they hold (each object once)."""
-    if id(value) in seen:
-        return 0
-    seen.add(id(value))
-    size = sys.getsizeof(value)
-    if isinstance(value, dict):
-        size += sum(_deep_size(k, seen) + _deep_size(v, seen) for k, v in value.items())
-    elif isinstance(value, set | frozenset | tuple):
-        size += sum(_deep_size(item, seen) for item in value)
-    return size
-
-
-def probe(mode: str, blob: Path, toc_digest: str) -> dict:
-    """Index `blob`'s TOC in this process and measure it (`mode`: tracemalloc or rss)."""
-    import toc  # imported before the baseline so that module code is not counted
-
-    size = blob.stat().st_size
-    with open(blob, "rb") as f:
-        def read_at(offset: int, length: int) -> bytes:
-            f.seek(offset)
-            return f.read(length)
-
-        gc.collect()
-        if mode == "tracemalloc":
-            tracemalloc.start()
-            base = tracemalloc.get_traced_memory()[0]
-        else:
-            base = _proc_status_kib("VmRSS") * 1024
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        start = time.perf_counter()
-        index = toc.read_index(read_at, size, toc_digest)
-        seconds = time.perf_counter() - start
-        gc.collect()
-        if mode == "tracemalloc":
-            current, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
-        else:
-            current, peak = _proc_status_kib("VmRSS") * 1024, _proc_status_kib("VmHWM") * 1024
-    names = {id(name): sys.getsizeof(name) for name in index.names}
-    seen: set[int] = set()
-    columns = {attr: _deep_size(value, seen) for attr, value in vars(index).items()}  # names: the list only
-    return {"retained": current - base, "peak": peak - base, "seconds": seconds, "entries": len(index),
-            "chunks": index.chunk_count, "name_bytes": sum(names.values()), "columns": columns}
-
-
 def _run_probe(mode: str, blob: Path, toc_digest: str) -> dict:
-    cmd = [str(PYTHON), __file__, mode, str(blob), toc_digest]
+    cmd = [str(PYTHON), str(PROBES), "toc-memory", mode, str(blob), toc_digest]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout)
 
 
@@ -168,7 +113,3 @@ def run(workdir: Path, quick: bool) -> Report:
     title = f"TOC index of a {files // 1000}k-file layer, lazymount vs the estargz reader"
     return Report("toc-memory", title, [table], notes)
 
-
-if __name__ == "__main__":
-    mode, blob, digest = sys.argv[1:]
-    json.dump(probe(mode, Path(blob), digest), sys.stdout)

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_lazy import WORKLOAD, full_pull, lazy_run
-from common import Report, Table, Timing, log, median, ratio, runs_label
-from inputs import GCC_TAG, STANDARD_TAG, converted, gcc_image, local_registry, pushed, standard_image
-from registry import Registry
+from bench.bench_lazy import WORKLOAD, full_pull, lazy_run
+from bench.common import Report, Table, Timing, log, median, ratio, runs_label
+from bench.inputs import GCC_TAG, STANDARD_TAG, converted, gcc_image, local_registry, pushed, standard_image
+from tests.registry import Registry
 
 COLD_RUNS = 3
 HELLO_C = r'#include <stdio.h>\nint main(void) { puts(\"hello\"); return 0; }\n'

@@ -18,19 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TESTS = REPO / "tests"
 PYTHON = REPO / ".venv" / "bin" / "python"
 LAZYMOUNT = REPO / ".venv" / "bin" / "lazymount"
+PROBES = Path(__file__).with_name("probes.py")  # run as a script: see its docstring
 MB = 1_000_000
 MiB = 1 << 20
 # A run shorter than this is repeated (median of REPEATS); a longer one is measured once.
 REPEAT_BELOW_SECONDS = 60.0
 REPEATS = 3
-
-# tests/reference.py drives the reference implementation; the benchmarks reuse it rather than copy it.
-# (lazymount's own modules come from the venv's install, which PYTHONPATH can override: see run.py --rev.)
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
 
 
 @dataclass

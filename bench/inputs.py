@@ -23,13 +23,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from common import LAZYMOUNT, REPO, log
-from images import write_oci_layout
 from isal import igzip
-from reference import read_layout
-from registry import Registry, skopeo
 
-from fetch import INDEX_TYPES, MANIFEST_TYPES
+from bench.common import LAZYMOUNT, REPO, log
+from imagebuild import write_oci_layout
+from tests.reference import read_layout
+from tests.registry import Registry, skopeo
+from toc import INDEX_TYPES, MANIFEST_TYPES
 
 MKBENCHIMAGE = REPO.parent / "shared" / "bench" / "mkbenchimage.sh"
 STANDARD_TAG = "torch"

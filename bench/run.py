@@ -1,6 +1,7 @@
 """Run lazymount's benchmarks side by side with the reference and record them in BENCHMARKS.md.
 
-Usage: .venv/bin/python bench/run.py [--only NAME ...] [--quick] [--workdir DIR] [--rev REV]
+Usage, from the repository root: .venv/bin/python -m bench.run [--only NAME ...] [--quick] [--workdir DIR]
+[--rev REV]
 
 Each benchmark prints its table and rewrites its own section of BENCHMARKS.md (date, machine, the exact
 command, the git revision measured, absolute numbers and ratios to the reference).  Inputs (the
@@ -26,13 +27,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import bench_convert
-import bench_lazy
-import bench_registry
-import bench_snapshotter
-import bench_toc_memory
-import bench_workloads
-from common import REPO, Report, log, machine
+from bench import (
+    bench_convert,
+    bench_lazy,
+    bench_registry,
+    bench_snapshotter,
+    bench_toc_memory,
+    bench_workloads,
+)
+from bench.common import REPO, Report, log, machine
 
 BENCHMARKS: dict[str, Callable[[Path, bool], Report]] = {
     "convert": bench_convert.run,
@@ -47,7 +50,7 @@ BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 DEFAULT_WORKDIR = Path("/var/tmp/lazymount-bench")
 MD_HEADER = """# Benchmarks
 
-Written by `bench/run.py` (`make bench` runs every benchmark; `.venv/bin/python bench/run.py --only NAME`
+Written by `bench/run.py` (`make bench` runs every benchmark; `.venv/bin/python -m bench.run --only NAME`
 runs one; `--quick` runs each case once on smaller inputs and only prints).  Each section below is
 rewritten by the benchmark it names: do not edit inside the markers.  Inputs are cached in
 `/var/tmp/lazymount-bench` (`--workdir` to change); the standard image is built there on first use by
@@ -66,9 +69,7 @@ def _end(name: str) -> str:
 def _command() -> str:
     python = Path(sys.executable)
     shown = python.relative_to(REPO) if python.is_relative_to(REPO) else python
-    script = Path(sys.argv[0]).resolve()
-    script_shown = script.relative_to(REPO) if script.is_relative_to(REPO) else script
-    return shlex.join([str(shown), str(script_shown), *sys.argv[1:]])
+    return shlex.join([str(shown), "-m", "bench.run", *sys.argv[1:]])
 
 
 def _git(*args: str) -> str:

@@ -1,7 +1,7 @@
 """Shared pytest wiring: the CI no-skip rule and session fixtures for the reference tools.
 
 What belongs here: hooks and fixtures every test module may use (a private containerd, the Go eStargz
-verifier, the edge-case tree). Helpers with logic live in tests/reference.py and tests/images.py;
+verifier, the edge-case tree). Helpers with logic live in tests/reference.py and imagebuild.py;
 tests live in test_*.py.
 """
 
@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from images import make_edge_tree
-from reference import ESTARGZ_GO_PACKAGE, Containerd, build_verifier
-from registry import Registry
+
+from imagebuild import make_edge_tree
+from tests.reference import ESTARGZ_GO_PACKAGE, Containerd, build_verifier
+from tests.registry import Registry
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -64,7 +65,7 @@ def estargz_verifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def edge_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tree of images.make_edge_tree, shared by the session: copy it before changing it."""
+    """The tree of imagebuild.make_edge_tree, shared by the session: copy it before changing it."""
     return make_edge_tree(tmp_path_factory.mktemp("edge") / "tree")
 
 

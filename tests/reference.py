@@ -3,7 +3,7 @@
 What belongs here: a private containerd 1.6 instance, `ctr-remote` conversion and TOC-digest lookup,
 reading OCI image layouts, and our Go verifier (tests/interop/verify.go, built against Debian's
 `estargz` library). What never does: lazymount's own code paths, or building test inputs
-(tests/images.py). Nothing here uses /run/containerd or the system containerd.
+(imagebuild.py). Nothing here uses /run/containerd or the system containerd.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from toc import REF_NAME_ANNOTATION
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "lazymount-test"
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
-REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 GOPATH = Path("/usr/share/gocode")
 ESTARGZ_GO_PACKAGE = GOPATH / "src/github.com/containerd/stargz-snapshotter/estargz"
 VERIFIER_SOURCE = Path(__file__).parent / "interop" / "verify.go"

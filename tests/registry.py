@@ -43,7 +43,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
-from images import write_oci_layout
+
+from imagebuild import add_blob, write_oci_layout
+from toc import MEDIA_OCI_CONFIG, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, REF_NAME_ANNOTATION
 
 log = logging.getLogger(__name__)
 
@@ -547,24 +549,17 @@ def add_platform_index(layout: Path, tag: str, platforms: list[str]) -> str:
         config = {"architecture": arch, "os": os_name, "rootfs": {"type": "layers", "diff_ids": []}}
         if variant:
             config["variant"] = variant[0]
-        config_bytes = json.dumps(config).encode()
-        (blobs / hashlib.sha256(config_bytes).hexdigest()).write_bytes(config_bytes)
-        manifest = dict(base, config={"mediaType": "application/vnd.oci.image.config.v1+json",
-                                      "digest": "sha256:" + hashlib.sha256(config_bytes).hexdigest(),
-                                      "size": len(config_bytes)})
-        manifest_bytes = json.dumps(manifest).encode()
-        (blobs / hashlib.sha256(manifest_bytes).hexdigest()).write_bytes(manifest_bytes)
+        config_digest, config_size = add_blob(layout, json.dumps(config).encode())
+        manifest = dict(base, config={"mediaType": MEDIA_OCI_CONFIG, "digest": config_digest,
+                                      "size": config_size})
+        manifest_digest, manifest_size = add_blob(layout, json.dumps(manifest).encode())
         entry_platform = {"os": os_name, "architecture": arch} | ({"variant": variant[0]} if variant else {})
-        entries.append({"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                        "digest": "sha256:" + hashlib.sha256(manifest_bytes).hexdigest(),
-                        "size": len(manifest_bytes), "platform": entry_platform})
-    index_bytes = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                              "manifests": entries}).encode()
-    index_digest = "sha256:" + hashlib.sha256(index_bytes).hexdigest()
-    (blobs / index_digest[7:]).write_bytes(index_bytes)
-    index["manifests"].append({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": index_digest,
-                               "size": len(index_bytes),
-                               "annotations": {"org.opencontainers.image.ref.name": tag}})
+        entries.append({"mediaType": MEDIA_OCI_MANIFEST, "digest": manifest_digest, "size": manifest_size,
+                        "platform": entry_platform})
+    index_digest, index_size = add_blob(layout, json.dumps({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX,
+                                                            "manifests": entries}).encode())
+    index["manifests"].append({"mediaType": MEDIA_OCI_INDEX, "digest": index_digest, "size": index_size,
+                               "annotations": {REF_NAME_ANNOTATION: tag}})
     (layout / "index.json").write_text(json.dumps(index))
     return index_digest
 

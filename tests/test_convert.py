@@ -16,17 +16,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from images import describe_tar, make_layer_tar, make_oci_image, regular_file_digests, write_oci_layout
-from reference import (
-    TOC_DIGEST_ANNOTATION,
-    UNCOMPRESSED_SIZE_ANNOTATION,
+
+import toc
+from imagebuild import describe_tar, make_layer_tar, make_oci_image, regular_file_digests, write_oci_layout
+from tests.reference import (
     read_layout,
     ref_convert,
     ref_get_toc_digest,
     verify_with_reference,
 )
-
-import toc
+from toc import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 
 LAZYMOUNT = [sys.executable, "-m", "lazymount"]
 _KINDS = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo")

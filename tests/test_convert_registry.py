@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from images import append_layers, debian_python_rootfs, make_layer_tar, make_oci_image
-from registry import FaultProxy, Registry, push_layout, skopeo
+
+from imagebuild import append_layers, debian_python_rootfs, make_layer_tar, make_oci_image
+from tests.registry import FaultProxy, Registry, push_layout, skopeo
+from toc import TOC_DIGEST_ANNOTATION
 
 LAZYMOUNT = [sys.executable, "-m", "lazymount"]
-TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +49,13 @@ def _manifest(registry_host: str, repository: str, tag: str) -> dict:
 def test_reference_pulls_and_runs_our_conversion(plain_image: str, registry: Registry, containerd) -> None:
     _convert(plain_image, f"{registry.host}/esgz/app:v1")
     manifest = _manifest(registry.host, "esgz/app", "v1")
-    assert all(TOC_DIGEST in layer["annotations"] for layer in manifest["layers"])
+    assert all(TOC_DIGEST_ANNOTATION in layer["annotations"] for layer in manifest["layers"])
     ref = f"{registry.host}/esgz/app:v1"
     containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "overlayfs", ref)
     # get-toc-digest reads the layer from containerd's content store: the reference parses our TOC
     for layer in manifest["layers"]:
         out = containerd.ctr_remote("images", "get-toc-digest", layer["digest"], text=True).stdout
-        assert out.strip() == layer["annotations"][TOC_DIGEST]
+        assert out.strip() == layer["annotations"][TOC_DIGEST_ANNOTATION]
     # ctr run unpacks every layer (checking its DiffID against the config) and runs from the result
     result = containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", ref, "lazymount-convert-test",
                             "/bin/sh", "-c", "read line < /etc/message; echo $line ok", text=True)
@@ -80,7 +81,7 @@ def test_estargz_base_layers_are_reused_without_download(plain_image: str, regis
         proxy.stop()
     result = _manifest(registry.host, "derived/app", "esgz")["layers"]
     assert [layer["digest"] for layer in result[:-1]] == base_layers
-    assert result[-1]["digest"] not in base_layers and TOC_DIGEST in result[-1]["annotations"]
+    assert result[-1]["digest"] not in base_layers and TOC_DIGEST_ANNOTATION in result[-1]["annotations"]
     ranged = {d for d in base_layers for method, path, headers in proxy.seen
               if d in path and method == "GET" and "Range" in headers}
     assert ranged == set(base_layers)  # each base layer was recognised by its footer and TOC

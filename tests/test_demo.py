@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from reference import mounts_under
+
+from tests.reference import mounts_under
 
 REPO = Path(__file__).resolve().parent.parent
 NEEDED = ("docker-registry", "skopeo", "umoci", "bwrap", "fusermount3")

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import registry as reg
-from registry import PASSWORD, USERNAME, Fault, FaultProxy, ObjectStore, Registry
 
 import fetch
 from config import Config, InvalidInputError, RegistryConfig, parse_reference
 from fetch import AuthError, NotFoundError, RegistryClient, RegistryError, open_image
+from tests import registry as reg
+from tests.registry import PASSWORD, USERNAME, Fault, FaultProxy, ObjectStore, Registry
 
 REPO = "test/img"
 FAST = RegistryConfig(connect_timeout=2.0, read_timeout=2.0, retries=4, retry_backoff=0.02,

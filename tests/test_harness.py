@@ -15,7 +15,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from images import (
+
+from imagebuild import (
     CHUNK,
     FRACTIONAL_MTIME_NS,
     ODD_GID,
@@ -28,9 +29,7 @@ from images import (
     regular_file_digests,
     write_oci_layout,
 )
-from reference import (
-    TOC_DIGEST_ANNOTATION,
-    UNCOMPRESSED_SIZE_ANNOTATION,
+from tests.reference import (
     ToolError,
     read_layout,
     ref_convert,
@@ -38,6 +37,7 @@ from reference import (
     ref_get_toc_digest,
     verify_with_reference,
 )
+from toc import MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 
 LANDMARKS = {".prefetch.landmark", ".no.prefetch.landmark"}
 
@@ -136,7 +136,7 @@ def _content_digests(records: dict[str, dict]) -> dict[str, str]:
 def test_reference_reader_sees_the_source_layers(converted: Path, edge_image: Path,
                                                  estargz_verifier: Path) -> None:
     for src_blob, blob, desc in _layer_pairs(edge_image, converted):
-        assert desc["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+        assert desc["mediaType"] == MEDIA_LAYER_GZIP
         records = verify_with_reference(estargz_verifier, blob, desc["annotations"][TOC_DIGEST_ANNOTATION])
         truth = describe_tar(src_blob)
         assert _content_digests(records) == regular_file_digests(truth)
@@ -204,7 +204,7 @@ def test_zstd_chunked_conversion(containerd, edge_image: Path, estargz_verifier:
     out = tmp_path / "zstd"
     ref_convert(containerd, edge_image, "v1", out, zstd=True)
     for src_blob, blob, desc in _layer_pairs(edge_image, out):
-        assert desc["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"
+        assert desc["mediaType"] == MEDIA_LAYER_ZSTD
         toc_digest = desc["annotations"][TOC_DIGEST_ANNOTATION]
         assert ref_get_toc_digest(containerd, blob, zstd=True) == toc_digest
         records = verify_with_reference(estargz_verifier, blob, toc_digest, zstd=True)

@@ -12,13 +12,13 @@ import stat
 from pathlib import Path
 
 import pytest
-from images import make_layer_tar
 
 import cache
 import convert
 import engine
 import layerfs
 import mountctl
+from imagebuild import make_layer_tar
 
 
 class LocalBlobs:

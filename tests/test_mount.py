@@ -25,9 +25,11 @@ from pathlib import Path
 
 import cachetools
 import pytest
-from images import add_blob, describe_tree, make_layer_tar, make_oci_image, write_oci_layout
-from reference import Containerd, read_layout, ref_convert
-from registry import Registry, push_layout
+
+from imagebuild import add_blob, describe_tree, make_layer_tar, make_oci_image, write_oci_layout
+from tests.reference import Containerd, read_layout, ref_convert
+from tests.registry import Registry, push_layout
+from toc import MEDIA_LAYER_TAR
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -256,7 +258,7 @@ def test_plain_layers_downloaded_in_background(edge_pushed: str, edge_expected: 
         assert {layer["state"] for layer in layers} == {"local"}
     log = log_file.read_text()
     for layer in layers:
-        assert log.count(f"layer {layer['digest']} (application/vnd.oci.image.layer.v1.tar") == 1
+        assert log.count(f"layer {layer['digest']} ({MEDIA_LAYER_TAR}") == 1
 
 
 def test_corrupt_plain_layer_fails_at_once(tmp_path: Path) -> None:

@@ -17,15 +17,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from images import append_layers, debian_python_rootfs, describe_tree, make_layer_tar, make_oci_image
-from registry import Registry, push_layout
-from test_mount import MISSING, _assert_same_tree, lazymount, mounted, stats, umoci_unpack
 
 import convert
 import fetch
 import mountctl
 import sandbox
 import toc
+from imagebuild import append_layers, debian_python_rootfs, describe_tree, make_layer_tar, make_oci_image
+from tests.registry import Registry, push_layout
+from tests.test_mount import MISSING, _assert_same_tree, lazymount, mounted, stats, umoci_unpack
 
 pytestmark = pytest.mark.skipif(bool(MISSING) or shutil.which("bwrap") is None,
                                 reason=f"needs bwrap and {', '.join(MISSING) or 'the test tools'}")

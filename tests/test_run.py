@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from images import debian_python_rootfs, make_oci_image
-from reference import mounts_under
-from registry import Registry, push_layout
-from test_mount import MISSING, REPO, convert, force_unmount, lazymount, mounted
+
+from imagebuild import debian_python_rootfs, make_oci_image
+from tests.reference import mounts_under
+from tests.registry import Registry, push_layout
+from tests.test_mount import MISSING, REPO, convert, force_unmount, lazymount, mounted
 
 USER = "lazytest"
 

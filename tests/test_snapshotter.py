@@ -28,19 +28,19 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from images import make_oci_image
-from reference import Containerd, read_layout
-from registry import Fault, FaultProxy, Registry, free_port, push_layout
 
 import snapshot_grpc
 import snapshots_pb2 as pb
 import snapshots_pb2_grpc
+from imagebuild import make_oci_image
+from tests.reference import Containerd, read_layout
+from tests.registry import Fault, FaultProxy, Registry, free_port, push_layout
+from toc import TOC_DIGEST_ANNOTATION
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0
 GC_ROOT = "containerd.io/gc.root"
 OPT = {GC_ROOT: "lazymount-test"}  # the testsuite passes this label on every call
-TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts bind and overlayfs: needs root")
 
@@ -907,7 +907,7 @@ def _with_bad_toc_digest(layout: Path, out: Path) -> Path:
     index = json.loads((out / "index.json").read_text())
     blobs = out / "blobs" / "sha256"
     manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_bytes())
-    manifest["layers"][0]["annotations"][TOC_DIGEST] = "sha256:" + "0" * 64
+    manifest["layers"][0]["annotations"][TOC_DIGEST_ANNOTATION] = "sha256:" + "0" * 64
     data = json.dumps(manifest).encode()
     digest = hashlib.sha256(data).hexdigest()
     (blobs / digest).write_bytes(data)

@@ -1,5 +1,5 @@
-"""Tests for toc.py: round trips through GNU tar layers, prefetch order, footers, hostile input, fuzzing,
-and the index's memory size.
+"""Tests for toc.py and layerwriter.py: round trips through GNU tar layers, prefetch order, footers,
+hostile input, fuzzing, and the index's memory size.
 
 Ground truth for a converted layer is what Python's tarfile reads from the source tarball; hostile blobs
 are built here by hand (a gzip member holding a `stargz.index.json` tar entry, then a footer).
@@ -27,9 +27,10 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from images import make_edge_tree, make_layer_tar
 
+import layerwriter
 import toc
+from imagebuild import make_edge_tree, make_layer_tar
 from toc import (
     GZIP,
     NO_PREFETCH_LANDMARK,
@@ -106,14 +107,14 @@ def small_tar() -> bytes:
                       special("a/sym", tarfile.SYMTYPE, linkname="../b/big")])
 
 
-def convert(tar: bytes, **kwargs) -> tuple[bytes, toc.LayerInfo]:
+def convert(tar: bytes, **kwargs) -> tuple[bytes, layerwriter.LayerInfo]:
     out = io.BytesIO()
-    info = toc.write_layer(io.BytesIO(tar), out, workers=2, **kwargs)
+    info = layerwriter.write_layer(io.BytesIO(tar), out, workers=2, **kwargs)
     return out.getvalue(), info
 
 
 @pytest.fixture(scope="module")
-def small_blob() -> tuple[bytes, toc.LayerInfo]:
+def small_blob() -> tuple[bytes, layerwriter.LayerInfo]:
     return convert(small_tar(), chunk_size=4096)
 
 
@@ -133,7 +134,7 @@ def hostile_blob(doc: object, payload: bytes = b"", fmt: str = GZIP) -> bytes:
         frame = zstandard.ZstdCompressor().compress(data)
         offset = len(payload) + 8
         footer = struct.pack("<QQQQ", offset, len(frame), len(data), 1) + toc.ZSTD_CHUNKED_MAGIC
-        return (payload + toc._skippable_frame(frame) + toc._skippable_frame(footer))
+        return (payload + layerwriter._skippable_frame(frame) + layerwriter._skippable_frame(footer))
     return payload + toc_member(data) + toc.footer_bytes(len(payload))
 
 
@@ -194,7 +195,7 @@ def describe_source(path: Path) -> dict[str, dict]:
     return entries
 
 
-def check_blob_matches(blob: bytes, info: toc.LayerInfo, source: dict[str, dict], fmt: str,
+def check_blob_matches(blob: bytes, info: layerwriter.LayerInfo, source: dict[str, dict], fmt: str,
                        chunk_size: int) -> toc.Index:
     """Every assertion of a round trip: digests, TOC, index metadata and content against `source`."""
     assert info.digest == digest_of(blob) and info.size == len(blob)
@@ -299,7 +300,8 @@ def test_round_trip_gnu_tar_layers(layer_tars, source, fmt, chunk_size, prioriti
         assert described["xattrs/file"]["xattrs"]["user.binary"] == bytes([0, 1, 2, 0xFF, 0xFE])
     with open(path, "rb") as src:
         out = io.BytesIO()
-        info = toc.write_layer(src, out, chunk_size=chunk_size, prioritized=prioritized, fmt=fmt, workers=2)
+        info = layerwriter.write_layer(src, out, chunk_size=chunk_size, prioritized=prioritized, fmt=fmt,
+                                       workers=2)
     blob = out.getvalue()
     index = check_blob_matches(blob, info, described, fmt, chunk_size)
     assert index.no_prefetch == (prioritized is None)
@@ -316,7 +318,7 @@ def test_round_trip_gnu_tar_layers(layer_tars, source, fmt, chunk_size, prioriti
 def test_chunk_range_selects_covering_chunks(layer_tars):
     with open(layer_tars["pax.tar"], "rb") as src:
         out = io.BytesIO()
-        toc.write_layer(src, out, chunk_size=4096, workers=2)
+        layerwriter.write_layer(src, out, chunk_size=4096, workers=2)
     blob = out.getvalue()
     index = index_of(blob)
     entry_id = index.lookup("data/4m-plus-1")
@@ -343,7 +345,7 @@ def test_reconverting_an_estargz_blob_replaces_its_toc_and_landmarks(small_blob)
     assert names.count(PREFETCH_LANDMARK) == 1
 
 
-def check_digests_and_files(blob: bytes, info: toc.LayerInfo) -> toc.Index:
+def check_digests_and_files(blob: bytes, info: layerwriter.LayerInfo) -> toc.Index:
     index = index_of(blob, info.toc_digest)
     for name, data in SMALL_FILES.items():
         assert read_file(index, blob, index.lookup(name)) == data
@@ -391,7 +393,7 @@ def test_prioritized_files_come_first(layer_tars):
     prioritized = ["names/ünïcödé/日本語.txt", "links/hard-b", "hello.txt", "does/not/exist"]
     with open(layer_tars["pax.tar"], "rb") as src:
         out = io.BytesIO()
-        info = toc.write_layer(src, out, prioritized=prioritized, workers=2)
+        info = layerwriter.write_layer(src, out, prioritized=prioritized, workers=2)
     blob = out.getvalue()
     entries = toc_doc(blob)["entries"]
     names = [toc.normalize_name(e["name"]) for e in entries if e["type"] != "chunk"]
@@ -901,7 +903,7 @@ def test_fuzz_whole_blob(blob_by_fmt, fmt, edits):
 
 
 @pytest.fixture(scope="module")
-def blob_by_fmt() -> dict[str, tuple[bytes, toc.LayerInfo]]:
+def blob_by_fmt() -> dict[str, tuple[bytes, layerwriter.LayerInfo]]:
     return {fmt: convert(small_tar(), chunk_size=4096, fmt=fmt) for fmt in (GZIP, ZSTD)}
 
 

@@ -24,6 +24,7 @@ import pytest
 
 import cache
 import engine
+import layerwriter
 import toc
 import tree
 
@@ -94,7 +95,7 @@ def layer_blob(*members: Member) -> Blob:
             archive.addfile(info, io.BytesIO(data) if data else None)
     tar.seek(0)
     out = io.BytesIO()
-    info = toc.write_layer(tar, out, chunk_size=CHUNK, workers=1)
+    info = layerwriter.write_layer(tar, out, chunk_size=CHUNK, workers=1)
     return Blob(out.getvalue(), info.digest, info.toc_digest)
 
 

@@ -1,12 +1,12 @@
-"""Test images built with real tools: edge-case directory trees, GNU tar layers, umoci OCI layouts.
+"""Builders of the test, demo and benchmark images, with real tools: edge-case directory trees, GNU tar
+layers, umoci OCI layouts, a Debian + Python root filesystem from the host's own files.
 
 What belongs here: building inputs (trees, layer tarballs, OCI image layouts) with GNU tar and umoci,
-and `describe_tar`, the ground truth a layer's content is compared against. What never does: anything
-that reads or writes eStargz (that is toc.py's job) or drives containerd (tests/reference.py).
-Creating device nodes, foreign owners and `trusted.*` xattrs needs root; callers that are not root
-get a tree without those entries.
+and `describe_tar`, the ground truth a layer's content is compared against; tests/, bench/ and demo.py
+share it.  What never does: anything that reads or writes eStargz (toc.py, layerwriter.py), driving
+containerd (tests/reference.py), or being imported by a product module.  Creating device nodes, foreign
+owners and `trusted.*` xattrs needs root; callers that are not root get a tree without those entries.
 """
-
 from __future__ import annotations
 
 import gzip
@@ -21,13 +21,16 @@ import stat
 import subprocess
 import sysconfig
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+import toc
 
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 CHUNK = 4 * MIB  # the reference's default eStargz chunk size
-REF_NAME = "org.opencontainers.image.ref.name"
 
 # Sizes around the chunk boundary, plus a multi-chunk file that does not end on a boundary.
 EDGE_FILE_SIZES = {
@@ -238,7 +241,8 @@ def make_layer_tar(tree: Path, out: Path, fmt: str = "pax", gzip: bool = False,
     return out
 
 
-def _sha256_file(path: Path, opener=open) -> str:
+def sha256_file(path: Path, opener: Callable[..., BinaryIO] = open) -> str:
+    """The sha256 hex digest of a file's content; `opener=gzip.open` hashes a gzip file uncompressed."""
     with opener(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -294,7 +298,7 @@ def add_blob(layout_dir: Path, data: bytes | Path) -> tuple[str, int]:
     blobs = layout_dir / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
     if isinstance(data, Path):
-        hex_digest, size = _sha256_file(data), data.stat().st_size
+        hex_digest, size = sha256_file(data), data.stat().st_size
         shutil.copyfile(data, blobs / hex_digest)
     else:
         hex_digest, size = hashlib.sha256(data).hexdigest(), len(data)
@@ -313,17 +317,18 @@ def append_layers(layout_dir: Path, tag: str, layer_tars: list[Path]) -> None:
     rewritten; the old manifest and config blobs stay until `umoci gc`.
     """
     index = json.loads((layout_dir / "index.json").read_text())
-    entry = next(m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) == tag)
+    entry = next(m for m in index["manifests"]
+                 if m.get("annotations", {}).get(toc.REF_NAME_ANNOTATION) == tag)
     manifest = _read_blob(layout_dir, entry["digest"])
     config = _read_blob(layout_dir, manifest["config"]["digest"])
     for tar_path in layer_tars:
         with open(tar_path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
         digest, size = add_blob(layout_dir, tar_path)
-        diff_id = f"sha256:{_sha256_file(tar_path, gzip.open)}" if gzipped else digest
+        diff_id = f"sha256:{sha256_file(tar_path, gzip.open)}" if gzipped else digest
         config["rootfs"]["diff_ids"].append(diff_id)
         config.setdefault("history", []).append({"created_by": f"lazymount tests: {tar_path.name}"})
-        media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzipped else "")
+        media = toc.MEDIA_LAYER_GZIP if gzipped else toc.MEDIA_LAYER_TAR
         manifest["layers"].append({"mediaType": media, "digest": digest, "size": size})
     config_ref = manifest["config"]
     config_ref["digest"], config_ref["size"] = add_blob(layout_dir, json.dumps(config).encode())
@@ -340,13 +345,14 @@ def write_oci_layout(layout_dir: Path, tag: str, layer_tars: list[Path]) -> Path
     config = {"architecture": _go_arch(), "os": "linux", "config": {},
               "rootfs": {"type": "layers", "diff_ids": []}}
     cfg_digest, cfg_size = add_blob(layout_dir, json.dumps(config).encode())
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+    manifest = {"schemaVersion": 2, "mediaType": toc.MEDIA_OCI_MANIFEST,
+                "config": {"mediaType": toc.MEDIA_OCI_CONFIG,
                            "digest": cfg_digest, "size": cfg_size},
                 "layers": []}
     man_digest, man_size = add_blob(layout_dir, json.dumps(manifest).encode())
     index = {"schemaVersion": 2, "manifests": [{"mediaType": manifest["mediaType"], "digest": man_digest,
-                                                 "size": man_size, "annotations": {REF_NAME: tag}}]}
+                                                 "size": man_size,
+                                                 "annotations": {toc.REF_NAME_ANNOTATION: tag}}]}
     (layout_dir / "index.json").write_text(json.dumps(index))
     (layout_dir / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     append_layers(layout_dir, tag, layer_tars)
@@ -435,7 +441,7 @@ def describe_tree(root: Path) -> dict[str, dict]:
                 "devminor": os.minor(st.st_rdev) if kind in ("char", "block") else 0,
             }
             if kind == "reg":
-                info["sha256"] = _sha256_file(path)
+                info["sha256"] = sha256_file(path)
             entries[name] = info
             if kind == "dir":
                 visit(path, name + "/")

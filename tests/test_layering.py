@@ -61,6 +61,8 @@ def violations(graph: Mapping[str, set[str]]) -> list[str]:
     for name, imported in graph.items():
         if "lazymount" in imported and name != "lazymount":
             found.append(f"{name} imports lazymount: nothing imports the command line")
+        if "imagebuild" in imported:
+            found.append(f"{name} imports imagebuild: test and benchmark images stay out of the product")
     for importer, forbidden, why in RULES:
         bad = graph.get(importer, set()) & forbidden
         if bad:
@@ -109,6 +111,7 @@ def test_the_check_catches_a_forbidden_import() -> None:
                                          ("fetch", "mfusepy", "fetch imports ['mfusepy']"),
                                          ("fusefs", "snapshot_grpc", "fusefs imports ['snapshot_grpc']"),
                                          ("convert", "lazymount", "convert imports lazymount"),
+                                         ("engine", "imagebuild", "engine imports imagebuild"),
                                          ("toc", "toc", "import cycle: toc -> toc")]:
         broken = {name: set(imports) for name, imports in graph.items()}
         broken[importer].add(imported)

@@ -29,6 +29,7 @@ from pathlib import Path
 import cache
 import fetch
 import lazymount
+import regclient
 import toc
 import tree
 
@@ -71,7 +72,7 @@ class LayersFS(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, spec_dir: Path, mountpoint: Path, client: fetch.RegistryClient,
+    def __init__(self, spec_dir: Path, mountpoint: Path, client: regclient.RegistryClient,
                  chunk_cache: cache.ChunkCache, work_dir: Path, on_ready: Callable[[], None], *,
                  prefetch: bool = True, background: bool = True) -> None:
         self.spec_dir, self.mountpoint, self.client, self.cache = spec_dir, mountpoint, client, chunk_cache
@@ -109,7 +110,8 @@ class LayersFS(mfusepy.Operations):
     def _load(self, name: str) -> _Served:
         spec = json.loads(spec_path(self.spec_dir, name).read_text())
         digest, toc_digest = toc.check_digest(spec["digest"]), toc.check_digest(spec["toc_digest"])
-        layer = tree.Layer(digest, self.client.blob(spec["reference"], digest, int(spec["size"])), toc_digest)
+        blob = fetch.RegistryBlobReader(self.client, spec["reference"], digest, int(spec["size"]))
+        layer = tree.Layer(digest, blob, toc_digest)
         if not layer.open_index():
             raise lazymount.MountError(f"layer {digest} is not eStargz")
         assert layer.index is not None

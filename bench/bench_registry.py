@@ -1,4 +1,4 @@
-"""Benchmark "registry": fetch.py's registry client against curl, and registry-to-registry convert.
+"""Benchmark "registry": regclient.py's registry client against curl, and registry-to-registry convert.
 
 Against Debian's docker-registry on loopback, holding the standard image (`torch:plain`):
 - 4 MiB range reads, sequential over the image's biggest layer blob: `RegistryBlobReader.read_at` in a
@@ -63,9 +63,10 @@ def probe(mode: str, image: str, digest: str, size: int, ranges: list[tuple[int,
     """Read `ranges` of blob `digest` of `image` with one RegistryClient: in order ("seq") or spread
     over READERS threads ("parallel"); return the seconds the reads took and the bytes they returned."""
     import fetch
+    import regclient
 
-    client = fetch.RegistryClient()
-    reader = client.blob(image, digest, size)
+    client = regclient.RegistryClient()
+    reader = fetch.RegistryBlobReader(client, image, digest, size)
     reader.read_at(0, 1)  # connection set up, outside the timing (curl pays its start-up, ~10 ms)
     start = time.perf_counter()
     if mode == "seq":

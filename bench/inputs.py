@@ -29,7 +29,7 @@ from isal import igzip
 from reference import read_layout
 from registry import Registry, skopeo
 
-from fetch import INDEX_TYPES, MANIFEST_TYPES
+from toc import INDEX_TYPES, MANIFEST_TYPES
 
 MKBENCHIMAGE = REPO.parent / "shared" / "bench" / "mkbenchimage.sh"
 STANDARD_TAG = "torch"

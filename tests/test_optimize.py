@@ -24,6 +24,7 @@ from test_mount import MISSING, _assert_same_tree, lazymount, mounted, stats, um
 import convert
 import fetch
 import lazymount as cli
+import regclient
 import toc
 
 pytestmark = pytest.mark.skipif(bool(MISSING) or shutil.which("bwrap") is None,
@@ -53,7 +54,7 @@ def images(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> dict
 
 def _layers(ref: str) -> list[tuple[str, bytes, toc.Index]]:
     """(digest, TOC JSON, index) of every layer of an image."""
-    image = fetch.open_image(ref, client=fetch.RegistryClient())
+    image = fetch.open_image(ref, client=regclient.RegistryClient())
     out = []
     for descriptor in image.layers:
         with image.blob(descriptor.digest) as reader:

@@ -3,7 +3,7 @@ credentials from docker/containers auth files.
 
 What belongs here: parsing and validating what a user gives lazymount to name an image (references,
 digests), per-registry settings (mirrors, plain HTTP, TLS, timeouts, retries) and where credentials are
-found.  What never does: speaking to a registry (fetch.py), or anything about layer formats (toc.py).
+found.  What never does: speaking to a registry (regclient.py), or anything about layer formats (toc.py).
 Passwords never reach a log line, an error message or a repr.
 """
 

@@ -2,8 +2,8 @@
 
 What belongs here: the image-level work around layerwriter.write_layer — which layers to convert and
 which to keep, manifests, configs and annotations, writing OCI layouts or pushing to a registry (through
-fetch.py), parallel transfers and progress.  What never does: the byte format (toc.py, layerwriter.py),
-HTTP details (fetch.py), FUSE.
+fetch.py and regclient.py), parallel transfers and progress.  What never does: the byte format (toc.py,
+layerwriter.py), HTTP details (regclient.py), FUSE.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import config
 import fetch
 import layerwriter
+import regclient
 import toc
 
 if TYPE_CHECKING:
@@ -201,14 +202,14 @@ class _RegistrySink:
     """Pushes the converted image to a registry: only blobs it lacks, mounted across repositories
     of the same registry where possible."""
 
-    def __init__(self, ref: config.Reference, client: fetch.RegistryClient) -> None:
+    def __init__(self, ref: config.Reference, client: regclient.RegistryClient) -> None:
         self.ref, self.client = ref, client
         self.staging = None
 
     def has_blob(self, digest: str) -> bool:
         try:
             self.client.blob_size(self.ref, digest)
-        except fetch.NotFoundError:
+        except regclient.NotFoundError:
             return False
         return True
 
@@ -238,7 +239,7 @@ class _RegistrySink:
 
 
 def convert_image(src_ref: str, dst_ref: str, options: ConvertOptions,
-                  client: fetch.RegistryClient | None = None, platform: str | None = None) -> dict:
+                  client: regclient.RegistryClient | None = None, platform: str | None = None) -> dict:
     """Convert every layer of an image (registry or `oci:` layout) and write it to another image.
 
     Layers that already are eStargz are kept byte for byte, without download where the destination
@@ -248,7 +249,7 @@ def convert_image(src_ref: str, dst_ref: str, options: ConvertOptions,
     image = fetch.open_image(src_ref, platform=platform, client=client)
     dst = config.parse_reference(dst_ref)
     if dst.layout is None and client is None:
-        client = fetch.RegistryClient()
+        client = regclient.RegistryClient()
     sink = _LayoutSink(dst) if dst.layout is not None else _RegistrySink(dst, client)
     diff_ids = (image.config.get("rootfs") or {}).get("diff_ids")
     if not isinstance(diff_ids, list) or len(diff_ids) != len(image.layers):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import convert
 import fetch
+import regclient
 import sandbox
 import toc
 from imagebuild import debian_python_rootfs, sha256_file
@@ -121,7 +122,7 @@ def docker_registry(work: Path) -> Iterator[str | None]:
 
 def push(layout: Path, ref: str) -> None:
     """Copy oci:LAYOUT:demo to a registry reference, blob by blob."""
-    client = fetch.RegistryClient()
+    client = regclient.RegistryClient()
     image = fetch.open_image(f"oci:{layout}:{TAG}", client=client)
     for descriptor in [image.config_descriptor, *image.layers]:
         client.push_blob(ref, descriptor.digest, layout / "blobs" / "sha256" / descriptor.digest[7:])
@@ -130,7 +131,7 @@ def push(layout: Path, ref: str) -> None:
 
 def image_size(ref: str) -> int:
     """The compressed size of an image's layers."""
-    return sum(d.size for d in fetch.open_image(ref, client=fetch.RegistryClient()).layers)
+    return sum(d.size for d in fetch.open_image(ref, client=regclient.RegistryClient()).layers)
 
 
 def cli(*args: str) -> list[str]:
@@ -162,7 +163,8 @@ def full_pull(ref: str, work: Path, command: list[str]) -> tuple[int, str, float
     subprocess.run(["umoci", "unpack", *rootless, "--image", f"{pulled}:{TAG}", str(bundle)], check=True,
                    stdout=subprocess.DEVNULL)
     setup = time.monotonic() - start
-    config = fetch.open_image(f"oci:{pulled}:{TAG}", client=fetch.RegistryClient()).config.get("config", {})
+    image = fetch.open_image(f"oci:{pulled}:{TAG}", client=regclient.RegistryClient())
+    config = image.config.get("config", {})
     line, elapsed = _first_line(sandbox.bwrap_command(bundle / "rootfs", config, command, []))
     print(f"   {line}")
     fetched = sum(p.stat().st_size for p in (pulled / "blobs" / "sha256").iterdir())

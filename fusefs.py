@@ -30,6 +30,7 @@ import cache
 import config
 import engine
 import fetch
+import regclient
 import toc
 import tree
 from mountctl import IMAGE_XATTR, STATS_XATTR, MountError, mount_at
@@ -262,7 +263,7 @@ def _parse_fuse_options(text: str | None) -> dict[str, str | bool]:
 
 
 
-def registry_client(args: argparse.Namespace, *refs: config.Reference) -> fetch.RegistryClient:
+def registry_client(args: argparse.Namespace, *refs: config.Reference) -> regclient.RegistryClient:
     """A registry client configured from the config file and the --creds/--plain-http flags."""
     settings = config.load_config(args.config, **({"plain_http": True} if args.plain_http else {}))
     credentials = None
@@ -271,7 +272,7 @@ def registry_client(args: argparse.Namespace, *refs: config.Reference) -> fetch.
         if not sep:
             raise config.InvalidInputError("--creds takes USER:PASSWORD")
         credentials = {ref.domain: (user, password) for ref in refs if ref.layout is None}
-    return fetch.RegistryClient(settings, credentials)
+    return regclient.RegistryClient(settings, credentials)
 
 
 def open_chunk_cache(args: argparse.Namespace) -> tuple[Path, cache.ChunkCache]:

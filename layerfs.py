@@ -30,6 +30,7 @@ import cache
 import engine
 import fetch
 import fusefs
+import regclient
 import toc
 import tree
 from mountctl import LAYER_NAME, LAYER_XATTR, STATS_XATTR, MountError, spec_path
@@ -50,7 +51,7 @@ class LayersFS(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, spec_dir: Path, mountpoint: Path, client: fetch.RegistryClient,
+    def __init__(self, spec_dir: Path, mountpoint: Path, client: regclient.RegistryClient,
                  chunk_cache: cache.ChunkCache, work_dir: Path, on_ready: Callable[[], None], *,
                  prefetch: bool = True, background: bool = True) -> None:
         self.spec_dir, self.mountpoint, self.client, self.cache = spec_dir, mountpoint, client, chunk_cache
@@ -88,7 +89,7 @@ class LayersFS(mfusepy.Operations):
     def _load(self, name: str) -> _Served:
         spec = json.loads(spec_path(self.spec_dir, name).read_text())
         digest, toc_digest = toc.check_digest(spec["digest"]), toc.check_digest(spec["toc_digest"])
-        blob = self.client.blob(spec["reference"], digest, int(spec["size"]))
+        blob = fetch.RegistryBlobReader(self.client, spec["reference"], digest, int(spec["size"]))
         layer = engine.Layer(digest, blob, toc_digest)
         if not layer.open_index():
             raise MountError(f"layer {digest} is not eStargz")

@@ -41,6 +41,7 @@ import config
 import fetch
 import mount_pb2
 import mountctl
+import regclient
 import snapshots_pb2
 import snapshots_pb2_grpc
 import toc
@@ -211,7 +212,7 @@ class LayerDaemon:
             toc.parse_footer(tail, descriptor.size)
         except toc.FooterError as e:
             raise DeclinedError(f"layer is not eStargz ({e})") from None
-        except (fetch.RegistryError, config.InvalidInputError, OSError) as e:
+        except (regclient.RegistryError, config.InvalidInputError, OSError) as e:
             raise DeclinedError(f"registry unreachable or refused: {e}") from None
         return descriptor
 

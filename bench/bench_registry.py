@@ -1,4 +1,4 @@
-"""Benchmark "registry": fetch.py's registry client against curl, and registry-to-registry convert.
+"""Benchmark "registry": regclient.py's registry client against curl, and registry-to-registry convert.
 
 Against Debian's docker-registry on loopback, holding the standard image (`torch:plain`):
 - 4 MiB range reads, sequential over the image's biggest layer blob: `RegistryBlobReader.read_at` in a

@@ -24,9 +24,10 @@ def registry_reads(mode: str, image: str, digest: str, size: int, ranges: list[t
     """Read `ranges` of blob `digest` of `image` with one RegistryClient: in order ("seq") or spread
     over `readers` threads ("parallel"); return the seconds the reads took and the bytes they returned."""
     import fetch
+    import regclient
 
-    client = fetch.RegistryClient()
-    reader = client.blob(image, digest, size)
+    client = regclient.RegistryClient()
+    reader = fetch.RegistryBlobReader(client, image, digest, size)
     reader.read_at(0, 1)  # connection set up, outside the timing (curl pays its start-up, ~10 ms)
     start = time.perf_counter()
     if mode == "seq":

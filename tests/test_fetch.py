@@ -1,5 +1,6 @@
-"""Tests of fetch.py against Debian's real docker-registry on 127.0.0.1 (anonymous, htpasswd, token auth),
-with faults injected by a proxy between client and registry (tests/registry.py). No mocks.
+"""Tests of fetch.py and regclient.py against Debian's real docker-registry on 127.0.0.1 (anonymous,
+htpasswd, token auth), with faults injected by a proxy between client and registry (tests/registry.py).
+No mocks.
 
 Every test also checks that no credential (password, basic header, issued token) reached the log.
 """
@@ -19,9 +20,10 @@ from typing import Any
 
 import pytest
 
-import fetch
+import toc
 from config import Config, InvalidInputError, RegistryConfig, parse_reference
-from fetch import AuthError, NotFoundError, RegistryClient, RegistryError, open_image
+from fetch import RegistryBlobReader, open_image
+from regclient import AuthError, NotFoundError, RegistryClient, RegistryError
 from tests import registry as reg
 from tests.registry import PASSWORD, USERNAME, Fault, FaultProxy, ObjectStore, Registry
 
@@ -126,7 +128,7 @@ def test_resolve_read_and_push(registry: Registry, image: reg.TestImage,
     client = client_for(registry)
     img = open_image(f"{registry.host}/{REPO}:{image.tag}", client=client)
     assert img.digest == image.manifest_digest
-    assert img.media_type == fetch.MEDIA_OCI_MANIFEST
+    assert img.media_type == toc.MEDIA_OCI_MANIFEST
     assert [d.digest for d in img.layers] == [image.layer_digest]
     assert img.config["rootfs"]["type"] == "layers"
     layer = image.layer
@@ -153,13 +155,13 @@ def test_resolve_read_and_push(registry: Registry, image: reg.TestImage,
     config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
     assert client.push_blob(target, config_digest, config) == "uploaded"
     manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": fetch.MEDIA_OCI_MANIFEST,
+        "schemaVersion": 2, "mediaType": toc.MEDIA_OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
                    "size": len(config)},
         "layers": [img.layers[0].to_json(),
                    {"mediaType": "application/octet-stream", "digest": extra_digest, "size": len(extra)}],
     }).encode()
-    digest = client.push_manifest(target, "v2", manifest, fetch.MEDIA_OCI_MANIFEST)
+    digest = client.push_manifest(target, "v2", manifest, toc.MEDIA_OCI_MANIFEST)
     assert digest == "sha256:" + hashlib.sha256(manifest).hexdigest()
 
     back = open_image(target.with_ref(tag="v2"), client=client)
@@ -205,7 +207,7 @@ def test_platform_selection(basic_registry: Registry, image: reg.TestImage) -> N
 
 def test_concurrent_reads_share_one_client(basic_registry: Registry, image: reg.TestImage) -> None:
     client = client_for(basic_registry)
-    blob = client.blob(f"{basic_registry.host}/{REPO}", image.layer_digest)
+    blob = RegistryBlobReader(client, f"{basic_registry.host}/{REPO}", image.layer_digest)
     errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
@@ -303,9 +305,9 @@ def test_auth_and_not_found_errors(registry: Registry, image: reg.TestImage) -> 
         open_image(ref + ":nosuchtag", client=client)
     assert info.value.errno == errno.ENOENT and "manifest nosuchtag" in str(info.value)
     with pytest.raises(NotFoundError):
-        client.blob(ref, "sha256:" + "0" * 64)
+        RegistryBlobReader(client, ref, "sha256:" + "0" * 64)
     with pytest.raises(InvalidInputError):
-        client.blob(ref, "sha256:../../etc/passwd")
+        RegistryBlobReader(client, ref, "sha256:../../etc/passwd")
     with pytest.raises(InvalidInputError):
         client.push_blob(ref, "sha256:" + "0" * 64, b"not that")
 
@@ -369,7 +371,7 @@ def test_multirange_fallback(proxy: FaultProxy, basic_registry: Registry, image:
                              caplog: pytest.LogCaptureFixture, kind: str) -> None:
     proxy.add(Fault(kind, times=-1))
     client = client_for(basic_registry, host=proxy.host)
-    blob = client.blob(f"{proxy.host}/{REPO}", image.layer_digest)
+    blob = RegistryBlobReader(client, f"{proxy.host}/{REPO}", image.layer_digest)
     ranges = [(10, 10), (1000, 10), (50_000, 60_000)]
     for _ in range(3):
         assert blob.read_ranges(ranges) == [image.layer[o:o + n] for o, n in ranges]
@@ -383,11 +385,66 @@ def test_multirange_fallback(proxy: FaultProxy, basic_registry: Registry, image:
 def test_multirange_is_used_when_supported(proxy: FaultProxy, basic_registry: Registry,
                                            image: reg.TestImage) -> None:
     client = client_for(basic_registry, host=proxy.host)
-    blob = client.blob(f"{proxy.host}/{REPO}", image.layer_digest)
+    blob = RegistryBlobReader(client, f"{proxy.host}/{REPO}", image.layer_digest)
     ranges = [(i * 9000, 100) for i in range(60)] + [(5, 5)]
     assert blob.read_ranges(ranges) == [image.layer[o:o + n] for o, n in ranges]
     gets = blob_gets(proxy, image.layer_digest)
     assert len(gets) == 1 and gets[0]["Range"].count(",") == 59  # (0,100) and (5,5) merged
+
+
+class ListSink:
+    """A `regclient.BlobSink` that keeps what it is given; `finish` checks it against `digest`."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest, self.parts, self.resets = digest, [], 0
+
+    def reset(self) -> None:
+        self.parts.clear()
+        self.resets += 1
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def finish(self) -> None:
+        if "sha256:" + hashlib.sha256(b"".join(self.parts)).hexdigest() != self.digest:
+            raise ValueError("digest mismatch (test sink)")
+
+
+def test_client_read_spans_and_download(basic_registry: Registry, image: reg.TestImage) -> None:
+    client = client_for(basic_registry)
+    ref, digest, size = f"{basic_registry.host}/{REPO}", image.layer_digest, len(image.layer)
+    whole: list[Any] = []
+    spans = [(0, 10), (1000, 6000), (size - 7, size)]
+    assert client.read_spans(ref, digest, size, spans, whole.append) == [image.layer[s:e] for s, e in spans]
+    assert client.read_spans(ref, digest, size, [(5, 9)], whole.append) == [image.layer[5:9]]
+    assert whole == []  # Range is answered: the whole-blob callback is never called
+    sink = ListSink(digest)
+    client.download(ref, digest, size, sink)
+    assert b"".join(sink.parts) == image.layer and sink.resets == 1
+    with pytest.raises(RegistryError, match="digest mismatch"):  # the sink's ValueError, with context
+        client.download(ref, digest, size, ListSink("sha256:" + "0" * 64))
+    with pytest.raises(InvalidInputError):
+        client.read_spans(ref, "sha256:../x", size, [(0, 1)], whole.append)
+
+
+def test_client_read_spans_when_range_is_ignored(proxy: FaultProxy, basic_registry: Registry,
+                                                 image: reg.TestImage) -> None:
+    proxy.add(Fault("ignore_range", times=-1))
+    client = client_for(basic_registry, host=proxy.host)
+    ref, digest = f"{proxy.host}/{REPO}", image.layer_digest
+    size = client.blob_size(ref, digest)  # (a HEAD, which also settles auth before the GETs counted)
+    assert size == len(image.layer)
+    sinks: list[ListSink] = []
+
+    def take_whole(fill: Callable[[ListSink], None]) -> None:
+        sinks.append(ListSink(digest))
+        fill(sinks[-1])
+
+    assert client.read_spans(ref, digest, size, [(3, 9)], take_whole) is None
+    assert [b"".join(s.parts) for s in sinks] == [image.layer]
+    assert len(blob_gets(proxy, digest)) == 1  # the 200 answer's body was the download
+    assert client.read_spans(ref, digest, size, [(3, 9)], lambda fill: None) is None
+    assert len(blob_gets(proxy, digest)) == 2  # a caller with the blob need not take it
 
 
 def test_redirect_never_forwards_authorization(proxy: FaultProxy, basic_registry: Registry,
@@ -456,7 +513,7 @@ def test_wrong_content_range_is_rejected(proxy: FaultProxy, basic_registry: Regi
                                          image: reg.TestImage) -> None:
     proxy.add(Fault("bad_content_range", times=-1))
     client = client_for(basic_registry, host=proxy.host)
-    blob = client.blob(f"{proxy.host}/{REPO}", image.layer_digest)
+    blob = RegistryBlobReader(client, f"{proxy.host}/{REPO}", image.layer_digest)
     with pytest.raises(RegistryError, match="Content-Range"):
         blob.read_at(10, 10)
 
@@ -487,7 +544,7 @@ def test_push_restarts_after_failed_upload(proxy: FaultProxy, basic_registry: Re
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     ref = f"{proxy.host}/pushed/restart"
     assert bounded(lambda: client.push_blob(ref, digest, data, chunk_size=50_000)) == "uploaded"
-    assert client.blob(ref, digest).read_all() == data
+    assert RegistryBlobReader(client, ref, digest).read_all() == data
     assert proxy.applied == ["status", "reset"]
 
 
@@ -495,7 +552,7 @@ def test_push_manifest_checks_its_input(basic_registry: Registry) -> None:
     client = client_for(basic_registry)
     ref = f"{basic_registry.host}/{REPO}"
     with pytest.raises(InvalidInputError):
-        client.push_manifest(ref, "sha256:" + "1" * 64, b"{}", fetch.MEDIA_OCI_MANIFEST)
+        client.push_manifest(ref, "sha256:" + "1" * 64, b"{}", toc.MEDIA_OCI_MANIFEST)
     with pytest.raises(InvalidInputError):
         client.push_manifest(ref, "v1", b"{}", "text/plain\r\nX-Injected: 1")
 

@@ -15,20 +15,21 @@ import pytest
 
 import cache
 import convert
-import engine
 import layerfs
 import mountctl
 from imagebuild import make_layer_tar
 
 
 class LocalBlobs:
-    """A registry client stand-in: `blob()` opens the local blob file of a digest."""
+    """A registry client stand-in: its public range API (`read_spans`) over local blob files by digest."""
 
     def __init__(self) -> None:
         self.files: dict[str, Path] = {}
 
-    def blob(self, reference: str, digest: str, size: int) -> engine.FileBlob:
-        return engine.FileBlob(self.files[digest])
+    def read_spans(self, reference: str, digest: str, size: int, spans: list[tuple[int, int]],
+                   on_whole_blob: object) -> list[bytes]:
+        with open(self.files[digest], "rb") as f:
+            return [os.pread(f.fileno(), end - start, start) for start, end in spans]
 
 
 def _layer(work: Path, files: dict[str, bytes], blobs: LocalBlobs) -> tuple[str, int, str]:

@@ -21,6 +21,7 @@ import pytest
 import convert
 import fetch
 import mountctl
+import regclient
 import sandbox
 import toc
 from imagebuild import append_layers, debian_python_rootfs, describe_tree, make_layer_tar, make_oci_image
@@ -54,7 +55,7 @@ def images(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> dict
 
 def _layers(ref: str) -> list[tuple[str, bytes, toc.Index]]:
     """(digest, TOC JSON, index) of every layer of an image."""
-    image = fetch.open_image(ref, client=fetch.RegistryClient())
+    image = fetch.open_image(ref, client=regclient.RegistryClient())
     out = []
     for descriptor in image.layers:
         with image.blob(descriptor.digest) as reader:

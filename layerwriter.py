@@ -305,7 +305,8 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise TruncatedError(f"source layer is truncated or corrupt at a tar header ({e})") from None
 
 
-_TAR_OPTIONS = {"encoding": "utf-8", "errors": "surrogateescape", "tarinfo": _CheckedTarInfo}
+# How every reader of a source layer opens its tar stream (seekindex.py too).
+TAR_OPTIONS = {"encoding": "utf-8", "errors": "surrogateescape", "tarinfo": _CheckedTarInfo}
 
 
 class _Landmark(tarfile.TarInfo):
@@ -334,7 +335,7 @@ def write_layer(src: BinaryIO, dst: BinaryIO, *, chunk_size: int = DEFAULT_CHUNK
         with tempfile.TemporaryFile() as spool:
             source = open_layer_source(src, workers)
             if prioritized is None:
-                tar = tarfile.open(fileobj=source, mode="r|", **_TAR_OPTIONS)  # noqa: SIM115
+                tar = tarfile.open(fileobj=source, mode="r|", **TAR_OPTIONS)  # noqa: SIM115
                 ordered: Iterable = [_landmark_info(NO_PREFETCH_LANDMARK)]
                 ordered = _chain(ordered, tar)
                 prefetched = 0
@@ -342,7 +343,7 @@ def write_layer(src: BinaryIO, dst: BinaryIO, *, chunk_size: int = DEFAULT_CHUNK
                 # Reordering needs random access: spool the uncompressed tar to disk first.
                 _copy_stream(source, spool)
                 spool.seek(0)
-                tar = tarfile.open(fileobj=spool, mode="r:", **_TAR_OPTIONS)  # noqa: SIM115
+                tar = tarfile.open(fileobj=spool, mode="r:", **TAR_OPTIONS)  # noqa: SIM115
                 first, rest = _prioritized_order(tar.getmembers(), prioritized)
                 prefetched = sum(1 for m in first if m.isreg() and m.size)
                 ordered = [*first, _landmark_info(PREFETCH_LANDMARK), *rest]
@@ -368,23 +369,31 @@ def _copy_stream(src: BinaryIO, dst: BinaryIO) -> None:
         dst.write(block)
 
 
+def member_entry(info: tarfile.TarInfo) -> dict | None:
+    """The TOC entry (without chunks) of a source tar member; None for the TOC or a landmark of a layer
+    converted before, which a conversion replaces (as the reference does) and a seek index leaves out."""
+    if normalize_name(info.name) in (TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
+        return None
+    if info.type in _REG_TYPES:
+        typ = "reg"
+    elif info.type in _TAR_KINDS:
+        typ = _TAR_KINDS[info.type]
+        if typ == "hardlink":
+            normalize_name(info.linkname)
+    else:
+        raise FormatError(f"unsupported tar entry type {info.type!r} for {info.name!r}")
+    return _toc_entry(info, typ)
+
+
 def _write_members(tar: tarfile.TarFile, members: Iterable[tarfile.TarInfo], writer: _BlobWriter,
                    chunk_size: int, progress: Callable[[int], None] | None) -> list[dict]:
     entries: list[dict] = []
     for info in members:
         landmark = isinstance(info, _Landmark)
-        name = normalize_name(info.name)
-        if not landmark and name in (TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
-            continue  # a layer converted before: its TOC and landmarks are replaced, as the reference does
-        if info.type in _REG_TYPES:
-            typ = "reg"
-        elif info.type in _TAR_KINDS:
-            typ = _TAR_KINDS[info.type]
-            if typ == "hardlink":
-                normalize_name(info.linkname)
-        else:
-            raise FormatError(f"unsupported tar entry type {info.type!r} for {info.name!r}")
-        entry = _toc_entry(info, typ)
+        entry = _toc_entry(info, "reg") if landmark else member_entry(info)
+        if entry is None:
+            continue
+        typ = entry["type"]
         writer.add(_output_header(info))
         if typ == "reg":
             _write_payload(tar, info, entry, entries, writer, chunk_size, landmark)

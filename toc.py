@@ -97,6 +97,8 @@ MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"  # sha256 of the uncompressed TOC JSON
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+# A seek index of an unconverted gzip layer (seekindex.py): checkpoints, span digests and the file table.
+MEDIA_SEEK_INDEX = "application/vnd.lazymount.seekindex.v1"
 
 _TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo")
 KIND_DIR, KIND_REG, KIND_SYMLINK, KIND_HARDLINK, KIND_CHAR, KIND_BLOCK, KIND_FIFO = range(len(_TYPES))

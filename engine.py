@@ -1,15 +1,16 @@
 """The read engine of a mounted image: layers and their blobs, file bytes through the cache, and the
 background work that fills it.
 
-What belongs here: a layer's blob and index (eStargz read by range, or downloaded whole, verified and
-converted locally), reading file bytes chunk by chunk through the cache (verified bytes or EIO), sequential
-read-ahead, fetching a miss's neighbours along, the landmark prefetch (a few large requests over parallel
-connections, staged and then decompressed), a low-priority background fetch, per-layer stats, recording
-which files a workload opens; ImageView ties these to the merged tree of tree.py once every layer is
-indexed.
+What belongs here: a layer's blob and index (eStargz read by range, a plain gzip layer with a seek index
+read by span, or downloaded whole, verified and indexed or converted locally), reading file bytes chunk by
+chunk through the cache (verified bytes or EIO), sequential read-ahead, fetching a miss's neighbours
+along, the landmark prefetch (a few large requests over parallel connections, staged and then
+decompressed), a low-priority background fetch (which checks a seek-indexed layer's digest once it has
+every byte), per-layer stats, recording which files a workload opens; ImageView ties these to the merged
+tree of tree.py once every layer is indexed.
 What never does: overlay rules, inode numbers or attributes (tree.py), FUSE or any kernel interface
 (lazymount.py adapts this to FUSE), HTTP (a layer is handed a `fetch.BlobReader` as its BlobSource), TOC
-parsing (toc.py) or keeping chunks (cache.py).
+parsing (toc.py), seek index formats and decompression (seekindex.py) or keeping chunks (cache.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import hashlib
 import itertools
 import logging
 import os
@@ -29,6 +31,7 @@ from typing import Protocol
 
 import cache
 import layerwriter
+import seekindex
 import toc
 import tree
 
@@ -133,12 +136,14 @@ class LayerStats:
 
 @dataclass
 class Layer:
-    """One layer: its digest, blob and (once known) TOC index; `pending` until a plain layer is converted."""
+    """One layer: its digest, blob and (once known) TOC index; `pending` until a plain layer is converted.
+    A plain gzip layer with a seek index has `spans` to read it by, and its index's file table."""
 
     digest: str
     blob: BlobSource
     toc_digest: str | None = None
     index: toc.Index | None = None
+    spans: seekindex.SpanReader | None = None
     stats: LayerStats = field(default_factory=LayerStats)
     error: str | None = None  # why the last download (or conversion) attempt failed
     permanent: bool = False  # the error is in the layer's verified bytes: it is not tried again
@@ -147,10 +152,19 @@ class Layer:
 
     @property
     def state(self) -> str:
-        """`lazy` (eStargz read by range), `local` (downloaded and converted), `pending` or `failed`."""
-        if self.index is None:
+        """`lazy` (eStargz read by range), `indexed` (plain gzip read by span through a seek index), `local`
+        (downloaded, then indexed or converted), `pending` or `failed`."""
+        if self.index is None or self.permanent:
             return "failed" if self.error else "pending"
-        return "local" if isinstance(self.blob, FileBlob) else "lazy"
+        if isinstance(self.blob, FileBlob):
+            return "local"
+        return "indexed" if self.spans is not None else "lazy"
+
+    def use_seek_index(self, index: seekindex.SeekIndex) -> None:
+        """Serve the layer through a seek index (validated for this blob)."""
+        self.spans = seekindex.SpanReader(index, self.fetch)
+        self.index = index.index
+        self.count("index_bytes", index.stored_size)
 
     def open_index(self) -> bool:
         """Read the TOC if the blob is eStargz with a TOC digest annotation; False if it is not eStargz."""
@@ -191,8 +205,9 @@ class Layer:
         with self._lock:
             setattr(self.stats, name, getattr(self.stats, name) + n)
 
-    def localize(self, work_dir: Path) -> None:
-        """Download the whole blob (verified), convert it to eStargz unless it already is, and index it."""
+    def localize(self, work_dir: Path, cache_dir: Path | None = None) -> None:
+        """Download the whole blob (verified) and index it: its TOC if it is eStargz, else a seek index if it
+        is gzip (kept in `cache_dir`, so the next mount reads it lazily), else convert it to eStargz."""
         hexdigest = toc.check_digest(self.digest)[7:]
         blob_path = work_dir / "blobs" / hexdigest
         converted = work_dir / "converted" / f"{hexdigest}.estargz"
@@ -208,7 +223,10 @@ class Layer:
                 self.count("bytes_fetched", local.size)
                 return
             except toc.FooterError:
-                local.close()
+                pass
+            if self._index_locally(local, cache_dir):
+                return
+            local.close()
             fd, tmp = tempfile.mkstemp(dir=converted.parent, prefix=".convert-")
             try:
                 with open(blob_path, "rb") as src, os.fdopen(fd, "wb") as dst:
@@ -222,6 +240,26 @@ class Layer:
         local = FileBlob(converted)
         self.index = toc.read_index(local.read_at, local.size)
         self.blob = local
+
+    def _index_locally(self, local: FileBlob, cache_dir: Path | None) -> bool:
+        """Build the seek index of a downloaded gzip blob, keep it, serve the layer through it."""
+        if local.read_at(0, 2) != b"\x1f\x8b":
+            return False
+        try:
+            built = seekindex.build(local.read_at, local.size, self.digest, local=True)
+        except toc.FormatError as e:
+            log.info("layer %s: no seek index (%s); converting it", self.digest, e)
+            return False
+        if cache_dir is not None:
+            try:
+                seekindex.store_index(cache_dir, self.digest, built.data)
+            except OSError as e:
+                log.warning("layer %s: seek index not kept in %s: %s", self.digest, cache_dir, e)
+        self.blob = local
+        self.use_seek_index(built.index)
+        self.count("bytes_fetched", local.size)
+        log.info("layer %s: %s built and kept", self.digest, built.index.describe())
+        return True
 
 
 
@@ -312,8 +350,9 @@ class ImageView:
     def __init__(self, layers: Sequence[Layer], chunk_cache: cache.ChunkCache, work_dir: Path, *,
                  raw: bool = False, opaque_xattr: str = "trusted.overlay.opaque", prefetch: bool = True,
                  background: bool = True, recorder: AccessRecorder | None = None,
-                 activity: ReadActivity | None = None) -> None:
+                 activity: ReadActivity | None = None, cache_dir: Path | None = None, name: str = "") -> None:
         self.layers = list(layers)
+        self.cache_dir, self.name = cache_dir, name  # where seek indexes are kept; the image, for logs
         self.recorder = recorder
         self.cache, self.work_dir = chunk_cache, Path(work_dir)
         self.prefetch, self.background = prefetch, background
@@ -386,7 +425,7 @@ class ImageView:
                 break
             for layer in pending:
                 try:
-                    layer.localize(self.work_dir)
+                    layer.localize(self.work_dir, self.cache_dir)
                     layer.error = None
                     log.info("layer %s downloaded and indexed; serving it", layer.digest)
                 except toc.FormatError as e:  # verified bytes that are no layer: no retry can help
@@ -421,6 +460,9 @@ class ImageView:
             return
         self.fetch_state = "background"
         _lowest_priority()
+        for layer in self.layers:
+            if layer.state == "indexed":
+                self._background_indexed(layer)
         for layer in lazy:
             assert layer.index is not None
             missing = (c for c in layer.index.blob_chunks() if not self.cache.contains(c.digest))
@@ -431,6 +473,66 @@ class ImageView:
                 self._fetch_span(layer, span[0].comp_offset, span[-1].comp_end, span, "background_bytes")
         self.fetch_state = "done"
         log.info("background fetch complete")
+
+    def _background_indexed(self, layer: Layer) -> None:
+        """Fetch a seek-indexed layer span by span, storing the chunks not yet cached; once every byte has
+        passed (no span skipped because all of its chunks were cached), check the blob's digest: a layer
+        that does not match its manifest is failed (EIO from then on) however well its spans matched."""
+        spans = layer.spans
+        assert spans is not None
+        index = spans.index
+        whole = hashlib.sha256()
+        hashed = index.span_range(0)[0]
+        if hashed:
+            whole.update(layer.fetch(0, hashed))  # the gzip header before the first checkpoint
+        for k in range(index.span_count):
+            if self._stop.is_set():
+                return
+            self.activity.wait_idle(self._stop)
+            start, end = index.out_range(k)
+            ending = [c for c in index.chunks_within(max(start - seekindex.CHUNK_SIZE, 0), end)
+                      if c.comp_end > start and not self.cache.contains(c.digest)]
+            if not ending:
+                hashed = -1  # skipped: the digest cannot be checked in this mount
+                continue
+            try:
+                data = spans.spans(k, k)
+                layer.count("background_bytes", len(data))
+                for c in ending:
+                    self.cache.store(c.digest, lambda c=c: self._indexed_chunk(layer, c, later=False))
+            except (toc.LazymountError, OSError) as e:
+                layer.count("errors")
+                log.warning("layer %s: fetching span %d failed: %s", layer.digest, k, e)
+                hashed = -1
+                continue
+            if hashed >= 0:
+                a = index.span_range(k)[0]
+                whole.update(memoryview(data)[hashed - a:])
+                hashed = a + len(data)
+        if hashed == layer.blob.size and "sha256:" + whole.hexdigest() != layer.digest:
+            layer.error = f"blob is sha256:{whole.hexdigest()}, not the manifest's {layer.digest}"
+            layer.permanent = True
+            log.error("image %s: layer %s: %s; its files fail with EIO from now on", self.name, layer.digest,
+                      layer.error)
+
+    def _indexed_chunk(self, layer: Layer, c: toc.Chunk, later: bool = True) -> bytes:
+        """A chunk of a seek-indexed layer; the chunks decompressed along with it go into the cache (from
+        a read-ahead thread if `later`)."""
+        assert layer.spans is not None
+        data, others = layer.spans.chunk(c, lambda other: not self.cache.contains(other.digest))
+        if others and later:
+            with contextlib.suppress(RuntimeError):  # shut down while unmounting
+                self._ahead.submit(self._store_pieces, layer, others)
+        elif others:
+            self._store_pieces(layer, others)
+        return data
+
+    def _store_pieces(self, layer: Layer, pieces: list[tuple[str, bytes]]) -> None:
+        for digest, data in pieces:
+            try:
+                self.cache.store(digest, lambda data=data: data)  # verified by the cache
+            except (toc.LazymountError, OSError) as e:  # read again, and reported, when a reader asks for it
+                log.debug("layer %s: chunk %s not stored: %s", layer.digest, digest, e)
 
     def _prefetch_landmarks(self, layers: list[Layer], progress: Callable[[int, int], None] | None) -> None:
         """Fetch every layer's landmark range [0, prefetch_end) in a few large requests spread over
@@ -544,6 +646,8 @@ class ImageView:
         layer = self.layers[node.layer]
         index = layer.index
         assert index is not None
+        if layer.permanent:
+            raise OSError(errno.EIO, f"layer {layer.digest} failed: {layer.error}")
         chunks = index.chunk_range(node.entry, offset, size)
         out = bytearray()
         with self.activity.reading():
@@ -563,6 +667,9 @@ class ImageView:
         loaded = []
 
         def load() -> bytes:
+            if layer.spans is not None:
+                loaded.append(True)
+                return self._indexed_chunk(layer, c)
             data = layer.staged_chunk(c)
             if data is not None:  # prefetched: a hit
                 return data

@@ -31,6 +31,7 @@ import config
 import engine
 import fetch
 import regclient
+import seekindex
 import toc
 import tree
 from mountctl import IMAGE_XATTR, STATS_XATTR, MountError, mount_at
@@ -296,15 +297,19 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
               for d in descriptors]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         lazy = list(pool.map(engine.Layer.open_index, layers))
+    cache_dir, chunk_cache = open_chunk_cache(args)
     for layer, is_lazy, descriptor in zip(layers, lazy, descriptors, strict=True):
-        if not is_lazy:
+        seek = None if is_lazy else seekindex.find_index(descriptor, cache_dir, image)
+        if seek is not None:
+            layer.use_seek_index(seek)
+            log.info("layer %s: reading it through its %s", layer.digest, seek.describe())
+        elif not is_lazy:
             log.warning("layer %s (%s) is not eStargz with a TOC digest: downloading it whole in the "
                         "background", layer.digest, descriptor.media_type or "no media type")
-    cache_dir, chunk_cache = open_chunk_cache(args)
     recorder = engine.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
     view = engine.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
                           opaque_xattr=OPAQUE_XATTR, prefetch=args.prefetch, background=args.background_fetch,
-                          recorder=recorder)
+                          recorder=recorder, cache_dir=cache_dir, name=str(ref))
     runtime = image.config.get("config") if isinstance(image.config.get("config"), dict) else {}
     info = {"reference": str(ref), "digest": image.digest, "mountpoint": str(args.mountpoint),
             "config": {k: runtime[k] for k in RUNTIME_KEYS if k in runtime}}

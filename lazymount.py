@@ -1,10 +1,11 @@
 """The lazymount command line.
 
 What belongs here: argument parsing, turning errors into one-line messages and exit codes, and the
-commands a user starts: `convert`, `inspect`, `mount` (daemonized, see mountctl.py; the file system is
-fusefs.py's), `umount`, `stats`, `run` and `record` (sandbox.py), `optimize` (convert with a profile),
-`layers` (the snapshotter's daemon, layerfs.py) and `snapshotter` (snapshot_grpc.py).  This is the only
-module that may import every other one, and none imports it.  What never does: format, registry, cache,
+commands a user starts: `convert`, `inspect`, `index` (seek indexes of plain gzip layers, seekindex.py),
+`mount` (daemonized, see mountctl.py; the file system is fusefs.py's), `umount`, `stats`, `run` and
+`record` (sandbox.py), `optimize` (convert with a profile), `layers` (the snapshotter's daemon,
+layerfs.py) and `snapshotter` (snapshot_grpc.py).  This is the only module that may import every other
+one, and none imports it.  What never does: format, registry, cache,
 tree, FUSE or sandbox logic — those live in toc.py, fetch.py, cache.py, tree.py/engine.py, fusefs.py and
 sandbox.py.
 """
@@ -17,6 +18,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import cache
@@ -28,6 +30,7 @@ import fusefs
 import layerfs
 import mountctl
 import sandbox
+import seekindex
 import toc
 from fusefs import registry_client
 from mountctl import MountError
@@ -83,7 +86,20 @@ def _is_local_file(text: str) -> bool:
     return not text.startswith("oci:") and (text.startswith(("/", "./", "../")) or Path(text).is_file())
 
 
+def _cache_dir(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir) if args.cache_dir else cache.default_cache_dir()
+
+
+def _laziness(report: dict, layer: fetch.Descriptor, cache_dir: Path) -> str:
+    """How `mount` would read a layer: eStargz, through a seek index, or downloaded whole."""
+    if report["format"] in (toc.GZIP, toc.ZSTD):
+        return "eStargz" if report["format"] == toc.GZIP else "zstd:chunked"
+    index = seekindex.find_index(layer, cache_dir)
+    return f"indexed ({index.describe()})" if index else "neither: downloaded whole before use"
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    image = None
     if _is_local_file(args.src):
         blobs = [(args.src, engine.FileBlob(Path(args.src)), None)]
     else:
@@ -96,13 +112,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         blobs = [(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION))
                  for d in layers]
     reports = []
+    descriptors = {d.digest: d for d in image.layers} if image is not None else {}
     for name, reader, toc_digest in blobs:
         with reader:
             if args.toc:
                 _, toc_json = toc.read_toc_json(reader.read_at, reader.size, toc_digest)
                 sys.stdout.write(toc_json.decode("utf-8", "replace") + "\n")
                 continue
-            reports.append({"layer": name, **convert.describe_layer(reader.read_at, reader.size, toc_digest)})
+            report = {"layer": name, **convert.describe_layer(reader.read_at, reader.size, toc_digest)}
+            if name in descriptors:
+                report["lazy"] = _laziness(report, descriptors[name], _cache_dir(args))
+            reports.append(report)
     if args.json:
         print(json.dumps(reports, indent=2))
     else:
@@ -113,11 +133,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _print_layer_report(report: dict) -> None:
     print(f"{report['layer']}\n  format: {report['format']}, {report['size']} bytes")
+    if "lazy" in report:
+        print(f"  lazy: {report['lazy']}")
     if "entries" in report:
         counts = ", ".join(f"{v} {k}" for k, v in report["entries"].items() if v and k not in ("bytes",))
         print(f"  entries: {counts}\n  file bytes: {report['entries']['bytes']}, largest chunk: "
               f"{report['largest_chunk']}\n  landmark: {report['landmark']}\n  toc: {report['toc_digest']} "
               f"({report['toc_bytes']} bytes)")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    ref = config.parse_reference(args.image)
+    image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
+    cache_dir = _cache_dir(args)
+    for layer in image.layers:
+        print(f"{layer.digest}  {index_layer(image, layer, cache_dir)}")
+    return 0
+
+
+def index_layer(image: fetch.Image, layer: fetch.Descriptor, cache_dir: Path) -> str:
+    """Build and keep the seek index of one layer unless it needs none or has one; what was done."""
+    if layer.annotations.get(toc.TOC_DIGEST_ANNOTATION):
+        return "eStargz: needs no index"
+    if layer.media_type.endswith("zstd"):
+        return "zstd: not indexed (gzip layers only)"
+    found = seekindex.find_index(layer, cache_dir)
+    if found is not None:
+        return f"already indexed: {found.describe()}"
+    started = time.monotonic()
+    spool_dir = seekindex.index_path(cache_dir, layer.digest).parent
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    with image.blob(layer.digest) as reader:
+        try:
+            built = seekindex.build(reader.read_at, reader.size, layer.digest,
+                                    local=isinstance(reader, fetch.LayoutBlobReader), spool_dir=spool_dir)
+        except toc.FormatError as e:
+            if isinstance(e, seekindex.SeekIndexError) or reader.read_at(0, 2) == b"\x1f\x8b":
+                raise
+            return f"not gzip: not indexed ({e})"
+    seekindex.store_index(cache_dir, layer.digest, built.data)
+    seconds = time.monotonic() - started
+    return (f"indexed: {built.index.describe()}, {built.entries} entries, {built.uncompressed_size} bytes "
+            f"uncompressed, in {seconds:.1f} s")
 
 
 # --------------------------------------------------------------------------------------------- mounting
@@ -252,10 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", parents=[registry], help="show the layers of an eStargz blob or image")
     p.add_argument("src", help="layer blob file, REGISTRY/NAME[:TAG] or oci:DIR[:TAG]")
+    p.add_argument("--cache-dir", metavar="D", help="where seek indexes are kept (default: as mount's)")
     p.add_argument("--toc", action="store_true", help="print the TOC JSON")
     p.add_argument("--layer", metavar="DIGEST", help="only this layer of an image")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("index", parents=[registry],
+                       help="build seek indexes of an image's plain gzip layers, so they mount lazily")
+    p.add_argument("image", help="REGISTRY/NAME[:TAG|@DIGEST] or oci:DIR[:TAG]")
+    p.add_argument("--cache-dir", metavar="D", help="where indexes are kept (default ~/.cache/lazymount)")
+    p.set_defaults(func=cmd_index)
 
     mounting = argparse.ArgumentParser(add_help=False)
     mounting.add_argument("--cache-dir", metavar="D",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -27,8 +26,10 @@ import os
 import struct
 import tarfile
 import tempfile
+import threading
 import zlib
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ WINDOW_SIZE = 32768
 CHUNK_SIZE = toc.DEFAULT_CHUNK_SIZE  # file bytes per chunk of the file table (and per cache entry)
 MAX_HEADER_BYTES = 64 << 10
 MAX_CHECKPOINTS = 1 << 22
+SPAN_MEMORY = 32 << 20  # verified compressed spans a layer keeps in memory
 _READ_PIECE = 4 << 20  # compressed bytes read at once while building
 _INFLATE_PIECE = 1 << 20  # uncompressed bytes produced at once while reading
 _POINT = struct.Struct("<QQI32s")  # bit offset, uncompressed offset, compressed window length, span sha256
@@ -162,11 +164,6 @@ def extract(pieces: Iterable[bytes], start: int,
             buf_start += drop
 
 
-@functools.lru_cache(maxsize=64)
-def _zero_digest(size: int) -> str:
-    return toc.sha256_digest(bytes(size))
-
-
 # ------------------------------------------------------------------------------------------- the index
 
 
@@ -252,6 +249,72 @@ class SeekIndex:
         """One line for `inspect` and the logs."""
         return (f"seek index, {self.span_count} checkpoints, {self.stored_size} bytes "
                 f"({100 * self.stored_size / max(self.layer_size, 1):.2f}% of the layer)")
+
+
+class SpanReader:
+    """Chunks of an indexed layer: the spans holding a chunk are fetched (through `fetch(offset, length)`)
+    and verified before anything is decompressed; the last few stay in memory, so the chunks a span
+    shares with its neighbours cost no second request."""
+
+    def __init__(self, index: SeekIndex, fetch: ReadAt, memory: int = SPAN_MEMORY) -> None:
+        self.index, self._fetch, self._memory = index, fetch, memory
+        self._spans: OrderedDict[int, bytes] = OrderedDict()
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def spans(self, first: int, last: int) -> bytes:
+        """The blob bytes of spans first..last, each verified (toc.DigestError if one is not as indexed)."""
+        with self._lock:
+            have = {k: self._spans.get(k) for k in range(first, last + 1)}
+            for k in have:
+                if have[k] is not None:
+                    self._spans.move_to_end(k)
+        missing = [k for k, data in have.items() if data is None]
+        if missing:
+            start, end = self.index.span_range(missing[0])[0], self.index.span_range(missing[-1])[1]
+            data = self._fetch(start, end - start)
+            for k in missing:
+                a, b = self.index.span_range(k)
+                have[k] = data[a - start:b - start]
+                self.index.verify_span(k, have[k])  # before a single byte of it is decompressed
+            self._remember({k: have[k] for k in missing})
+        base = self.index.span_range(first)[0]
+        out = bytearray()
+        for k in range(first, last + 1):  # neighbouring spans share at most one byte
+            out += memoryview(have[k] or b"")[base + len(out) - self.index.span_range(k)[0]:]
+        return bytes(out)
+
+    def _remember(self, spans: dict[int, bytes]) -> None:
+        with self._lock:
+            for k, data in spans.items():
+                if k not in self._spans and len(data) <= self._memory:
+                    self._spans[k] = data
+                    self._held += len(data)
+            while self._held > self._memory:
+                self._held -= len(self._spans.popitem(last=False)[1])
+
+    def chunk(self, chunk: toc.Chunk,
+              wanted: Callable[[toc.Chunk], bool] = lambda c: True) -> tuple[bytes, list[tuple[str, bytes]]]:
+        """A chunk's bytes (not verified: the cache does that), and (digest, bytes) of the other chunks
+        that lie wholly in the spans decompressed for it and that `wanted` accepts."""
+        if chunk.comp_offset == HOLE:
+            return bytes(chunk.size), []
+        first, last = self.index.spans_for(chunk.comp_offset, chunk.size)
+        data = self.spans(first, last)
+        start, end = self.index.out_range(first)[0], self.index.out_range(last)[1]
+        chunks = [c for c in self.index.chunks_within(start, end)
+                  if c.comp_offset == chunk.comp_offset or wanted(c)]
+        found, others = None, []
+        for i, piece in extract(self.index.inflate(first, data), start,
+                                [(c.comp_offset, c.size) for c in chunks]):
+            if chunks[i].comp_offset == chunk.comp_offset:
+                found = piece
+            else:
+                others.append((chunks[i].digest, piece))
+        if found is None:
+            raise toc.TruncatedError(f"spans {first}-{last} end before the chunk at stream offset "
+                                     f"{chunk.comp_offset}")
+        return found, others
 
 
 def _inflate_window(stored: bytes) -> bytes:
@@ -527,17 +590,11 @@ def _chunk_entries(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: dict) -> 
     regions = list(_regions(info))
     out: list[dict] = []
     for offset, length, where in regions:
-        if where is None:
-            content.seek(offset + length)
-            digest = _zero_digest(length)
-            for cut in range(0, length, 1 << 20):
-                whole.update(bytes(min(1 << 20, length - cut)))
-        else:
-            data = content.read(length)
-            if len(data) != length:
-                raise toc.TruncatedError(f"source layer ends inside {info.name!r}")
-            whole.update(data)
-            digest = toc.sha256_digest(data)
+        data = content.read(length)  # a hole reads as zeros without touching the stream
+        if len(data) != length:
+            raise toc.TruncatedError(f"source layer ends inside {info.name!r}")
+        whole.update(data)
+        digest = toc.sha256_digest(data)
         chunk = entry if not out else {"name": info.name, "type": "chunk", "chunkOffset": offset}
         chunk["offset"] = HOLE if where is None else where
         if len(regions) > 1:

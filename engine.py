@@ -243,11 +243,9 @@ class Layer:
 
     def _index_locally(self, local: FileBlob, cache_dir: Path | None) -> bool:
         """Build the seek index of a downloaded gzip blob, keep it, serve the layer through it."""
-        if local.read_at(0, 2) != b"\x1f\x8b":
-            return False
         try:
             built = seekindex.build(local.read_at, local.size, self.digest, local=True)
-        except toc.FormatError as e:
+        except toc.FormatError as e:  # not gzip, or not a valid one: the conversion says what is wrong
             log.info("layer %s: no seek index (%s); converting it", self.digest, e)
             return False
         if cache_dir is not None:

@@ -167,10 +167,8 @@ def index_layer(image: fetch.Image, layer: fetch.Descriptor, cache_dir: Path) ->
         try:
             built = seekindex.build(reader.read_at, reader.size, layer.digest,
                                     local=isinstance(reader, fetch.LayoutBlobReader), spool_dir=spool_dir)
-        except toc.FormatError as e:
-            if isinstance(e, seekindex.SeekIndexError) or reader.read_at(0, 2) == b"\x1f\x8b":
-                raise
-            return f"not gzip: not indexed ({e})"
+        except seekindex.NotGzipError:
+            return f"not gzip ({layer.media_type or 'no media type'}): not indexed"
     seekindex.store_index(cache_dir, layer.digest, built.data)
     seconds = time.monotonic() - started
     return (f"indexed: {built.index.describe()}, {built.entries} entries, {built.uncompressed_size} bytes "

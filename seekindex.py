@@ -65,6 +65,10 @@ class SeekIndexError(toc.FormatError):
     """A seek index is malformed, truncated, or describes another layer."""
 
 
+class NotGzipError(toc.FormatError):
+    """The layer blob is not gzip (a plain tar, zstd): there is nothing to index."""
+
+
 class ReadAt(Protocol):
     def __call__(self, offset: int, length: int) -> bytes: ...
 
@@ -500,19 +504,18 @@ def build(read_at: ReadAt, size: int, layer_digest: str, *, local: bool = False,
 
     `read_at(offset, length)` reads the blob; a `local` blob is read twice (the span digests), any
     other is spooled to a temporary file in `spool_dir` as it streams past.  The blob's sha256 must be
-    `layer_digest`.  Raises toc.FormatError if the blob is no gzip tar (SeekIndexError for gzip that
-    cannot be indexed), toc.DigestError if its digest does not match.
+    `layer_digest`.  Raises NotGzipError, toc.FormatError if the blob is no valid gzip tar,
+    toc.DigestError if its digest does not match.
     """
-    import rapidgzip  # here: only building needs it, and it starts no threads at import
+    import rapidgzip  # here: only building needs it
 
+    if read_at(0, 2) != b"\x1f\x8b":
+        raise NotGzipError("layer is not gzip")
     with contextlib.ExitStack() as stack:
         spool = None if local else stack.enter_context(tempfile.TemporaryFile(dir=spool_dir))
         source = _Source(read_at, size, spool)
-        try:
-            threads = threads or os.cpu_count() or 1
-            gz = stack.enter_context(rapidgzip.RapidgzipFile(source, parallelization=threads))
-        except ValueError as e:  # rapidgzip: "Failed to detect a valid file format."
-            raise toc.FormatError(f"layer is not gzip ({e})") from None
+        threads = threads or os.cpu_count() or 1
+        gz = stack.enter_context(rapidgzip.RapidgzipFile(source, parallelization=threads))
         try:
             entries = _file_table(gz)
             while gz.read(_READ_PIECE):  # past the tar's end: the stream's size, every checkpoint

@@ -1,0 +1,371 @@
+"""Seek indexes of unconverted gzip layers (seekindex.py): resuming deflate at any bit, building and
+reading back every file, the loader's checks, and, against a real docker-registry, `lazymount index`
+then `mount` reading plain gzip layers lazily (gzip -1, gzip -9, pigz members; whiteouts, opaque dirs)
+with the tree equal to `umoci unpack`, one span per small read, and EIO, never wrong bytes, for a blob
+that differs from its index or its manifest.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import seekindex
+import toc
+from imagebuild import describe_tree, make_layer_tar, write_oci_layout
+from tests.reference import read_layout
+from tests.registry import Registry, push_layout
+from tests.test_mount import (  # noqa: F401 -- edge_image and edge_expected are fixtures used below
+    MISSING,
+    _assert_same_tree,
+    edge_expected,
+    edge_image,
+    lazymount,
+    mounted,
+    stats,
+)
+
+MIB = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _compress(tar: Path, out: Path, how: str) -> Path:
+    """gzip `tar` into `out`: `gzip-1`, `gzip-9`, or `pigz-members` (pigz per 64 KiB piece, concatenated:
+    a gzip stream of many members)."""
+    raw = tar.read_bytes()
+    if how == "pigz-members":
+        members = [subprocess.run(["pigz", "-c", "-n", "-6"], input=raw[i:i + (64 << 10)], check=True,
+                                  capture_output=True).stdout for i in range(0, len(raw), 64 << 10)]
+        out.write_bytes(b"".join(members))
+    else:
+        out.write_bytes(subprocess.run(["gzip", "-c", "-n", f"-{how[-1]}"], input=raw, check=True,
+                                       capture_output=True).stdout)
+    return out
+
+
+def _plain_tar(layer: Path, out: Path) -> Path:
+    with open(layer, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    out.write_bytes(subprocess.run(["gzip", "-dc", str(layer)], check=True, capture_output=True).stdout
+                    if gzipped else layer.read_bytes())
+    return out
+
+
+def _sample_tree(root: Path, seed: int, big: int = 9 * MIB) -> Path:
+    """Small text-like files, a big random file in the middle, a sparse file, a symlink, a hardlink."""
+    rng = random.Random(seed)
+    (root / "a").mkdir(parents=True)
+    (root / "z").mkdir()
+    for i in range(120):
+        text = bytes(rng.choice(b"abcdefgh \n") for _ in range(rng.randint(0, 30000)))
+        (root / "a" / f"f{i:03}").write_bytes(text)
+    (root / "m-big").write_bytes(rng.randbytes(big))
+    for i in range(40):
+        (root / "z" / f"small{i:02}").write_bytes(f"small file {i} {seed}\n".encode() * (i + 1))
+    with open(root / "sparse", "wb") as f:
+        f.truncate(12 * MIB)
+        f.seek(5 * MIB)
+        f.write(b"data in the middle of holes\n")
+    (root / "link").symlink_to("a/f001")
+    os.link(root / "a" / "f002", root / "hard")
+    return root
+
+
+def _index_of(data: bytes) -> seekindex.SeekIndex:
+    return seekindex.build(lambda o, n: data[o:o + n], len(data), toc.sha256_digest(data), local=True).index
+
+
+def _file_spans(index: seekindex.SeekIndex, path: str) -> set[int]:
+    entry = index.index.lookup(path)
+    assert entry is not None, path
+    spans: set[int] = set()
+    for c in index.index.chunks(entry):
+        if c.comp_offset != seekindex.HOLE:
+            first, last = index.spans_for(c.comp_offset, c.size)
+            spans.update(range(first, last + 1))
+    return spans
+
+
+# ------------------------------------------------------------------------------------------ unit tests
+
+
+@pytest.mark.parametrize("consumed", range(8))
+def test_resume_at_any_bit(consumed: int) -> None:
+    """A deflate stream that starts `consumed` bits into a byte, with back-references into a window,
+    decompresses from there: the prefix of empty blocks makes up for zlib's lack of inflatePrime."""
+    rng = random.Random(consumed)
+    window = rng.randbytes(seekindex.WINDOW_SIZE)
+    data = window[1000:9000] + rng.randbytes(3000) + window[20000:30000]
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15, zdict=window)
+    stream = compressor.compress(data) + compressor.flush() + b"\0" * 8  # the member's (dummy) trailer
+    shifted = (int.from_bytes(stream, "little") << consumed) | rng.getrandbits(consumed)
+    blob = shifted.to_bytes(len(stream) + 1, "little")
+    assert b"".join(seekindex.inflate_from(blob, consumed, window)) == data
+
+
+@pytest.mark.parametrize("how", ["gzip-1", "gzip-9", "pigz-members"])
+def test_every_file_reads_back(how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every regular file (sparse holes, a file larger than a chunk) read through the index, chunk by
+    chunk from its spans, equals tarfile's view; every span is a checkpoint of rapidgzip's."""
+    monkeypatch.setattr(seekindex, "SPAN_BYTES", 1)
+    tar = make_layer_tar(_sample_tree(tmp_path / "tree", seed=len(how)), tmp_path / "layer.tar")
+    blob = _compress(tar, tmp_path / "layer.tar.gz", how).read_bytes()
+    index = _index_of(blob)
+    assert index.span_count >= 3
+    reader = seekindex.SpanReader(index, lambda o, n: blob[o:o + n])
+    checked = 0
+    with tarfile.open(tar) as source:
+        for member in source:
+            entry = index.index.lookup(member.name)
+            assert entry is not None, member.name
+            if member.isreg():
+                chunks = index.index.chunks(entry)
+                got = b"".join(reader.chunk(c)[0] for c in chunks)
+                assert got == source.extractfile(member).read(), member.name
+                assert all(toc.sha256_digest(reader.chunk(c)[0]) == c.digest for c in chunks)
+                checked += 1
+    assert checked == 120 + 40 + 2
+
+
+def test_loader_rejects_truncated_foreign_and_corrupt(tmp_path: Path) -> None:
+    """A truncated index, one for another layer (digest or size), trailing bytes, a flipped byte in the
+    TOC: one-line SeekIndexError each, never an index."""
+    tar = make_layer_tar(_sample_tree(tmp_path / "tree", seed=3, big=MIB), tmp_path / "layer.tar")
+    blob = _compress(tar, tmp_path / "layer.tar.gz", "gzip-1").read_bytes()
+    digest = toc.sha256_digest(blob)
+    data = seekindex.build(lambda o, n: blob[o:o + n], len(blob), digest, local=True).data
+    assert seekindex.load(data, digest, len(blob)).span_count >= 1
+    other = "sha256:" + "ab" * 32
+    cases = [data[:n] for n in (0, 5, 12, 40, len(data) // 2, len(data) - 1)]
+    cases += [data + b"\0", data[:-10] + bytes(b ^ 0xFF for b in data[-10:])]
+    for bad in cases:
+        with pytest.raises(toc.FormatError) as e:
+            seekindex.load(bad, digest, len(blob))
+        assert "\n" not in str(e.value)
+    for wrong_digest, wrong_size in ((other, len(blob)), (digest, len(blob) + 1)):
+        with pytest.raises(seekindex.SeekIndexError, match="seek index is for layer sha256:"):
+            seekindex.load(data, wrong_digest, wrong_size)
+
+
+def test_flipped_byte_fails_its_span_only(tmp_path: Path) -> None:
+    """A blob byte flipped inside one span: every chunk needing that span is refused before it is
+    decompressed (DigestError); chunks of the other spans are served."""
+    tar = make_layer_tar(_sample_tree(tmp_path / "tree", seed=4), tmp_path / "layer.tar")
+    blob = bytearray(_compress(tar, tmp_path / "layer.tar.gz", "gzip-9").read_bytes())
+    index = _index_of(bytes(blob))
+    bad_span = index.span_count // 2
+    start, end = index.span_range(bad_span)
+    blob[(start + end) // 2] ^= 0x40
+    reader = seekindex.SpanReader(index, lambda o, n: bytes(blob[o:o + n]))
+    refused = served = 0
+    for _, entry in index.index.walk():
+        for c in index.index.chunks(entry):
+            first, last = index.spans_for(c.comp_offset, c.size)
+            if c.comp_offset != seekindex.HOLE and first <= bad_span <= last:
+                with pytest.raises(toc.DigestError):
+                    reader.chunk(c)
+                refused += 1
+            else:
+                assert toc.sha256_digest(reader.chunk(c)[0]) == c.digest
+                served += 1
+    assert refused and served
+
+
+def test_not_gzip_or_cut_short(tmp_path: Path) -> None:
+    """A plain tar is no gzip; a gzip stream cut short (its digest that of the cut bytes) is refused
+    as corrupt or truncated."""
+    tree = _sample_tree(tmp_path / "tree", seed=5, big=MIB)
+    tar = make_layer_tar(tree, tmp_path / "layer.tar").read_bytes()
+    with pytest.raises(toc.FormatError, match="not gzip"):
+        seekindex.build(lambda o, n: tar[o:o + n], len(tar), toc.sha256_digest(tar), local=True)
+    cut = _compress(tmp_path / "layer.tar", tmp_path / "layer.tar.gz", "gzip-6").read_bytes()[:-30_000]
+    with pytest.raises(toc.FormatError, match="corrupt or truncated"):
+        seekindex.build(lambda o, n: cut[o:o + n], len(cut), toc.sha256_digest(cut), local=True)
+
+
+# ------------------------------------------------------------------------- mounts from a real registry
+
+
+needs_stack = pytest.mark.skipif(bool(MISSING) or shutil.which("pigz") is None,
+                                 reason=f"not installed: {', '.join(MISSING) or 'pigz'}")
+
+
+@pytest.fixture(scope="module")
+def plain_edge(edge_image: tuple[Path, str], registry: Registry,  # noqa: F811 -- a fixture
+               tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The edge image (whiteouts, an opaque dir, implied dirs, hardlinks, xattrs, devices, sparse files)
+    with its layers recompressed unconverted: gzip -1, gzip -9, pigz members, in turn; pushed."""
+    layout, tag = edge_image
+    work = tmp_path_factory.mktemp("plain-edge")
+    _, _, layers = read_layout(layout, tag)
+    ways = ["gzip-1", "gzip-9", "pigz-members"]
+    blobs = [_compress(_plain_tar(path, work / f"{i}.tar"), work / f"{i}.tar.gz", ways[i % 3])
+             for i, (path, _) in enumerate(layers)]
+    push_layout(write_oci_layout(work / "oci", tag, blobs), tag, registry, "plain-edge")
+    return f"{registry.host}/plain-edge:{tag}"
+
+
+@needs_stack
+def test_indexed_mount_equals_umoci_unpack(plain_edge: str, edge_expected: dict,  # noqa: F811
+                                           tmp_path: Path) -> None:
+    """`lazymount index` on one cache dir, then `mount` with it: every layer is read through its seek
+    index (`indexed`, nothing downloaded whole) and the tree equals `umoci unpack` entry by entry; the
+    background fetch then passes every span and the blobs' digests check out.  A mount without an index
+    downloads the layers whole, indexes them and keeps the indexes: the next mount is lazy."""
+    cache = tmp_path / "cache"
+    out = lazymount("index", plain_edge, "--cache-dir", str(cache)).stdout.splitlines()
+    assert len(out) >= 4 and all(" indexed: seek index, " in line for line in out), out
+    again = lazymount("index", plain_edge, "--cache-dir", str(cache)).stdout
+    assert again.count("already indexed") == len(out)
+    mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
+    with mounted(plain_edge, mnt, "--cache-dir", str(cache), "--log-file", str(log_file), "-v"):
+        assert {layer["state"] for layer in stats(mnt)["layers"]} == {"indexed"}
+        _assert_same_tree(describe_tree(mnt), edge_expected)
+        for _ in range(600):
+            if stats(mnt)["fetch_state"] == "done":
+                break
+            time.sleep(0.1)
+        final = stats(mnt)
+        assert final["fetch_state"] == "done"
+        assert {layer["state"] for layer in final["layers"]} == {"indexed"}
+        assert all(layer["format"] == seekindex.FORMAT for layer in final["layers"])
+    assert "downloading it whole" not in log_file.read_text()
+
+    fresh = tmp_path / "fresh"
+    with mounted(plain_edge, tmp_path / "mnt2", "--cache-dir", str(fresh), "--no-background-fetch"):
+        _assert_same_tree(describe_tree(tmp_path / "mnt2"), edge_expected)
+        assert {layer["state"] for layer in stats(tmp_path / "mnt2")["layers"]} == {"local"}
+    assert len(list((fresh / "indexes").iterdir())) == len(out)
+    with mounted(plain_edge, tmp_path / "mnt3", "--cache-dir", str(fresh), "--no-background-fetch"):
+        assert {layer["state"] for layer in stats(tmp_path / "mnt3")["layers"]} == {"indexed"}
+    inspected = lazymount("inspect", plain_edge, "--cache-dir", str(fresh)).stdout
+    assert inspected.count("lazy: indexed (seek index, ") == len(out)
+
+
+@dataclass
+class BigPlain:
+    """A one-layer plain gzip image of ~25 MB, small files after a big one, indexed in `cache`."""
+
+    ref: str
+    cache: Path
+    digest: str
+    tree: Path
+    index: seekindex.SeekIndex
+
+
+@pytest.fixture(scope="module")
+def big_plain(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> BigPlain:
+    work = tmp_path_factory.mktemp("big-plain")
+    tree = _sample_tree(work / "tree", seed=7, big=24 * MIB)
+    blob = _compress(make_layer_tar(tree, work / "layer.tar"), work / "layer.tar.gz", "gzip-6").read_bytes()
+    push_layout(write_oci_layout(work / "oci", "v1", [work / "layer.tar.gz"]), "v1", registry, "big-plain")
+    ref, cache, digest = f"{registry.host}/big-plain:v1", work / "cache", toc.sha256_digest(blob)
+    lazymount("index", ref, "--cache-dir", str(cache))
+    index = seekindex.load(seekindex.index_path(cache, digest).read_bytes(), digest, len(blob))
+    return BigPlain(ref, cache, digest, tree, index)
+
+
+def _cache_with_index(tmp_path: Path, image: BigPlain) -> Path:
+    """A fresh cache dir holding only the layer's index (another node that got the index)."""
+    fresh = tmp_path / "cache"
+    (fresh / "indexes").mkdir(parents=True)
+    shutil.copy(seekindex.index_path(image.cache, image.digest), seekindex.index_path(fresh, image.digest))
+    return fresh
+
+
+@needs_stack
+def test_small_read_fetches_one_span(big_plain: BigPlain, tmp_path: Path) -> None:
+    """Reading one small file of a large indexed layer fetches one span (one request) plus the index."""
+    index, mnt = big_plain.index, tmp_path / "mnt"
+    with mounted(big_plain.ref, mnt, "--cache-dir", str(_cache_with_index(tmp_path, big_plain)),
+                 "--no-background-fetch"):
+        (layer,) = stats(mnt)["layers"]
+        assert layer["state"] == "indexed" and layer["index_bytes"] == index.stored_size
+        assert layer["bytes_fetched"] == 0
+        assert (mnt / "z" / "small07").read_bytes() == b"small file 7 7\n" * 8
+        (layer,) = stats(mnt)["layers"]
+        biggest = max(b - a for a, b in (index.span_range(k) for k in range(index.span_count)))
+        assert layer["requests"] == 1 and 0 < layer["bytes_fetched"] <= biggest, layer
+        assert layer["bytes_fetched"] < index.layer_size / 4
+
+
+def _registry_blob(registry: Registry, digest: str) -> Path:
+    hexdigest = digest[7:]
+    return registry.workdir / "storage/docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
+
+
+@needs_stack
+def test_flipped_byte_in_registry(big_plain: BigPlain, registry: Registry, tmp_path: Path) -> None:
+    """One byte flipped in the registry's copy of the blob: the files of that span fail with EIO, the
+    others are served right, nothing is ever wrong.  A byte flipped before the first checkpoint (the
+    gzip header's mtime) passes every span check, but once the background fetch has every byte the
+    blob's digest does not match the manifest: the layer fails (EIO) and the log names image and layer."""
+    ref, digest, index = big_plain.ref, big_plain.digest, big_plain.index
+    path = _registry_blob(registry, digest)
+    original = path.read_bytes()
+    expected = describe_tree(big_plain.tree)
+    bad_span = index.span_of(index.index.chunks(index.index.lookup("z/small05"))[0].comp_offset)
+    start, end = index.span_range(bad_span)
+    try:
+        path.write_bytes(original[:(start + end) // 2] + bytes([original[(start + end) // 2] ^ 1])
+                         + original[(start + end) // 2 + 1:])
+        mnt = tmp_path / "mnt"
+        with mounted(ref, mnt, "--cache-dir", str(_cache_with_index(tmp_path / "a", big_plain)),
+                     "--no-background-fetch"):
+            for name, info in expected.items():
+                if info["type"] != "reg":
+                    continue
+                if bad_span in _file_spans(index, name):
+                    with pytest.raises(OSError) as e:
+                        (mnt / name).read_bytes()
+                    assert e.value.errno == errno.EIO, name
+                else:
+                    assert hashlib.sha256((mnt / name).read_bytes()).hexdigest() == info["sha256"], name
+            assert stats(mnt)["layers"][0]["errors"] > 0
+
+        path.write_bytes(original[:4] + bytes([original[4] ^ 1]) + original[5:])
+        log_file = tmp_path / "daemon.log"
+        with mounted(ref, mnt, "--cache-dir", str(_cache_with_index(tmp_path / "b", big_plain)),
+                     "--log-file", str(log_file)):
+            for _ in range(600):
+                if stats(mnt)["fetch_state"] == "done":
+                    break
+                time.sleep(0.1)
+            (layer,) = stats(mnt)["layers"]
+            assert layer["state"] == "failed" and "not the manifest's" in layer["error"]
+            with pytest.raises(OSError) as e:
+                (mnt / "z" / "small09").read_bytes()
+            assert e.value.errno == errno.EIO
+        lines = [line for line in log_file.read_text().splitlines() if "not the manifest's" in line]
+        assert len(lines) == 1 and ref in lines[0] and digest in lines[0]
+    finally:
+        path.write_bytes(original)
+
+
+@needs_stack
+def test_rejected_index_is_one_line(big_plain: BigPlain, tmp_path: Path) -> None:
+    """A truncated index, or the index of another layer, in the cache dir: `inspect` says so in one line
+    and shows the layer as one that is downloaded whole (as `mount` then does)."""
+    ref, digest = big_plain.ref, big_plain.digest
+    good = seekindex.index_path(big_plain.cache, digest).read_bytes()
+    fresh = _cache_with_index(tmp_path, big_plain)
+    foreign = good.replace(digest[7:].encode(), b"0" * 64, 1)
+    for bad, reason in ((good[:len(good) // 2], "truncated"), (foreign, "is for layer sha256:0000")):
+        seekindex.index_path(fresh, digest).write_bytes(bad)
+        result = lazymount("inspect", ref, "--cache-dir", str(fresh))
+        assert "lazy: neither" in result.stdout
+        (line,) = result.stderr.splitlines()
+        assert "seek index rejected" in line and reason in line and digest in line

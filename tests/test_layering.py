@@ -1,6 +1,6 @@
 """The module layering, checked over the source with `ast` (run by `make lint` and by `make test`).
 
-Layers, from the bottom: the format (toc, then layerwriter), the machinery (config, regclient, fetch,
+Layers, from the bottom: the format (toc, then layerwriter and seekindex), the machinery (config, regclient, fetch,
 cache, tree, engine, convert), the adapters (mountctl, fusefs, layerfs, sandbox on the FUSE side;
 snapshot_store, snapshot_grpc on the gRPC side) and the command line (lazymount), which alone may import
 everything and which nothing imports.
@@ -24,6 +24,8 @@ RULES: list[tuple[str, frozenset[str], str]] = [
     *((m, FUSE_SIDE | GRPC_SIDE, "the registry client knows no FUSE and no gRPC") for m in REGISTRY_CLIENT),
     *((m, GRPC_SIDE, "the FUSE side never imports the gRPC side") for m in FUSE_SIDE),
     ("tree", frozenset({"engine", "cache", "fetch", "regclient"}), "the merged tree knows no reads"),
+    ("seekindex", FUSE_SIDE | GRPC_SIDE | frozenset({"cache", "fetch", "regclient"}),
+     "a seek index is a format: it is handed reads, never a registry, the cache, FUSE or gRPC"),
 ]
 FORBIDDEN_CALLS = ("importlib", "sys.modules", "sys.path")
 

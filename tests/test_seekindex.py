@@ -231,7 +231,7 @@ def test_indexed_mount_equals_umoci_unpack(plain_edge: str, edge_expected: dict,
     again = lazymount("index", plain_edge, "--cache-dir", str(cache)).stdout
     assert again.count("already indexed") == len(out)
     mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
-    with mounted(plain_edge, mnt, "--cache-dir", str(cache), "--log-file", str(log_file), "-v"):
+    with mounted(plain_edge, mnt, "--cache-dir", str(cache), "--log-file", str(log_file)):
         assert {layer["state"] for layer in stats(mnt)["layers"]} == {"indexed"}
         _assert_same_tree(describe_tree(mnt), edge_expected)
         for _ in range(600):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
-import hashlib
 import itertools
 import logging
 import os
@@ -224,7 +223,11 @@ class Layer:
                 return
             except toc.FooterError:
                 pass
-            if self._index_locally(local, cache_dir):
+            seek = seekindex.build_and_keep(local.read_at, local.size, self.digest, cache_dir)
+            if seek is not None:  # served from the local blob through its new index
+                self.blob = local
+                self.use_seek_index(seek)
+                self.count("bytes_fetched", local.size)
                 return
             local.close()
             fd, tmp = tempfile.mkstemp(dir=converted.parent, prefix=".convert-")
@@ -240,24 +243,6 @@ class Layer:
         local = FileBlob(converted)
         self.index = toc.read_index(local.read_at, local.size)
         self.blob = local
-
-    def _index_locally(self, local: FileBlob, cache_dir: Path | None) -> bool:
-        """Build the seek index of a downloaded gzip blob, keep it, serve the layer through it."""
-        try:
-            built = seekindex.build(local.read_at, local.size, self.digest, local=True)
-        except toc.FormatError as e:  # not gzip, or not a valid one: the conversion says what is wrong
-            log.info("layer %s: no seek index (%s); converting it", self.digest, e)
-            return False
-        if cache_dir is not None:
-            try:
-                seekindex.store_index(cache_dir, self.digest, built.data)
-            except OSError as e:
-                log.warning("layer %s: seek index not kept in %s: %s", self.digest, cache_dir, e)
-        self.blob = local
-        self.use_seek_index(built.index)
-        self.count("bytes_fetched", local.size)
-        log.info("layer %s: %s built and kept", self.digest, built.index.describe())
-        return True
 
 
 
@@ -479,10 +464,7 @@ class ImageView:
         spans = layer.spans
         assert spans is not None
         index = spans.index
-        whole = hashlib.sha256()
-        hashed = index.span_range(0)[0]
-        if hashed:
-            whole.update(layer.fetch(0, hashed))  # the gzip header before the first checkpoint
+        whole = seekindex.BlobDigest(index, layer.fetch(0, index.span_range(0)[0]))  # the gzip header first
         for k in range(index.span_count):
             if self._stop.is_set():
                 return
@@ -490,25 +472,19 @@ class ImageView:
             start, end = index.out_range(k)
             ending = [c for c in index.chunks_within(max(start - seekindex.CHUNK_SIZE, 0), end)
                       if c.comp_end > start and not self.cache.contains(c.digest)]
-            if not ending:
-                hashed = -1  # skipped: the digest cannot be checked in this mount
-                continue
+            data = None  # a span whose chunks are all cached is skipped: then the digest is not checked
             try:
-                data = spans.spans(k, k)
-                layer.count("background_bytes", len(data))
+                if ending:
+                    data = spans.spans(k, k)
+                    layer.count("background_bytes", len(data))
                 for c in ending:
                     self.cache.store(c.digest, lambda c=c: self._indexed_chunk(layer, c, later=False))
             except (toc.LazymountError, OSError) as e:
                 layer.count("errors")
                 log.warning("layer %s: fetching span %d failed: %s", layer.digest, k, e)
-                hashed = -1
-                continue
-            if hashed >= 0:
-                a = index.span_range(k)[0]
-                whole.update(memoryview(data)[hashed - a:])
-                hashed = a + len(data)
-        if hashed == layer.blob.size and "sha256:" + whole.hexdigest() != layer.digest:
-            layer.error = f"blob is sha256:{whole.hexdigest()}, not the manifest's {layer.digest}"
+            whole.add(k, data)
+        if whole.result() not in (None, layer.digest):
+            layer.error = f"blob is {whole.result()}, not the manifest's {layer.digest}"
             layer.permanent = True
             log.error("image %s: layer %s: %s; its files fail with EIO from now on", self.name, layer.digest,
                       layer.error)

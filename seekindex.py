@@ -321,6 +321,27 @@ class SpanReader:
         return found, others
 
 
+class BlobDigest:
+    """The sha256 of a blob read span by span, in order, after the bytes before the first checkpoint
+    (neighbouring spans share a byte); unknown (None) once a span is skipped."""
+
+    def __init__(self, index: SeekIndex, head: bytes) -> None:
+        self._index, self._hash, self._end = index, hashlib.sha256(head), len(head)
+
+    def add(self, k: int, data: bytes | None) -> None:
+        """Span k's bytes, or None for a span that was skipped."""
+        if data is None or self._end < 0:
+            self._end = -1
+            return
+        start = self._index.span_range(k)[0]
+        self._hash.update(memoryview(data)[self._end - start:])
+        self._end = start + len(data)
+
+    def result(self) -> str | None:
+        """The blob's digest if every byte of it went in, else None."""
+        return "sha256:" + self._hash.hexdigest() if self._end == self._index.layer_size else None
+
+
 def _inflate_window(stored: bytes) -> bytes:
     if not stored:
         return b""
@@ -536,6 +557,23 @@ def build(read_at: ReadAt, size: int, layer_digest: str, *, local: bool = False,
         last = index.span_count - 1
         _check_end(index, source.pread(*index.span_range(last)), last)
     return BuildResult(data, index, total, len(entries))
+
+
+def build_and_keep(read_at: ReadAt, size: int, layer_digest: str, cache_dir: Path | None) -> SeekIndex | None:
+    """Index a downloaded (local, verified) layer blob and keep the index in `cache_dir`; None (with the
+    reason logged) if the blob is not a gzip layer that can be indexed."""
+    try:
+        built = build(read_at, size, layer_digest, local=True)
+    except toc.FormatError as e:
+        log.info("layer %s: no seek index (%s)", layer_digest, e)
+        return None
+    if cache_dir is not None:
+        try:
+            store_index(cache_dir, layer_digest, built.data)
+        except OSError as e:
+            log.warning("layer %s: seek index not kept in %s: %s", layer_digest, cache_dir, e)
+    log.info("layer %s: %s built", layer_digest, built.index.describe())
+    return built.index
 
 
 def _check_end(index: SeekIndex, data: bytes, k: int) -> None:

@@ -589,8 +589,10 @@ def _check_end(index: SeekIndex, data: bytes, k: int) -> None:
 def _file_table(gz: io.BufferedIOBase) -> list[dict]:
     """TOC entries of every tar member, regular files chunked with offsets into the tar stream."""
     entries: list[dict] = []
-    with tarfile.open(fileobj=gz, mode="r|", **layerwriter.TAR_OPTIONS) as tar:
-        for info in tar:
+    # Random-access mode over the (seekable) decoder: tarfile's stream mode copies its buffer per header.
+    with tarfile.open(fileobj=gz, mode="r:", **layerwriter.TAR_OPTIONS) as tar:
+        while (info := tar.next()) is not None:
+            tar.members.clear()  # one member at a time: a layer may have millions
             entry = layerwriter.member_entry(info)
             if entry is None:
                 continue
@@ -599,7 +601,7 @@ def _file_table(gz: io.BufferedIOBase) -> list[dict]:
                     entry["digest"] = _EMPTY_DIGEST
                 entries.append(entry)
                 continue
-            entries += _chunk_entries(tar, info, entry)
+            entries += _chunk_entries(gz, info, entry)
     return entries
 
 
@@ -623,19 +625,22 @@ def _regions(info: tarfile.TarInfo) -> Iterator[tuple[int, int, int | None]]:
             yield offset + cut, min(CHUNK_SIZE, length - cut), None if where is None else where + cut
 
 
-def _chunk_entries(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: dict) -> list[dict]:
-    """The entry and its chunk entries, hashing the file's content as tarfile reads it."""
-    content = tar.extractfile(info)
-    assert content is not None
-    whole = hashlib.sha256()
+def _chunk_entries(gz: io.BufferedIOBase, info: tarfile.TarInfo, entry: dict) -> list[dict]:
+    """The entry and its chunk entries, hashing the file's content read straight from the stream."""
     regions = list(_regions(info))
+    whole = hashlib.sha256() if len(regions) > 1 else None
     out: list[dict] = []
     for offset, length, where in regions:
-        data = content.read(length)  # a hole reads as zeros without touching the stream
+        if where is None:
+            data = bytes(length)
+        else:
+            gz.seek(where)
+            data = gz.read(length)
         if len(data) != length:
             raise toc.TruncatedError(f"source layer ends inside {info.name!r}")
-        whole.update(data)
         digest = toc.sha256_digest(data)
+        if whole is not None:
+            whole.update(data)
         chunk = entry if not out else {"name": info.name, "type": "chunk", "chunkOffset": offset}
         chunk["offset"] = HOLE if where is None else where
         if len(regions) > 1:
@@ -643,7 +648,7 @@ def _chunk_entries(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: dict) -> 
         else:
             chunk["digest"] = digest
         out.append(chunk)
-    if len(regions) > 1:
+    if whole is not None:
         entry["digest"] = "sha256:" + whole.hexdigest()
     return out
 

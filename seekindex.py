@@ -637,7 +637,7 @@ def _chunk_entries(gz: io.BufferedIOBase, info: tarfile.TarInfo, entry: dict) ->
             gz.seek(where)
             data = gz.read(length)
         if len(data) != length:
-            raise toc.TruncatedError(f"source layer ends inside {info.name!r}")
+            raise toc.TruncatedError(f"source layer is corrupt or truncated (it ends inside {info.name!r})")
         digest = toc.sha256_digest(data)
         if whole is not None:
             whole.update(data)

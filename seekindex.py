@@ -412,9 +412,10 @@ def load(data: bytes, layer_digest: str, layer_size: int) -> SeekIndex:
     toc_json = _inflate_toc(data[toc_start:], toc_size)
     toc.verify_digest(toc_json, str(header.get("tocDigest")), "seek index TOC")
     index = toc.Index.from_json(toc_json, toc.Footer(FORMAT, total, total, 0))
-    for chunk in index.blob_chunks():
-        if chunk.comp_offset != HOLE and chunk.comp_offset + chunk.size > total:
-            raise SeekIndexError(f"seek index chunk at {chunk.comp_offset} ends past the stream ({total})")
+    for chunk in index.blob_chunks():  # a reader holds a chunk whole: a huge one would exhaust memory
+        if chunk.size > CHUNK_SIZE or (chunk.comp_offset != HOLE and chunk.comp_offset + chunk.size > total):
+            raise SeekIndexError(f"seek index chunk at {chunk.comp_offset} ({chunk.size} bytes) is larger "
+                                 f"than {CHUNK_SIZE} bytes or ends past the stream ({total})")
     return SeekIndex(layer_digest, layer_size, total, points, digests, index, len(data))
 
 

@@ -131,6 +131,7 @@ class LayerStats:
     prefetched_bytes: int = 0
     background_bytes: int = 0
     errors: int = 0
+    span_decodes: int = 0  # seek-indexed layers: decompressions from a checkpoint
 
 
 @dataclass
@@ -350,6 +351,7 @@ class ImageView:
         self._ahead = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "readahead")
         self._neighbour_lock = threading.Lock()
         self._neighbour_bytes: dict[str, bytes] = {}  # digest -> compressed chunk fetched with a neighbour
+        self._decoded: dict[str, bytes] = {}  # digest -> chunk of an indexed layer decompressed with another
         if all(layer.index is not None for layer in self.layers):
             self._build_tree()
 
@@ -458,12 +460,13 @@ class ImageView:
         log.info("background fetch complete")
 
     def _background_indexed(self, layer: Layer) -> None:
-        """Fetch a seek-indexed layer span by span, storing the chunks not yet cached; once every byte has
-        passed (no span skipped because all of its chunks were cached), check the blob's digest: a layer
-        that does not match its manifest is failed (EIO from then on) however well its spans matched."""
-        spans = layer.spans
-        assert spans is not None
-        index = spans.index
+        """Fetch a seek-indexed layer span by span, storing the chunks not yet cached, and check the blob's
+        digest once all of it has passed: a layer that does not match its manifest is failed (EIO from
+        then on) however well its spans matched.  Once a cache directory has seen the digest match, spans
+        whose chunks are all cached are skipped."""
+        assert layer.spans is not None
+        index = layer.spans.index
+        checked = self.cache_dir is not None and seekindex.digest_checked(self.cache_dir, layer.digest)
         whole = seekindex.BlobDigest(index, layer.fetch(0, index.span_range(0)[0]))  # the gzip header first
         for k in range(index.span_count):
             if self._stop.is_set():
@@ -472,10 +475,10 @@ class ImageView:
             start, end = index.out_range(k)
             ending = [c for c in index.chunks_within(max(start - seekindex.CHUNK_SIZE, 0), end)
                       if c.comp_end > start and not self.cache.contains(c.digest)]
-            data = None  # a span whose chunks are all cached is skipped: then the digest is not checked
+            data = None
             try:
-                if ending:
-                    data = spans.spans(k, k)
+                if ending or not checked:
+                    data = layer.spans.spans(k, k)
                     layer.count("background_bytes", len(data))
                 for c in ending:
                     self.cache.store(c.digest, lambda c=c: self._indexed_chunk(layer, c, later=False))
@@ -484,29 +487,25 @@ class ImageView:
                 log.warning("layer %s: fetching span %d failed: %s", layer.digest, k, e)
             whole.add(k, data)
         if whole.result() not in (None, layer.digest):
-            layer.error = f"blob is {whole.result()}, not the manifest's {layer.digest}"
-            layer.permanent = True
+            layer.error, layer.permanent = f"blob is {whole.result()}, not its digest {layer.digest}", True
             log.error("image %s: layer %s: %s; its files fail with EIO from now on", self.name, layer.digest,
                       layer.error)
+        elif whole.result() and self.cache_dir is not None:
+            seekindex.digest_checked(self.cache_dir, layer.digest, mark=True)
 
     def _indexed_chunk(self, layer: Layer, c: toc.Chunk, later: bool = True) -> bytes:
-        """A chunk of a seek-indexed layer; the chunks decompressed along with it go into the cache (from
-        a read-ahead thread if `later`)."""
+        """A chunk of a seek-indexed layer.  The chunks decompressed along with it are held where a reader
+        finds them at once and go into the cache (from a read-ahead thread if `later`)."""
+        with self._neighbour_lock:
+            data = self._decoded.pop(c.digest, None)
+        if data is not None:
+            return data
         assert layer.spans is not None
         data, others = layer.spans.chunk(c, lambda other: not self.cache.contains(other.digest))
-        if others and later:
-            with contextlib.suppress(RuntimeError):  # shut down while unmounting
-                self._ahead.submit(self._store_pieces, layer, others)
-        elif others:
-            self._store_pieces(layer, others)
+        layer.count("span_decodes")
+        if others:
+            self._hold(layer, self._decoded, others, lambda _, piece: piece, later)
         return data
-
-    def _store_pieces(self, layer: Layer, pieces: list[tuple[str, bytes]]) -> None:
-        for digest, data in pieces:
-            try:
-                self.cache.store(digest, lambda data=data: data)  # verified by the cache
-            except (toc.LazymountError, OSError) as e:  # read again, and reported, when a reader asks for it
-                log.debug("layer %s: chunk %s not stored: %s", layer.digest, digest, e)
 
     def _prefetch_landmarks(self, layers: list[Layer], progress: Callable[[int, int], None] | None) -> None:
         """Fetch every layer's landmark range [0, prefetch_end) in a few large requests spread over
@@ -655,7 +654,10 @@ class ImageView:
                 end = neighbours[-1].comp_end if neighbours else c.comp_end
                 compressed = layer.fetch(c.comp_offset, end - c.comp_offset)
                 if neighbours:
-                    self._keep_neighbours(layer, neighbours, compressed, c.comp_offset)
+                    at = c.comp_offset
+                    self._hold(layer, self._neighbour_bytes,
+                               [(n, compressed[n.comp_offset - at:n.comp_end - at]) for n in neighbours],
+                               lambda n, part: toc.decompress_chunk(part, n, fmt, verify=False))
                 compressed = compressed[:c.comp_end - c.comp_offset]
             # the cache verifies the digest before it stores or returns anything
             return toc.decompress_chunk(compressed, c, fmt, verify=False)
@@ -693,26 +695,28 @@ class ImageView:
             neighbours.append(following)
         return neighbours
 
-    def _keep_neighbours(self, layer: Layer, chunks: list[toc.Chunk], compressed: bytes, start: int) -> None:
-        """Hold the neighbours' compressed bytes where a reader finds them at once, and store them in the
-        cache from a read-ahead thread."""
+    def _hold(self, layer: Layer, held: dict[str, bytes], pieces: list[tuple[toc.Chunk, bytes]],
+              decode: Callable[[toc.Chunk, bytes], bytes], later: bool = True) -> None:
+        """Hold chunks' bytes (compressed neighbours, or chunks of an indexed layer decompressed along)
+        in `held`, where a reader finds them at once, and store them in the cache through `decode` (from a
+        read-ahead thread if `later`)."""
         with self._neighbour_lock:
-            for c in chunks:
-                self._neighbour_bytes[c.digest] = compressed[c.comp_offset - start:c.comp_end - start]
+            held.update((c.digest, part) for c, part in pieces)
+        if not later:
+            self._store_held(layer, held, [c for c, _ in pieces], decode)
+            return
         with contextlib.suppress(RuntimeError):  # shut down while unmounting
-            self._ahead.submit(self._store_neighbours, layer, chunks)
+            self._ahead.submit(self._store_held, layer, held, [c for c, _ in pieces], decode)
 
-    def _store_neighbours(self, layer: Layer, chunks: list[toc.Chunk]) -> None:
-        assert layer.index is not None
-        fmt = layer.index.format
+    def _store_held(self, layer: Layer, held: dict[str, bytes], chunks: list[toc.Chunk],
+                    decode: Callable[[toc.Chunk, bytes], bytes]) -> None:
         for c in chunks:
             with self._neighbour_lock:
-                part = self._neighbour_bytes.pop(c.digest, None)
+                part = held.pop(c.digest, None)
             if part is None:
                 continue  # a reader took it first
             try:
-                self.cache.store(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
-                                                                                        verify=False))
+                self.cache.store(c.digest, lambda c=c, part=part: decode(c, part))  # verified by the cache
             except (toc.LazymountError, OSError) as e:  # read again, and reported, when a reader asks for it
                 log.debug("layer %s: neighbour chunk at %d not stored: %s", layer.digest, c.comp_offset, e)
 

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 VERSION = 1
 MAGIC = b"LMSEEKIX"
 FORMAT = "gzip+seekindex"  # the `format` of a toc.Index made from a seek index
-SPAN_BYTES = 2 << 20  # compressed bytes between checkpoints, at least (unless the output grows too large)
+SPAN_BYTES = 1 << 20  # compressed bytes between checkpoints, at least (unless the output grows too large)
 MAX_SPAN_OUTPUT = 24 << 20  # uncompressed bytes between checkpoints, at most where the blob allows it
 WINDOW_SIZE = 32768
 CHUNK_SIZE = toc.DEFAULT_CHUNK_SIZE  # file bytes per chunk of the file table (and per cache entry)
@@ -297,9 +297,9 @@ class SpanReader:
             while self._held > self._memory:
                 self._held -= len(self._spans.popitem(last=False)[1])
 
-    def chunk(self, chunk: toc.Chunk,
-              wanted: Callable[[toc.Chunk], bool] = lambda c: True) -> tuple[bytes, list[tuple[str, bytes]]]:
-        """A chunk's bytes (not verified: the cache does that), and (digest, bytes) of the other chunks
+    def chunk(self, chunk: toc.Chunk, wanted: Callable[[toc.Chunk], bool] = lambda c: True
+              ) -> tuple[bytes, list[tuple[toc.Chunk, bytes]]]:
+        """A chunk's bytes (not verified: the cache does that), and (chunk, bytes) of the other chunks
         that lie wholly in the spans decompressed for it and that `wanted` accepts."""
         if chunk.comp_offset == HOLE:
             return bytes(chunk.size), []
@@ -314,7 +314,7 @@ class SpanReader:
             if chunks[i].comp_offset == chunk.comp_offset:
                 found = piece
             else:
-                others.append((chunks[i].digest, piece))
+                others.append((chunks[i], piece))
         if found is None:
             raise toc.TruncatedError(f"spans {first}-{last} end before the chunk at stream offset "
                                      f"{chunk.comp_offset}")
@@ -711,6 +711,16 @@ def store_index(cache_dir: Path, layer_digest: str, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def digest_checked(cache_dir: Path, layer_digest: str, mark: bool = False) -> bool:
+    """Whether a mount with this cache directory has read the whole blob and found its digest right
+    (`mark` records that it has)."""
+    path = index_path(cache_dir, layer_digest).with_suffix(".checked")
+    if mark:
+        with contextlib.suppress(OSError):
+            path.touch()
+    return path.exists()
 
 
 class Layer(Protocol):

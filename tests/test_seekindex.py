@@ -345,11 +345,11 @@ def test_flipped_byte_in_registry(big_plain: BigPlain, registry: Registry, tmp_p
                     break
                 time.sleep(0.1)
             (layer,) = stats(mnt)["layers"]
-            assert layer["state"] == "failed" and "not the manifest's" in layer["error"]
+            assert layer["state"] == "failed" and "not its digest" in layer["error"]
             with pytest.raises(OSError) as e:
                 (mnt / "z" / "small09").read_bytes()
             assert e.value.errno == errno.EIO
-        lines = [line for line in log_file.read_text().splitlines() if "not the manifest's" in line]
+        lines = [line for line in log_file.read_text().splitlines() if "not its digest" in line]
         assert len(lines) == 1 and ref in lines[0] and digest in lines[0]
     finally:
         path.write_bytes(original)

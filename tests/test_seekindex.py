@@ -266,6 +266,25 @@ class BigPlain:
     index: seekindex.SeekIndex
 
 
+@needs_stack
+def test_index_says_what_it_did(edge_image: tuple[Path, str], tmp_path: Path) -> None:  # noqa: F811
+    """`lazymount index oci:DIR` indexes the gzip layers and says why it leaves the plain tar one; an
+    eStargz image needs none; `inspect` then tells the three kinds apart."""
+    layout, tag = edge_image
+    cache = tmp_path / "cache"
+    lines = lazymount("index", f"oci:{layout}:{tag}", "--cache-dir", str(cache)).stdout.splitlines()
+    assert sum(" indexed: " in line for line in lines) == len(lines) - 1
+    assert sum(f"not gzip ({toc.MEDIA_LAYER_TAR}): not indexed" in line for line in lines) == 1
+    inspected = lazymount("inspect", f"oci:{layout}:{tag}", "--cache-dir", str(cache)).stdout
+    assert inspected.count("lazy: indexed (seek index,") == len(lines) - 1
+    assert inspected.count("lazy: neither") == 1
+    converted = tmp_path / "esgz"
+    lazymount("convert", "-q", f"oci:{layout}:{tag}", f"oci:{converted}:{tag}")
+    lines = lazymount("index", f"oci:{converted}:{tag}", "--cache-dir", str(cache)).stdout.splitlines()
+    assert lines and all(line.endswith("eStargz: needs no index") for line in lines)
+    assert lazymount("inspect", f"oci:{converted}:{tag}").stdout.count("lazy: eStargz") == len(lines)
+
+
 @pytest.fixture(scope="module")
 def big_plain(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> BigPlain:
     work = tmp_path_factory.mktemp("big-plain")

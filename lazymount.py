@@ -128,24 +128,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mounted = mountctl.mount_at(args.mountpoint)
     if mounted and mounted[1].startswith("fuse.lazymount"):
         raise MountError(f"{args.mountpoint} is already a lazymount mount (lazymount umount it first)")
-    if not args.mountpoint.is_dir():
-        raise MountError(f"mount point {args.mountpoint} is not a directory")
-    if args.foreground:
-        fusefs.serve_image(args, lambda: None)
-    else:
-        mountctl.start_daemon(args, fusefs.serve_image)
-    return 0
+    return _serve_at_mountpoint(args, fusefs.serve_image)
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
     args.mountpoint = Path(args.mountpoint).absolute()
     args.specs = os.path.abspath(args.specs)
+    return _serve_at_mountpoint(args, layerfs.serve_layers)
+
+
+def _serve_at_mountpoint(args: argparse.Namespace, serve: mountctl.Server) -> int:
+    """Run `serve` at args.mountpoint: in this process with --foreground, else in a daemon."""
     if not args.mountpoint.is_dir():
         raise MountError(f"mount point {args.mountpoint} is not a directory")
     if args.foreground:
-        layerfs.serve_layers(args, lambda: None)
+        serve(args, lambda: None, None)
     else:
-        mountctl.start_daemon(args, layerfs.serve_layers)
+        mountctl.start_daemon(args, serve)
     return 0
 
 

@@ -39,7 +39,7 @@ PROGRESS = "progress"  # the daemon's prefetch progress lines on its pipe: `prog
 TERMINATIONS = (signal.SIGTERM, signal.SIGHUP)
 LAYER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
-Server = Callable[[argparse.Namespace, Callable[[], None], Callable[[int, int], None]], None]
+Server = Callable[[argparse.Namespace, Callable[[], None], Callable[[int, int], None] | None], None]
 
 
 class MountError(toc.LazymountError):

@@ -5,8 +5,8 @@ commands a user starts: `convert`, `inspect`, `mount` (daemonized, see mountctl.
 fusefs.py's), `umount`, `stats`, `run` and `record` (sandbox.py), `optimize` (convert with a profile),
 `layers` (the snapshotter's daemon, layerfs.py) and `snapshotter` (snapshot_grpc.py).  This is the only
 module that may import every other one, and none imports it.  What never does: format, registry, cache,
-tree, FUSE or sandbox logic — those live in toc.py, fetch.py, cache.py, tree.py/engine.py, fusefs.py and
-sandbox.py.
+tree, FUSE or sandbox logic — those live in toc.py, regclient.py/fetch.py, cache.py, tree.py/engine.py,
+fusefs.py and sandbox.py.
 """
 
 from __future__ import annotations

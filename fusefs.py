@@ -323,11 +323,16 @@ def _raise_read_ahead(mountpoint: Path) -> None:
 
 
 def announce(mountpoint: Path, what: str, notify: Callable[[], None]) -> Callable[[], None]:
-    """The callback to run once the mount at `mountpoint` answers: raise its read-ahead, log, `notify`."""
-    def ready() -> None:
-        threading.Thread(target=_raise_read_ahead, args=(mountpoint,), daemon=True).start()
+    """The callback to run once the mount at `mountpoint` answers: raise its read-ahead, log, `notify`.
+    All three run in a thread of their own (the callback may come from libfuse's init), and in this
+    order, so that the mount command returns with the read-ahead already raised."""
+    def announced() -> None:
+        _raise_read_ahead(mountpoint)
         log.info("mounted %s at %s", what, mountpoint)
         notify()
+
+    def ready() -> None:
+        threading.Thread(target=announced, daemon=True).start()
     return ready
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 GENERATED = frozenset({"snapshots_pb2", "snapshots_pb2_grpc", "mount_pb2"})
 FUSE_SIDE = frozenset({"mfusepy", "mountctl", "fusefs", "layerfs", "sandbox", "tree", "engine"})
-GRPC_SIDE = frozenset({"grpc", "grpc_health", "snapshot_grpc", "snapshot_store"}) | GENERATED
+GRPC_SIDE = frozenset({"grpc", "grpc_health", "snapshot_grpc", "snapshot_store", "snapshot_layers",
+                       *GENERATED})
 REGISTRY_CLIENT = ("config", "regclient", "fetch")
 # (importer, what it must not import, why)
 RULES: list[tuple[str, frozenset[str], str]] = [

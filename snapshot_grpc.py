@@ -3,10 +3,11 @@
 What belongs here: the `containerd.services.snapshots.v1.Snapshots` service over an overlayfs backend laid
 out like containerd's built-in overlayfs snapshotter (`ROOT/snapshots/ID/fs` and `work`, the mounts it
 answers, usage), the remote-layer flow (a layer is mounted lazily, committed under its chain ID and
-answered ALREADY_EXISTS, or declined so containerd downloads it), restoring remote layers, the health
-service, Prometheus metrics and the daemon's command line.  What never does: the metadata and its
-queries (snapshot_store.py), FUSE, registry HTTP or the eStargz format — every lazy layer is served by
-one `lazymount layers` daemon (layerfs.py) and probed through fetch.py and toc.py.
+answered ALREADY_EXISTS, or declined so containerd downloads it), recovering after a crash or an upgrade
+and restoring remote layers, the health service (NOT_SERVING while the layer daemon is down),
+Prometheus metrics and the daemon's command line (a socket systemd passes is served through the front,
+socketfront.py).  What never does: the metadata and its queries (snapshot_store.py), probing layers and
+running the layer daemon (snapshot_layers.py), FUSE, registry HTTP or the eStargz format.
 
 Containerd registers it with ``[proxy_plugins.lazymount] type = "snapshot" address = "SOCKET"``
 (contrib/containerd-config.toml).
@@ -587,7 +588,8 @@ def serve(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lazymount snapshotter", description=__doc__.splitlines()[0])
     parser.add_argument("--address", default=DEFAULT_ADDRESS,
-                        help=f"unix socket to serve (default {DEFAULT_ADDRESS})")
+                        help=f"unix socket to serve (default {DEFAULT_ADDRESS}); unused when systemd passes "
+                             "a socket (LISTEN_FDS): then ROOT/grpc.sock, behind a front that holds it")
     parser.add_argument("--root", default=DEFAULT_ROOT,
                         help=f"snapshots and metadata (default {DEFAULT_ROOT})")
     parser.add_argument("--config", metavar="FILE", help="registry config YAML (see config.load_config)")

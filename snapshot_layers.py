@@ -12,6 +12,7 @@ starts, asks and unmounts through mountctl.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -277,7 +278,7 @@ class LayerDaemon:
             return
         log.warning("the layer daemon (PID %d) died", pid)
         self._set_up(False)
-        for attempt in range(sys.maxsize):
+        for attempt in itertools.count():
             try:
                 self._ensure_daemon()
                 return

@@ -75,24 +75,32 @@ def check_listening(fd: int) -> None:
 # ------------------------------------------------------------------------------- starting or adopting
 
 
-def front_pid(pid_file: Path, backend: str) -> int | None:
-    """The PID of the live front relaying to `backend` that wrote `pid_file`, if any."""
+def front_pid(pid_file: Path, backend: str, fd: int | None = None) -> int | None:
+    """The PID of the live front relaying to `backend` that wrote `pid_file` (`PID SOCKET-INODE`), if any
+    (with `fd`, only if it holds that very socket)."""
     try:
-        pid = int(pid_file.read_text())
+        pid, inode = (int(field) for field in pid_file.read_text().split())
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if b"socketfront" in argv and os.fsencode(backend) in argv else None
+    if b"socketfront" not in argv or os.fsencode(backend) not in argv:
+        return None
+    return pid if fd is None or os.fstat(fd).st_ino == inode else None
 
 
 def ensure_front(fd: int, backend: str, pid_file: Path, log_file: Path) -> int:
     """The PID of the front that holds the listening socket `fd` and relays to the unix socket `backend`:
-    the one already running (it outlived the previous snapshotter), or a new one, detached."""
-    pid = front_pid(pid_file, backend)
+    the one already running (it outlived the previous snapshotter), or a new one, detached.  A front that
+    holds another socket (systemd made a new one) is stopped."""
+    check_listening(fd)
+    pid = front_pid(pid_file, backend, fd)
     if pid is not None:
         log.info("the front (PID %d) holds the socket: adopted", pid)
         return pid
-    check_listening(fd)
+    stale = front_pid(pid_file, backend)
+    if stale is not None:
+        log.info("the front (PID %d) holds an older socket: stopping it", stale)
+        os.kill(stale, signal.SIGTERM)
     with contextlib.suppress(FileNotFoundError):
         pid_file.unlink()
     with open(log_file, "ab") as out:
@@ -166,7 +174,7 @@ class Front:
             return time.monotonic() - self.last_backend > IDLE_EXIT
 
     def serve(self) -> None:
-        """Accept until IDLE_EXIT seconds pass without a snapshotter."""
+        """Accept until IDLE_EXIT seconds pass without a snapshotter (or the listener is closed)."""
         self.listener.settimeout(CHECK)
         while True:
             try:
@@ -180,19 +188,22 @@ class Front:
                     return
                 continue
             except OSError as e:  # e.g. EMFILE: wait for a descriptor to be freed, not spin
+                if self.listener.fileno() < 0:
+                    return  # closed
                 log.warning("accepting a connection: %s", e)
                 time.sleep(1.0)
                 continue
             threading.Thread(target=self._connection, args=(client,), daemon=True).start()
 
     def _connection(self, client: socket.socket) -> None:
-        client.settimeout(None)
         backend, pending, acks = self._dial(), b"", None
+        client.settimeout(IDLE_EXIT)  # for the preface, while no snapshotter serves
         try:
             if backend is None:
                 backend, pending, acks = self._hold(client)
                 if backend is None:
                     return
+            client.settimeout(None)
             backend.sendall(pending)
             back = threading.Thread(target=self._pump, args=(backend, client, None), daemon=True)
             back.start()
@@ -258,13 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     front = Front(args.fd, args.backend)
     pid_file = Path(args.pid_file)
-    pid_file.write_text(str(os.getpid()))
+    stamp = f"{os.getpid()} {os.fstat(args.fd).st_ino}"
+    pid_file.write_text(stamp)
     log.info("holding the snapshotter's socket, relaying to %s", args.backend)
     try:
         front.serve()
     finally:
         with contextlib.suppress(OSError):
-            if pid_file.read_text() == str(os.getpid()):
+            if pid_file.read_text() == stamp:
                 pid_file.unlink()
     return 0
 

@@ -345,7 +345,8 @@ class Fault:
     """One misbehaviour of FaultProxy, for requests whose path contains `path` (and method, if set).
 
     kinds: 'status' (answer `status` with `headers`, no body), 'reset' (half the body, then close),
-    'stall' (wait `seconds` before answering; with `partial`, after half the body), 'ignore_range'
+    'stall' (wait `seconds` before answering; with `partial`, after half the body), 'delay' (wait
+    `seconds`, then answer in full), 'ignore_range'
     (forward without Range: the registry answers 200 whole), 'reject_multirange' (400 to multi-range),
     'whole_multirange' (multi-range answered 200 whole), 'bad_content_range' (206 with a shifted
     Content-Range), 'redirect' (307 to `target` + the same path, with a fake signature), 'corrupt'
@@ -381,7 +382,7 @@ class _ProxyHandler(_Handler):
         if kind == "reject_multirange":
             self.reply(400, b"multi-range not supported")
             return
-        if kind == "stall" and not fault.partial:
+        if kind == "delay" or (kind == "stall" and not fault.partial):
             proxy.stop_event.wait(fault.seconds)
         headers = {k: v for k, v in self.headers.items()
                    if not (kind in ("ignore_range", "whole_multirange") and k.lower() == "range")}

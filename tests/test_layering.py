@@ -2,8 +2,8 @@
 
 Layers, from the bottom: the format (toc, then layerwriter), the machinery (config, regclient, fetch,
 cache, tree, engine, convert), the adapters (mountctl, fusefs, layerfs, sandbox on the FUSE side;
-snapshot_store, snapshot_grpc on the gRPC side) and the command line (lazymount), which alone may import
-everything and which nothing imports.
+snapshot_store, snapshot_layers, snapshot_grpc on the gRPC side) and the command line (lazymount),
+which alone may import everything and which nothing imports.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 GENERATED = frozenset({"snapshots_pb2", "snapshots_pb2_grpc", "mount_pb2"})
 FUSE_SIDE = frozenset({"mfusepy", "mountctl", "fusefs", "layerfs", "sandbox", "tree", "engine"})
-GRPC_SIDE = frozenset({"grpc", "grpc_health", "snapshot_grpc", "snapshot_store"}) | GENERATED
+GRPC_SIDE = frozenset({"grpc", "grpc_health", "snapshot_grpc", "snapshot_store", "snapshot_layers",
+                       *GENERATED})
 REGISTRY_CLIENT = ("config", "regclient", "fetch")
 # (importer, what it must not import, why)
 RULES: list[tuple[str, frozenset[str], str]] = [

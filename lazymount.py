@@ -2,11 +2,11 @@
 
 What belongs here: argument parsing, turning errors into one-line messages and exit codes, and the
 commands a user starts: `convert`, `inspect`, `mount` (daemonized, see mountctl.py; the file system is
-fusefs.py's), `umount`, `stats`, `run` and `record` (sandbox.py), `optimize` (convert with a profile),
-`layers` (the snapshotter's daemon, layerfs.py) and `snapshotter` (snapshot_grpc.py).  This is the only
-module that may import every other one, and none imports it.  What never does: format, registry, cache,
-tree, FUSE or sandbox logic — those live in toc.py, regclient.py/fetch.py, cache.py, tree.py/engine.py,
-fusefs.py and sandbox.py.
+fusefs.py's), `umount`, `stats`, `run`, `shell` and `record` (sandbox.py), `optimize` (convert with a
+profile), `layers` (the snapshotter's daemon, layerfs.py) and `snapshotter` (snapshot_grpc.py).  This is
+the only module that may import every other one, and none imports it.  What never does: format, registry,
+cache, tree, FUSE or sandbox logic — those live in toc.py, regclient.py/fetch.py, cache.py,
+tree.py/engine.py, fusefs.py and sandbox.py.
 """
 
 from __future__ import annotations
@@ -186,12 +186,23 @@ def _command(args: argparse.Namespace) -> list[str]:
     return command[split + 1:]
 
 
+def _sandbox_options(args: argparse.Namespace, shell: bool = False) -> sandbox.Options:
+    return sandbox.Options(binds=tuple(args.bind), contain=args.contain, cleanenv=args.cleanenv,
+                           env=tuple(args.env), env_files=tuple(args.env_file), pwd=args.pwd,
+                           workdir_from_image=args.workdir_from_image, nv=args.nv, shell=shell)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    return sandbox.run_in_image(args, _command(args))
+    return sandbox.run_in_image(args, _command(args), _sandbox_options(args)).status
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    return sandbox.run_in_image(args, [], _sandbox_options(args, shell=True)).status
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    code, recorded = sandbox.record_workload(args, _command(args))
+    outcome = sandbox.run_in_image(args, _command(args), _sandbox_options(args), record=True)
+    code, recorded = outcome.status, outcome.profile
     profile = recorded
     if args.append and args.output.exists():
         profile = convert.merge_profiles([convert.read_profile(args.output), recorded])
@@ -206,10 +217,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise config.InvalidInputError("give either --profile FILE (repeatable) or --workload CMD")
     refs = config.parse_reference(args.src), config.parse_reference(args.dst)
     if args.workload:
-        args.image, args.bind, args.stats_file = args.src, [], None
-        code, profile = sandbox.record_workload(args, shlex.split(args.workload))
-        if code:
-            raise MountError(f"the workload exited with status {code}; {args.src} was not optimized")
+        args.image, args.stats_file = args.src, None
+        outcome = sandbox.run_in_image(args, shlex.split(args.workload), sandbox.IMAGE_ONLY, record=True)
+        if outcome.status:
+            reason = f" ({outcome.reason})" if outcome.reason else ""
+            raise MountError(f"the workload exited with status {outcome.status}{reason}; {args.src} was not "
+                             "optimized")
+        profile = outcome.profile
     else:
         profile = convert.merge_profiles([convert.read_profile(path) for path in args.profile])
     options = _layout_options(args)
@@ -269,10 +283,25 @@ def build_parser() -> argparse.ArgumentParser:
     mounting.add_argument("--log-file", metavar="FILE", help="the daemon's log (default: discarded)")
     image = argparse.ArgumentParser(add_help=False, parents=[registry, mounting])
     image.add_argument("image", help="REGISTRY/NAME[:TAG|@DIGEST] or oci:DIR[:TAG]")
-    running = argparse.ArgumentParser(add_help=False)
-    running.add_argument("--bind", action="append", default=[], metavar="SRC:DST", help="bind a host path")
-    running.add_argument("--stats-file", metavar="FILE",
-                         help="write the mount's stats (as `stats --json`) here after the command")
+    sandboxed = argparse.ArgumentParser(add_help=False)
+    sandboxed.add_argument("--bind", "-B", action="append", default=[], metavar="SRC[:DST[:ro]]",
+                           help="bind a host path (repeatable or comma-separated; DST defaults to SRC)")
+    sandboxed.add_argument("--contain", "-c", action="store_true",
+                           help="bind neither the home nor the current directory")
+    sandboxed.add_argument("--env", action="append", default=[], metavar="K=V",
+                           help="set a variable (repeatable; over --env-file and the image's Env)")
+    sandboxed.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                           help="K=V lines to set (repeatable; over the image's Env)")
+    sandboxed.add_argument("--cleanenv", "-e", action="store_true",
+                           help="pass no host variable (default: TERM, LANG, LC_*, proxy variables)")
+    sandboxed.add_argument("--pwd", metavar="DIR", help="start in DIR (default: the current directory)")
+    sandboxed.add_argument("--workdir-from-image", action="store_true",
+                           help="start in the image's WorkingDir (default with --contain)")
+    sandboxed.add_argument("--nv", action="store_true",
+                           help="the host's NVIDIA driver libraries (on LD_LIBRARY_PATH), tools and devices")
+    sandboxed.add_argument("--stats-file", metavar="FILE",
+                           help="write the mount's stats (as `stats --json`) here after the command")
+    running = argparse.ArgumentParser(add_help=False, parents=[sandboxed])
     running.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... (default: Entrypoint + Cmd)")
 
     daemon = argparse.ArgumentParser(add_help=False)
@@ -298,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[image, running], help="run a command in an image with bubblewrap")
     p.set_defaults(func=cmd_run, subparser=p)
+
+    p = sub.add_parser("shell", parents=[image, sandboxed],
+                       help="start the image's shell ($SHELL if the image has it, else /bin/sh)")
+    p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("record", parents=[image, running],
                        help="run a command like `run` and write the files it opened as a profile")

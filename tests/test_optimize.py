@@ -110,8 +110,8 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
         assert [layer["bytes_fetched"] for layer in at_start["layers"]] == [prefetch_end, 0]
         assert at_start["layers"][0]["prefetched_bytes"] == prefetch_end
         info = json.loads(os.getxattr(mnt, mountctl.IMAGE_XATTR))
-        result = subprocess.run(sandbox.bwrap_command(mnt, info["config"], WORKLOAD, []), check=True,
-                                capture_output=True, text=True)
+        argv = sandbox.bwrap_command(mnt, info["config"], WORKLOAD, sandbox.IMAGE_ONLY)
+        result = subprocess.run(argv, check=True, capture_output=True, text=True)
         assert result.stdout == out
         after = stats(mnt)
         assert [layer["bytes_fetched"] for layer in after["layers"]] == [prefetch_end, 0]
@@ -124,8 +124,8 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
     (tmp_path / "c3" / "layers").write_text("not a directory")
     with mounted(optimized, mnt, "--cache-dir", str(tmp_path / "c3"), "--no-background-fetch"):
         assert [layer["bytes_fetched"] for layer in stats(mnt)["layers"]] == [0, 0]
-        result = subprocess.run(sandbox.bwrap_command(mnt, info["config"], WORKLOAD, []), check=True,
-                                capture_output=True, text=True)
+        argv = sandbox.bwrap_command(mnt, info["config"], WORKLOAD, sandbox.IMAGE_ONLY)
+        result = subprocess.run(argv, check=True, capture_output=True, text=True)
         assert result.stdout == out
         assert stats(mnt)["totals"]["chunks_fetched"] > 0
 

@@ -28,6 +28,7 @@ import cachetools
 
 import cache
 import config
+import convert
 import engine
 import fetch
 import regclient
@@ -282,9 +283,11 @@ def open_chunk_cache(args: argparse.Namespace) -> tuple[Path, cache.ChunkCache]:
 
 
 def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
-    """Resolve the image, read every eStargz layer's TOC, and set up the cache and the view."""
+    """Resolve the image, read every eStargz layer's TOC, fetch the profiles attached to the image (unless
+    --no-prefetch), and set up the cache and the view."""
     ref = config.parse_reference(args.image)
-    image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
+    client = registry_client(args, ref)
+    image = fetch.open_image(ref, platform=args.platform, client=client)
     descriptors = image.layers
     if not descriptors:
         raise MountError(f"{args.image} has no layers: there is nothing to mount")
@@ -302,13 +305,28 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
                         "background", layer.digest, descriptor.media_type or "no media type")
     cache_dir, chunk_cache = open_chunk_cache(args)
     recorder = engine.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
+    profile = _attached_profile(client, image) if args.prefetch else None
     view = engine.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
                           opaque_xattr=OPAQUE_XATTR, prefetch=args.prefetch, background=args.background_fetch,
-                          recorder=recorder)
+                          recorder=recorder, profile=profile)
     runtime = image.config.get("config") if isinstance(image.config.get("config"), dict) else {}
     info = {"reference": str(ref), "digest": image.digest, "mountpoint": str(args.mountpoint),
             "config": {k: runtime[k] for k in RUNTIME_KEYS if k in runtime}}
     return view, info
+
+
+def _attached_profile(client: regclient.RegistryClient, image: fetch.Image) -> dict[str, list[str]]:
+    """The profiles attached to the image (`record --push`), merged; {} if there are none or they cannot
+    be had (the mount goes on without them)."""
+    try:
+        profile = convert.attached_profile(client, image)
+    except toc.LazymountError as e:
+        log.warning("%s: the profiles attached to the image are not used: %s", image.reference, e)
+        return {}
+    if profile:
+        log.info("%s: prefetching the %d files of its attached profiles", image.reference,
+                 sum(map(len, profile.values())))
+    return profile
 
 
 def _raise_read_ahead(mountpoint: Path) -> None:

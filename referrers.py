@@ -177,8 +177,11 @@ def artifact_blobs(client: RegistryClient, ref: Reference | str, artifact: Descr
     for blob in layers:
         if blob.size > max_size:
             raise fail(f"blob {blob.digest} has {blob.size} bytes, over the {max_size}-byte limit")
-        with RegistryBlobReader(client, ref, blob.digest, blob.size) as reader:
-            out.append((blob, reader.read_all(max_size)))
+        try:
+            with RegistryBlobReader(client, ref, blob.digest, blob.size) as reader:
+                out.append((blob, reader.read_all(max_size)))
+        except RegistryError as e:
+            raise fail(f"{e.what}: {e.detail}") from None
     return out
 
 

@@ -25,9 +25,10 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import cache
+import download
 import layerwriter
 import toc
 import tree
@@ -191,9 +192,7 @@ class Layer:
     def fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Raw compressed bytes of each (offset, length) of the blob, in one multi-range request, counted."""
         data = self.blob.read_ranges(ranges) if len(ranges) > 1 else [self.blob.read_at(*ranges[0])]
-        with self._lock:
-            self.stats.requests += 1
-            self.stats.bytes_fetched += sum(map(len, data))
+        self._fetched(sum(map(len, data)))
         return data
 
     def count(self, name: str, n: int = 1) -> None:
@@ -202,37 +201,65 @@ class Layer:
             setattr(self.stats, name, getattr(self.stats, name) + n)
 
     def localize(self, work_dir: Path) -> None:
-        """Download the whole blob (verified), convert it to eStargz unless it already is, and index it."""
+        """Download the whole blob (by concurrent range requests, verified) and index it: the blob itself
+        if it is eStargz, else its conversion to eStargz, made from the bytes as they arrive."""
         hexdigest = toc.check_digest(self.digest)[7:]
         blob_path = work_dir / "blobs" / hexdigest
         converted = work_dir / "converted" / f"{hexdigest}.estargz"
         for directory in (blob_path.parent, converted.parent):
             directory.mkdir(parents=True, exist_ok=True)
         if not converted.exists():
-            if not blob_path.exists():
-                self.blob.download(blob_path)
-            local = FileBlob(blob_path)
-            try:
-                self.index = toc.read_index(local.read_at, local.size)
-                self.blob = local
-                self.count("bytes_fetched", local.size)
-                return
-            except toc.FooterError:
-                local.close()
             fd, tmp = tempfile.mkstemp(dir=converted.parent, prefix=".convert-")
             try:
-                with open(blob_path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                    layerwriter.write_layer(src, dst, level=1)
-                os.replace(tmp, converted)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            self.count("bytes_fetched", blob_path.stat().st_size)
-            blob_path.unlink(missing_ok=True)
-        local = FileBlob(converted)
-        self.index = toc.read_index(local.read_at, local.size)
-        self.blob = local
+                with os.fdopen(fd, "wb") as partial:
+                    def convert(src: BinaryIO) -> None:
+                        layerwriter.write_layer(src, partial, level=1)
 
+                    converting = not blob_path.exists() and not _has_footer(self.blob)
+                    if blob_path.exists():  # downloaded before
+                        self.count("bytes_fetched", blob_path.stat().st_size)
+                    else:
+                        download.download_streaming(self.blob, self.digest, blob_path,
+                                                    convert if converting else None, on_bytes=self._fetched)
+                    if self._open_local(blob_path, toc.FooterError):  # eStargz without its TOC annotation
+                        return
+                    if not converting:
+                        with open(blob_path, "rb") as src:
+                            convert(src)
+                os.replace(tmp, converted)
+                blob_path.unlink(missing_ok=True)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        self._open_local(converted)
+
+    def _open_local(self, path: Path, *not_estargz: type[toc.FormatError]) -> bool:
+        """Serve the layer from the verified local eStargz blob `path`; False if reading its index raises
+        one of `not_estargz`."""
+        local = FileBlob(path)
+        try:
+            self.index = toc.read_index(local.read_at, local.size)
+        except not_estargz:
+            local.close()
+            return False
+        self.blob = local
+        return True
+
+    def _fetched(self, n: int) -> None:
+        """Count one request of `n` bytes."""
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.bytes_fetched += n
+
+
+def _has_footer(blob: BlobSource) -> bool:
+    """Whether the blob ends in an eStargz footer (its unverified tail: only to skip converting an
+    eStargz layer whose TOC digest the manifest does not give)."""
+    tail = min(blob.size, toc.FOOTER_SIZE)
+    try:
+        toc.parse_footer(blob.read_at(blob.size - tail, tail), blob.size)
+    except toc.FormatError:
+        return False
+    return True
 
 
 class AccessRecorder:

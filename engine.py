@@ -103,7 +103,6 @@ class StagedRanges:
         self._ranges: list[tuple[int, int]] = []
         self._lock = threading.Lock()
         self.chunks: list[toc.Chunk] = []  # the chunks whose bytes are staged, in the order they arrived
-        self.rank: dict[int, int] = {}  # chunk offset -> position in the order they are to be decompressed
 
     def put(self, start: int, data: bytes, chunks: list[toc.Chunk]) -> None:
         os.pwrite(self._file.fileno(), data, start)
@@ -221,8 +220,8 @@ class Layer:
                     else:
                         download.download_streaming(self.blob, self.digest, blob_path,
                                                     convert if converting else None, on_bytes=self._fetched)
-                    if self._open_local(blob_path, toc.FooterError):  # eStargz without its TOC annotation
-                        return
+                    with contextlib.suppress(toc.FooterError):  # eStargz without its TOC annotation
+                        return self._open_local(blob_path)
                     if not converting:
                         with open(blob_path, "rb") as src:
                             convert(src)
@@ -232,17 +231,15 @@ class Layer:
                 Path(tmp).unlink(missing_ok=True)
         self._open_local(converted)
 
-    def _open_local(self, path: Path, *not_estargz: type[toc.FormatError]) -> bool:
-        """Serve the layer from the verified local eStargz blob `path`; False if reading its index raises
-        one of `not_estargz`."""
+    def _open_local(self, path: Path) -> None:
+        """Serve the layer from the verified local eStargz blob `path`."""
         local = FileBlob(path)
         try:
             self.index = toc.read_index(local.read_at, local.size)
-        except not_estargz:
+        except BaseException:
             local.close()
-            return False
+            raise
         self.blob = local
-        return True
 
     def _fetched(self, n: int) -> None:
         """Count one request of `n` bytes."""
@@ -252,14 +249,12 @@ class Layer:
 
 
 def _has_footer(blob: BlobSource) -> bool:
-    """Whether the blob ends in an eStargz footer (its unverified tail: only to skip converting an
-    eStargz layer whose TOC digest the manifest does not give)."""
+    """Whether the blob's (unverified) tail is an eStargz footer: an eStargz layer whose TOC digest the
+    manifest does not give is not converted while it downloads."""
     tail = min(blob.size, toc.FOOTER_SIZE)
-    try:
-        toc.parse_footer(blob.read_at(blob.size - tail, tail), blob.size)
-    except toc.FormatError:
-        return False
-    return True
+    with contextlib.suppress(toc.FormatError):
+        return bool(toc.parse_footer(blob.read_at(blob.size - tail, tail), blob.size))
+    return False
 
 
 class AccessRecorder:
@@ -488,9 +483,8 @@ class ImageView:
                                               layer.index.blob_chunks())) if end else []
             requests += [(layer, [piece]) for piece in _cut_range(chunks, end, target)
                          if not all(self.cache.contains(c.digest) for c in piece[2])]
-        ranks = {id(layer): {c.digest: i for i, c in enumerate(profiled[id(layer)])} for layer in layers}
-        for layer in layers:
-            rank = ranks[id(layer)]
+        for layer in layers:  # then the profiled files' runs of chunks, in profile order
+            rank = {c.digest: i for i, c in enumerate(profiled[id(layer)])}
             spans = _spans(sorted(profiled[id(layer)], key=lambda c: (c.comp_offset, c.inner_offset)), target)
             runs = sorted(((run[0].comp_offset, run[-1].comp_end, run) for run in spans),
                           key=lambda run, rank=rank: min(rank[c.digest] for c in run[2]))
@@ -506,7 +500,6 @@ class ImageView:
         try:
             for layer in {id(layer): layer for layer, _ in requests}.values():
                 layer.staged = StagedRanges(self.work_dir)
-                layer.staged.rank = ranks[id(layer)]
         except OSError as e:  # e.g. a read-only cache directory: reads fetch on demand instead
             log.warning("landmark prefetch skipped: cannot stage %d bytes in %s: %s", total, self.work_dir, e)
             return
@@ -551,15 +544,13 @@ class ImageView:
                         runs[0][0], e)
 
     def _unstage(self, layers: list[Layer]) -> None:
-        """Decompress the staged chunks into the cache on every core, landmark chunks in blob order (the
-        order a profiled workload reads them in an optimized layer), then profiled ones in profile order
-        (its reads of chunks not yet done decompress them themselves), layers taking turns; then drop the
-        staged bytes."""
+        """Decompress the staged chunks into the cache on every core in the order they arrived (landmark
+        ranges in blob order, the order a profiled workload reads an optimized layer; then profiled files,
+        about in profile order; its reads of chunks not yet done decompress them themselves), layers
+        taking turns; then drop the staged bytes."""
         staged = [(layer, layer.staged) for layer in layers if layer.staged is not None]
         order = itertools.chain.from_iterable(itertools.zip_longest(
-            *([(layer, c) for c in sorted(ranges.chunks, key=lambda c, r=ranges.rank: (r.get(c.digest, -1),
-                                                                                       c.comp_offset))]
-              for layer, ranges in staged)))
+            *([(layer, c) for c in ranges.chunks] for layer, ranges in staged)))
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, "unstage",
                                                    initializer=_lowest_priority) as pool:
             for layer, c in filter(None, order):

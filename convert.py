@@ -456,23 +456,27 @@ def write_profile(path: Path, profile: dict[str, list[str]]) -> None:
     Path(path).write_text(format_profile(profile), encoding="utf-8")
 
 
-def push_profile(client: regclient.RegistryClient, image: fetch.Image, profile: dict[str, list[str]]) -> str:
-    """Attach `profile` to the image's manifest as a referrer artifact (the image itself is not pushed
-    again); return the artifact's digest.  Its layers must be the image's."""
+def push_profile(image: fetch.Image, profile: dict[str, list[str]]) -> str:
+    """Attach `profile` to the image's manifest as a referrer artifact, through the client the image was
+    opened with (the image itself is not pushed again); return the artifact's digest.  Its layers must be
+    the image's."""
     foreign = set(profile) - {layer.digest for layer in image.layers}
     if foreign:
         raise ImageError(f"{image.reference} ({image.digest}) has no layer {min(foreign)}: the profile was "
                          "recorded in another image (was the tag moved?)")
     blob = referrers.ArtifactBlob(toc.MEDIA_PROFILE, format_profile(profile).encode())
-    pushed = referrers.push_referrer(client, image.reference, image.descriptor, toc.ARTIFACT_PROFILE, [blob])
+    if image.client is None:
+        raise ImageError(f"{image.reference}: profiles are attached to images in a registry")
+    pushed = referrers.push_referrer(image.client, image.reference, image.descriptor, toc.ARTIFACT_PROFILE,
+                                     [blob])
     return pushed.digest
 
 
-def attached_profile(client: regclient.RegistryClient, image: fetch.Image) -> dict[str, list[str]]:
+def attached_profile(image: fetch.Image) -> dict[str, list[str]]:
     """Every profile attached to the image (`record --push`), merged oldest first, restricted to the
     image's layers; {} if there is none."""
     profiles = []
-    for artifact, blobs in referrers.image_artifacts(client, image, toc.ARTIFACT_PROFILE, MAX_PROFILE_SIZE):
+    for artifact, blobs in referrers.image_artifacts(image, toc.ARTIFACT_PROFILE, MAX_PROFILE_SIZE):
         for blob, data in blobs:
             if blob.media_type != toc.MEDIA_PROFILE:
                 continue

@@ -450,6 +450,11 @@ class Image:
     _source: _RegistrySource | _LayoutSource = field(repr=False)
 
     @property
+    def client(self) -> RegistryClient | None:
+        """The registry client the image is read through (None for an OCI layout)."""
+        return self._source.client if isinstance(self._source, _RegistrySource) else None
+
+    @property
     def descriptor(self) -> Descriptor:
         """The descriptor of this image's manifest (what a referrer artifact names as its subject)."""
         return Descriptor(self.media_type, self.digest, len(self.manifest_bytes))

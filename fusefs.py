@@ -286,8 +286,7 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
     """Resolve the image, read every eStargz layer's TOC, fetch the profiles attached to the image (unless
     --no-prefetch), and set up the cache and the view."""
     ref = config.parse_reference(args.image)
-    client = registry_client(args, ref)
-    image = fetch.open_image(ref, platform=args.platform, client=client)
+    image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
     descriptors = image.layers
     if not descriptors:
         raise MountError(f"{args.image} has no layers: there is nothing to mount")
@@ -305,7 +304,7 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
                         "background", layer.digest, descriptor.media_type or "no media type")
     cache_dir, chunk_cache = open_chunk_cache(args)
     recorder = engine.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
-    profile = _attached_profile(client, image) if args.prefetch else None
+    profile = _attached_profile(image) if args.prefetch else None
     view = engine.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
                           opaque_xattr=OPAQUE_XATTR, prefetch=args.prefetch, background=args.background_fetch,
                           recorder=recorder, profile=profile)
@@ -315,11 +314,11 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
     return view, info
 
 
-def _attached_profile(client: regclient.RegistryClient, image: fetch.Image) -> dict[str, list[str]]:
+def _attached_profile(image: fetch.Image) -> dict[str, list[str]]:
     """The profiles attached to the image (`record --push`), merged; {} if there are none or they cannot
     be had (the mount goes on without them)."""
     try:
-        profile = convert.attached_profile(client, image)
+        profile = convert.attached_profile(image)
     except toc.LazymountError as e:
         log.warning("%s: the profiles attached to the image are not used: %s", image.reference, e)
         return {}

@@ -203,9 +203,8 @@ def cmd_record(args: argparse.Namespace) -> int:
         print("lazymount: the profile was not attached to the image: the command failed", file=sys.stderr)
     elif args.push:
         ref = config.parse_reference(args.image)
-        client = registry_client(args, ref)
-        image = fetch.open_image(ref, platform=args.platform, client=client)
-        digest = convert.push_profile(client, image, recorded)
+        image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
+        digest = convert.push_profile(image, recorded)
         print(f"lazymount: attached the profile to {ref} ({image.digest}) as {digest}", file=sys.stderr)
     return code
 

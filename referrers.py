@@ -189,32 +189,40 @@ def _created(descriptor: Descriptor) -> str:
     return descriptor.annotations.get(CREATED_ANNOTATION, "")
 
 
-def image_artifacts(client: RegistryClient, image: Image, artifact_type: str,
+def _client(image: Image) -> RegistryClient:
+    if image.client is None:
+        raise InvalidInputError(f"{image.reference}: referrer artifacts live in a registry, not in an OCI "
+                                "layout")
+    return image.client
+
+
+def image_artifacts(image: Image, artifact_type: str,
                     max_size: int) -> list[tuple[Descriptor, list[tuple[Descriptor, bytes]]]]:
     """Every `artifact_type` referrer of the image's manifest, oldest first, with its verified blobs
     (see artifact_blobs); [] for an image in an OCI layout."""
-    if image.reference.layout is not None:
+    if image.client is None:
         return []
-    found = sorted(referrers(client, image.reference, image.digest, artifact_type), key=_created)
-    return [(d, artifact_blobs(client, image.reference, d, image.digest, max_size)) for d in found]
+    found = sorted(referrers(image.client, image.reference, image.digest, artifact_type), key=_created)
+    return [(d, artifact_blobs(image.client, image.reference, d, image.digest, max_size)) for d in found]
 
 
-def push_layer_artifact(client: RegistryClient, image: Image, layer_digest: str, artifact_type: str,
-                        media_type: str, data: bytes) -> Descriptor:
-    """Attach `data` to the image as an `artifact_type` artifact about its layer `layer_digest`."""
+def push_layer_artifact(image: Image, layer_digest: str, artifact_type: str, media_type: str,
+                        data: bytes) -> Descriptor:
+    """Attach `data` to the image (through the client it was opened with) as an `artifact_type` artifact
+    about its layer `layer_digest`."""
     layer = _layer(image, layer_digest)
     annotations = {LAYER_ANNOTATION: layer.digest}
-    return push_referrer(client, image.reference, image.descriptor, artifact_type,
+    return push_referrer(_client(image), image.reference, image.descriptor, artifact_type,
                          [ArtifactBlob(media_type, data, annotations)], annotations)
 
 
-def layer_artifact(client: RegistryClient, image: Image, layer_digest: str, artifact_type: str,
-                   max_size: int) -> bytes | None:
+def layer_artifact(image: Image, layer_digest: str, artifact_type: str, max_size: int) -> bytes | None:
     """The blob of the newest `artifact_type` referrer of the image about its layer `layer_digest`,
     fetched by digest and verified; None if there is none (or the image is in an OCI layout).
     RegistryError (one line) if that artifact is not bound to this image and layer."""
     layer = _layer(image, layer_digest)
-    if image.reference.layout is not None:
+    client = image.client
+    if client is None:
         return None
     listed = [d for d in referrers(client, image.reference, image.digest, artifact_type)
               if d.annotations.get(LAYER_ANNOTATION) == layer.digest]
@@ -236,13 +244,13 @@ def _layer(image: Image, layer_digest: str) -> Descriptor:
     raise InvalidInputError(f"{image.reference} has no layer {layer_digest[:80]}")
 
 
-def push_seek_index(client: RegistryClient, image: Image, layer_digest: str, data: bytes) -> Descriptor:
+def push_seek_index(image: Image, layer_digest: str, data: bytes) -> Descriptor:
     """Attach the seek index `data` of the image's layer `layer_digest` to the image."""
-    return push_layer_artifact(client, image, layer_digest, ARTIFACT_SEEK_INDEX, MEDIA_SEEK_INDEX, data)
+    return push_layer_artifact(image, layer_digest, ARTIFACT_SEEK_INDEX, MEDIA_SEEK_INDEX, data)
 
 
-def seek_index(client: RegistryClient, image: Image, layer_digest: str) -> bytes | None:
+def seek_index(image: Image, layer_digest: str) -> bytes | None:
     """The newest seek index attached to the image for its layer `layer_digest`, verified against the
     digest its artifact manifest gives (its content is seekindex.py's to check); None if there is none."""
     limit = MAX_SEEK_INDEX_FLOOR + _layer(image, layer_digest).size // 10
-    return layer_artifact(client, image, layer_digest, ARTIFACT_SEEK_INDEX, limit)
+    return layer_artifact(image, layer_digest, ARTIFACT_SEEK_INDEX, limit)

@@ -175,8 +175,7 @@ def test_record_push_prefetches_the_plain_image(images: dict, registry: Registry
     assert "attached the profile" in result.stderr
     out = result.stdout
     profile = convert.read_profile(tmp_path / "profile")
-    client = regclient.RegistryClient()
-    assert convert.attached_profile(client, fetch.open_image(ref, client=client)) == profile
+    assert convert.attached_profile(fetch.open_image(ref, client=regclient.RegistryClient())) == profile
     profiled = _profiled_bytes(ref, profile)
 
     mnt = tmp_path / "mnt"

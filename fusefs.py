@@ -297,6 +297,7 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
     layers = [engine.Layer(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION))
               for d in descriptors]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        profile = pool.submit(_attached_profile, image) if args.prefetch else None
         lazy = list(pool.map(engine.Layer.open_index, layers))
     for layer, is_lazy, descriptor in zip(layers, lazy, descriptors, strict=True):
         if not is_lazy:
@@ -304,10 +305,9 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
                         "background", layer.digest, descriptor.media_type or "no media type")
     cache_dir, chunk_cache = open_chunk_cache(args)
     recorder = engine.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
-    profile = _attached_profile(image) if args.prefetch else None
     view = engine.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
                           opaque_xattr=OPAQUE_XATTR, prefetch=args.prefetch, background=args.background_fetch,
-                          recorder=recorder, profile=profile)
+                          recorder=recorder, profile=profile.result() if profile else None)
     runtime = image.config.get("config") if isinstance(image.config.get("config"), dict) else {}
     info = {"reference": str(ref), "digest": image.digest, "mountpoint": str(args.mountpoint),
             "config": {k: runtime[k] for k in RUNTIME_KEYS if k in runtime}}

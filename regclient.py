@@ -2,10 +2,10 @@
 
 What belongs here: `RegistryClient`, its transport (endpoints and mirrors, auth challenges and tokens with
 credentials found through config.py, TLS, retries and backoff, redirects, status errors) and operations
-(manifests, blob sizes, byte ranges by single and multi-range requests, whole-blob downloads into a caller's
-sink, uploads and cross-repository mounts). What never does: images, platforms, blob readers, spill files
-and OCI layouts (fetch.py), references, config and auth files (config.py), TOCs (toc.py), chunks
-(cache.py), FUSE or gRPC.
+(manifests, the referrers API, blob sizes, byte ranges by single and multi-range requests, whole-blob
+downloads into a caller's sink, uploads and cross-repository mounts). What never does: images, platforms,
+blob readers, spill files and OCI layouts (fetch.py), referrer artifacts (referrers.py), references, config
+and auth files (config.py), TOCs (toc.py), chunks (cache.py), FUSE or gRPC.
 
 Everything a registry sends is untrusted: digests are validated before they enter a URL, what is read
 whole is size-limited before and digest-verified after, and every 206 must answer exactly the range asked.

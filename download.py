@@ -2,14 +2,15 @@
 
 What belongs here: `RangedDownload` (a blob fetched as parts over several connections into a temp file
 beside its destination, hashed in blob order as the contiguous prefix grows, renamed into place once its
-size and sha256 match) and its in-order stream, and `download_streaming` (a consumer — converting or
-indexing the layer — reads that stream while the download runs, so its work overlaps the transfer).  A far
-registry on a fast link fills the pipe only with several requests in flight.  What never does: HTTP
+size and sha256 match), reading it while it downloads (an in-order stream, or `read_at` waiting for the
+bytes asked), and `whole_blob` (a download, with a consumer — converting or indexing the layer — reading
+it from another thread meanwhile, so that its work overlaps the transfer).  A far registry on a fast link
+fills the pipe only with several requests in flight.  What never does: HTTP
 (the source is anything with `size` and `read_at`, e.g. a fetch.BlobReader, whose registry client retries
 each range), layer formats (toc.py, layerwriter.py), the cache, FUSE or gRPC.
 
-Bytes read from the stream are not verified until `run` returns: a consumer's result must not be used
-before (download_streaming returns it only then).
+Bytes read during the download are not verified until `run` returns: a consumer's result must not be
+used before (whole_blob returns it only then).
 """
 
 from __future__ import annotations
@@ -139,10 +140,19 @@ class RangedDownload:
         return io.BufferedReader(_Stream(self), MIN_PART)
 
     def read_arrived(self, offset: int, length: int) -> bytes:
-        """Up to `length` bytes at `offset` once they are here (b"" at the end of the blob)."""
+        """Up to `length` bytes at `offset`, as soon as some are here (b"" at the end of the blob)."""
+        return self._read(offset, length, offset + 1)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` (fewer at the end of the blob) once all of them are here: a
+        RangeSource over the blob being downloaded, for a consumer that reads it as a file."""
+        return self._read(offset, length, offset + length)
+
+    def _read(self, offset: int, length: int, until: int) -> bytes:
         with self._changed:
-            self._changed.wait_for(lambda: self._hashed > offset or self._hashed >= self.size or self._error)
-            if self._hashed <= offset and self._hashed < self.size or self._fd is None:
+            until = min(until, self.size)
+            self._changed.wait_for(lambda: self._hashed >= until or self._error)
+            if self._hashed < until or self._fd is None:
                 raise OSError(errno.EIO, f"download of {self.digest} failed: {self._error}")
             return os.pread(self._fd, max(0, min(length, self._hashed - offset)), offset)
 
@@ -161,21 +171,20 @@ class _Stream(io.RawIOBase):
         return len(data)
 
 
-def download_streaming(source: RangeSource, digest: str, path: str | os.PathLike[str],
-                       consume: Callable[[io.BufferedReader], T] | None = None, *,
-                       on_bytes: Callable[[int], None] | None = None,
-                       connections: int = DOWNLOAD_CONNECTIONS) -> T | None:
-    """Download the blob to `path` (verified) by concurrent range requests while `consume` reads its
-    bytes in order from another thread; return what `consume` returned, once both are done and the blob
-    is verified.  A failed download raises its error (whatever `consume` did); a failed `consume` raises
-    its own once the blob is verified."""
+def whole_blob(source: RangeSource, digest: str, path: str | os.PathLike[str],
+               consume: Callable[[RangedDownload], T] | None = None, *,
+               on_bytes: Callable[[int], None] | None = None,
+               connections: int = DOWNLOAD_CONNECTIONS) -> T | None:
+    """Download the blob to `path` (verified) by concurrent range requests while `consume` reads it
+    (`stream()` or `read_at`) from another thread; return what `consume` returned, once both are done and
+    the blob is verified.  A failed download raises its error (whatever `consume` did); a failed `consume`
+    raises its own once the blob is verified."""
     result: list[T] = []
     failure: list[BaseException] = []
     with RangedDownload(source, digest, path, connections=connections, on_bytes=on_bytes) as download:
         def work() -> None:
             try:
-                with download.stream() as stream:
-                    result.append(consume(stream))  # type: ignore[misc]
+                result.append(consume(download))  # type: ignore[misc]
             except BaseException as e:  # noqa: BLE001 -- handed to the caller below
                 failure.append(e)
 

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import cache
 import download
@@ -191,7 +191,9 @@ class Layer:
     def fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Raw compressed bytes of each (offset, length) of the blob, in one multi-range request, counted."""
         data = self.blob.read_ranges(ranges) if len(ranges) > 1 else [self.blob.read_at(*ranges[0])]
-        self._fetched(sum(map(len, data)))
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.bytes_fetched += sum(map(len, data))
         return data
 
     def count(self, name: str, n: int = 1) -> None:
@@ -200,61 +202,37 @@ class Layer:
             setattr(self.stats, name, getattr(self.stats, name) + n)
 
     def localize(self, work_dir: Path) -> None:
-        """Download the whole blob (by concurrent range requests, verified) and index it: the blob itself
-        if it is eStargz, else its conversion to eStargz, made from the bytes as they arrive."""
+        """Download the whole blob (verified), convert it to eStargz unless it already is, and index it."""
         hexdigest = toc.check_digest(self.digest)[7:]
         blob_path = work_dir / "blobs" / hexdigest
         converted = work_dir / "converted" / f"{hexdigest}.estargz"
         for directory in (blob_path.parent, converted.parent):
             directory.mkdir(parents=True, exist_ok=True)
         if not converted.exists():
+            if not blob_path.exists():
+                download.whole_blob(self.blob, self.digest, blob_path)  # by concurrent range requests
+            local = FileBlob(blob_path)
+            try:
+                self.index = toc.read_index(local.read_at, local.size)
+                self.blob = local
+                self.count("bytes_fetched", local.size)
+                return
+            except toc.FooterError:
+                local.close()
             fd, tmp = tempfile.mkstemp(dir=converted.parent, prefix=".convert-")
             try:
-                with os.fdopen(fd, "wb") as partial:
-                    def convert(src: BinaryIO) -> None:
-                        layerwriter.write_layer(src, partial, level=1)
-
-                    converting = not blob_path.exists() and not _has_footer(self.blob)
-                    if blob_path.exists():  # downloaded before
-                        self.count("bytes_fetched", blob_path.stat().st_size)
-                    else:
-                        download.download_streaming(self.blob, self.digest, blob_path,
-                                                    convert if converting else None, on_bytes=self._fetched)
-                    with contextlib.suppress(toc.FooterError):  # eStargz without its TOC annotation
-                        return self._open_local(blob_path)
-                    if not converting:
-                        with open(blob_path, "rb") as src:
-                            convert(src)
+                with open(blob_path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                    layerwriter.write_layer(src, dst, level=1)
                 os.replace(tmp, converted)
-                blob_path.unlink(missing_ok=True)
-            finally:
+            except BaseException:
                 Path(tmp).unlink(missing_ok=True)
-        self._open_local(converted)
-
-    def _open_local(self, path: Path) -> None:
-        """Serve the layer from the verified local eStargz blob `path`."""
-        local = FileBlob(path)
-        try:
-            self.index = toc.read_index(local.read_at, local.size)
-        except BaseException:
-            local.close()
-            raise
+                raise
+            self.count("bytes_fetched", blob_path.stat().st_size)
+            blob_path.unlink(missing_ok=True)
+        local = FileBlob(converted)
+        self.index = toc.read_index(local.read_at, local.size)
         self.blob = local
 
-    def _fetched(self, n: int) -> None:
-        """Count one request of `n` bytes."""
-        with self._lock:
-            self.stats.requests += 1
-            self.stats.bytes_fetched += n
-
-
-def _has_footer(blob: BlobSource) -> bool:
-    """Whether the blob's (unverified) tail is an eStargz footer: an eStargz layer whose TOC digest the
-    manifest does not give is not converted while it downloads."""
-    tail = min(blob.size, toc.FOOTER_SIZE)
-    with contextlib.suppress(toc.FormatError):
-        return bool(toc.parse_footer(blob.read_at(blob.size - tail, tail), blob.size))
-    return False
 
 
 class AccessRecorder:

@@ -62,8 +62,9 @@ class Source:
                 self.in_flight -= 1
 
 
-def _digest_of_stream(stream) -> str:  # noqa: ANN001 -- an io.BufferedReader
-    return toc.sha256_digest(stream.read())
+def _digest_of_stream(blob: download.RangedDownload) -> str:
+    with blob.stream() as stream:
+        return toc.sha256_digest(stream.read())
 
 
 def test_concurrent_ranges_streamed_in_order_and_verified(pushed: Pushed,
@@ -79,15 +80,16 @@ def test_concurrent_ranges_streamed_in_order_and_verified(pushed: Pushed,
             held_back.append(first_read.wait(30))
         return data
 
-    def consume(stream) -> str:  # noqa: ANN001
-        head = stream.read(1000)
-        first_read.set()
-        return toc.sha256_digest(head + stream.read())
+    def consume(blob: download.RangedDownload) -> str:
+        with blob.stream() as stream:
+            head = stream.read(1000)
+            first_read.set()
+            return toc.sha256_digest(head + stream.read())
 
     source = Source(opened.blob(image.layer_digest), hold_last)
     counted: list[int] = []
     path = tmp_path / "blob"
-    got = download.download_streaming(source, image.layer_digest, path, consume, on_bytes=counted.append)
+    got = download.whole_blob(source, image.layer_digest, path, consume, on_bytes=counted.append)
     assert got == image.layer_digest and path.read_bytes() == image.layer
     assert held_back == [True]  # the consumer had its bytes while the download was still running
     assert source.calls == len(counted) == -(-len(image.layer) // download.MIN_PART)
@@ -113,34 +115,43 @@ def test_a_bad_part_fails_the_download_and_its_stream(pushed: Pushed, tmp_path: 
 
     seen: list[BaseException] = []
 
-    def consume(stream) -> str:  # noqa: ANN001
+    def consume(blob: download.RangedDownload) -> str:
         try:
-            return _digest_of_stream(stream)
+            return _digest_of_stream(blob)
         except OSError as e:
             seen.append(e)
             raise
 
     expected = toc.DigestError if fault == "corrupt" else regclient.RegistryError
     with pytest.raises(expected):
-        download.download_streaming(Source(opened.blob(image.layer_digest), hook), image.layer_digest,
-                                    tmp_path / "blob", consume)
+        download.whole_blob(Source(opened.blob(image.layer_digest), hook), image.layer_digest,
+                            tmp_path / "blob", consume)
     assert list(tmp_path.iterdir()) == []
     if fault == "fail":  # the stream stopped before the missing part
         assert [e.errno for e in seen] == [errno.EIO]
 
 
-def test_a_plain_layer_is_fetched_by_ranges_and_converted_as_it_arrives(pushed: Pushed,
-                                                                        tmp_path: Path) -> None:
-    """engine.Layer.localize of a gzip layer: several range requests (counted in its stats), converted
-    while downloading, then served from the local eStargz conversion; the downloaded blob is dropped."""
+def test_read_at_waits_for_its_bytes(pushed: Pushed, tmp_path: Path) -> None:
+    """A consumer reading the blob as a file (`read_at`, as an index builder would) gets each range as
+    soon as it has arrived, in any order."""
     image, opened = pushed
-    layer = engine.Layer(image.layer_digest, opened.blob(image.layer_digest))
-    assert not layer.open_index()  # not eStargz: no lazy reads
+    ranges = [(5_500_000, 400_000), (0, 10), (1_000_000, 2_500_000), (len(image.layer) - 5, 100)]
+    got = download.whole_blob(Source(opened.blob(image.layer_digest)), image.layer_digest, tmp_path / "blob",
+                              lambda blob: [blob.read_at(offset, length) for offset, length in ranges])
+    assert got == [image.layer[offset:offset + length] for offset, length in ranges]
+
+
+def test_a_plain_layer_is_downloaded_by_concurrent_ranges(pushed: Pushed, tmp_path: Path) -> None:
+    """engine.Layer.localize of a gzip layer: the blob comes in parallel range requests, then the layer is
+    served from its local eStargz conversion; the downloaded blob is dropped."""
+    image, opened = pushed
+    source = Source(opened.blob(image.layer_digest))
+    layer = engine.Layer(image.layer_digest, source)
     layer.localize(tmp_path)
     assert layer.state == "local" and layer.index is not None
-    assert layer.index.lookup("hello.txt") is not None
+    assert source.calls == -(-len(image.layer) // download.MIN_PART)
+    assert source.most_in_flight == download.DOWNLOAD_CONNECTIONS
     assert layer.stats.bytes_fetched == len(image.layer)
-    assert layer.stats.requests == -(-len(image.layer) // download.MIN_PART)
     assert [p.name for p in (tmp_path / "converted").iterdir()] == [f"{image.layer_digest[7:]}.estargz"]
     assert list((tmp_path / "blobs").iterdir()) == []
     blob = layer.blob

@@ -97,7 +97,7 @@ def referrers(client: RegistryClient, ref: Reference | str, subject_digest: str,
     if answer is None:
         entries = _tag_entries(client, ref, referrers_tag(subject_digest))
     else:
-        entries = _entries(answer[0], ref, f"referrers of {subject_digest}")
+        entries = _entries(answer, ref, f"referrers of {subject_digest}")
     try:
         found = [Descriptor.from_json(entry) for entry in entries]
     except InvalidInputError as e:

@@ -576,23 +576,19 @@ class RegistryClient:
                           headers={"Accept": accept})
 
     def get_referrers(self, ref: Reference | str, digest: str,
-                      artifact_type: str | None = None) -> tuple[bytes, bool] | None:
+                      artifact_type: str | None = None) -> bytes | None:
         """The OCI 1.1 referrers API's index of the manifests whose subject is `digest` (unverified JSON,
-        size-limited), and whether the registry applied the `artifact_type` filter; None if the registry
-        has no referrers API (HTTP 404, which the API itself never answers)."""
+        size-limited; the registry may ignore the `artifact_type` filter); None if the registry has no
+        referrers API (HTTP 404, which the API itself never answers)."""
         ref = as_reference(ref)
         tail = f"referrers/{valid_digest(digest)}"
         if artifact_type:
             if not _MEDIA_TYPE_RE.fullmatch(artifact_type):
                 raise InvalidInputError(f"invalid artifact type {artifact_type[:100]!r}")
             tail += "?" + urlencode({"artifactType": artifact_type})
-
-        def consume(resp: requests.Response, op: _Op) -> tuple[bytes, bool]:
-            filtered = "artifacttype" in resp.headers.get("OCI-Filters-Applied", "").lower()
-            return self._read_body(resp, MAX_MANIFEST_SIZE, op), filtered
-
         try:
-            return self._call(ref, "GET", tail, f"referrers of {digest}", consume,
+            return self._call(ref, "GET", tail, f"referrers of {digest}",
+                              lambda resp, op: self._read_body(resp, MAX_MANIFEST_SIZE, op),
                               headers={"Accept": MEDIA_OCI_INDEX})
         except NotFoundError:
             return None

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 EMPTY_JSON = b"{}"
 EMPTY_CONFIG = Descriptor(MEDIA_OCI_EMPTY, sha256_digest(EMPTY_JSON), len(EMPTY_JSON))
 TAG_UPDATE_ATTEMPTS = 5  # read-modify-write rounds of the referrers tag before giving up on racing pushers
-MAX_SEEK_INDEX_FLOOR = 16 << 20  # a seek index may be this big, plus a tenth of its layer's size
+MAX_SEEK_INDEX_FLOOR = 64 << 20  # a seek index may be this big, plus an eighth of its layer's size
 
 
 @dataclass(frozen=True)
@@ -252,5 +252,5 @@ def push_seek_index(image: Image, layer_digest: str, data: bytes) -> Descriptor:
 def seek_index(image: Image, layer_digest: str) -> bytes | None:
     """The newest seek index attached to the image for its layer `layer_digest`, verified against the
     digest its artifact manifest gives (its content is seekindex.py's to check); None if there is none."""
-    limit = MAX_SEEK_INDEX_FLOOR + _layer(image, layer_digest).size // 10
+    limit = MAX_SEEK_INDEX_FLOOR + _layer(image, layer_digest).size // 8  # seekindex's bound for its cache
     return layer_artifact(image, layer_digest, ARTIFACT_SEEK_INDEX, limit)

@@ -101,12 +101,14 @@ def select_platform(index: Mapping[str, Any], wanted: str | None = None,
 
 @dataclass(frozen=True)
 class Descriptor:
-    """An OCI content descriptor (the digest is validated, the size a non-negative int)."""
+    """An OCI content descriptor (the digest is validated, the size a non-negative int); `artifact_type`
+    is set on the descriptors of referrer artifacts."""
 
     media_type: str
     digest: str
     size: int
     annotations: Mapping[str, str] = field(default_factory=dict)
+    artifact_type: str = ""
 
     @classmethod
     def from_json(cls, obj: Any) -> Descriptor:
@@ -120,11 +122,14 @@ class Descriptor:
         if not isinstance(annotations, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
             raise InvalidInputError("descriptor annotations must map strings to strings")
-        return cls(str(obj.get("mediaType", "")), valid_digest(obj.get("digest")), size, annotations)
+        return cls(str(obj.get("mediaType", "")), valid_digest(obj.get("digest")), size, annotations,
+                   str(obj.get("artifactType", "")))
 
     def to_json(self) -> dict[str, Any]:
         """The descriptor as a manifest JSON object."""
         obj: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.artifact_type:
+            obj["artifactType"] = self.artifact_type
         if self.annotations:
             obj["annotations"] = dict(self.annotations)
         return obj
@@ -443,6 +448,16 @@ class Image:
     config: dict[str, Any]
     layers: list[Descriptor]
     _source: _RegistrySource | _LayoutSource = field(repr=False)
+
+    @property
+    def client(self) -> RegistryClient | None:
+        """The registry client the image is read through (None for an OCI layout)."""
+        return self._source.client if isinstance(self._source, _RegistrySource) else None
+
+    @property
+    def descriptor(self) -> Descriptor:
+        """The descriptor of this image's manifest (what a referrer artifact names as its subject)."""
+        return Descriptor(self.media_type, self.digest, len(self.manifest_bytes))
 
     def blob(self, digest: str, spill_path: str | os.PathLike[str] | None = None) -> BlobReader:
         """A reader for a blob of this image (a layer or the config), sized from its descriptor."""

@@ -28,6 +28,7 @@ import cachetools
 
 import cache
 import config
+import convert
 import engine
 import fetch
 import regclient
@@ -282,7 +283,8 @@ def open_chunk_cache(args: argparse.Namespace) -> tuple[Path, cache.ChunkCache]:
 
 
 def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
-    """Resolve the image, read every eStargz layer's TOC, and set up the cache and the view."""
+    """Resolve the image, read every eStargz layer's TOC, fetch the profiles attached to the image (unless
+    --no-prefetch), and set up the cache and the view."""
     ref = config.parse_reference(args.image)
     image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
     descriptors = image.layers
@@ -295,6 +297,7 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
     layers = [engine.Layer(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION))
               for d in descriptors]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        profile = pool.submit(_attached_profile, image) if args.prefetch else None
         lazy = list(pool.map(engine.Layer.open_index, layers))
     for layer, is_lazy, descriptor in zip(layers, lazy, descriptors, strict=True):
         if not is_lazy:
@@ -304,11 +307,25 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
     recorder = engine.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
     view = engine.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
                           opaque_xattr=OPAQUE_XATTR, prefetch=args.prefetch, background=args.background_fetch,
-                          recorder=recorder)
+                          recorder=recorder, profile=profile.result() if profile else None)
     runtime = image.config.get("config") if isinstance(image.config.get("config"), dict) else {}
     info = {"reference": str(ref), "digest": image.digest, "mountpoint": str(args.mountpoint),
             "config": {k: runtime[k] for k in RUNTIME_KEYS if k in runtime}}
     return view, info
+
+
+def _attached_profile(image: fetch.Image) -> dict[str, list[str]]:
+    """The profiles attached to the image (`record --push`), merged; {} if there are none or they cannot
+    be had (the mount goes on without them)."""
+    try:
+        profile = convert.attached_profile(image)
+    except toc.LazymountError as e:
+        log.warning("%s: the profiles attached to the image are not used: %s", image.reference, e)
+        return {}
+    if profile:
+        log.info("%s: prefetching the %d files of its attached profiles", image.reference,
+                 sum(map(len, profile.values())))
+    return profile
 
 
 def _raise_read_ahead(mountpoint: Path) -> None:

@@ -209,6 +209,13 @@ def cmd_record(args: argparse.Namespace) -> int:
     convert.write_profile(args.output, profile)
     print(f"lazymount: recorded {sum(map(len, recorded.values()))} files of {len(recorded)} layers in "
           f"{args.output}" + (f" (the command exited with status {code})" if code else ""), file=sys.stderr)
+    if args.push and code:
+        print("lazymount: the profile was not attached to the image: the command failed", file=sys.stderr)
+    elif args.push:
+        ref = config.parse_reference(args.image)
+        image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
+        digest = convert.push_profile(image, recorded)
+        print(f"lazymount: attached the profile to {ref} ({image.digest}) as {digest}", file=sys.stderr)
     return code
 
 
@@ -337,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("lazymount.profile"), metavar="PROFILE",
                    help="profile to write (default: lazymount.profile)")
     p.add_argument("--append", action="store_true", help="merge into PROFILE instead of replacing it")
+    p.add_argument("--push", action="store_true",
+                   help="also attach this run's profile to IMAGE in its registry (an OCI referrer; the image "
+                        "is not pushed again): mount and run prefetch its files")
     p.set_defaults(func=cmd_record, subparser=p)
 
     p = sub.add_parser("optimize", parents=[registry, layout, mounting],

@@ -2,10 +2,10 @@
 
 What belongs here: `RegistryClient`, its transport (endpoints and mirrors, auth challenges and tokens with
 credentials found through config.py, TLS, retries and backoff, redirects, status errors) and operations
-(manifests, blob sizes, byte ranges by single and multi-range requests, whole-blob downloads into a caller's
-sink, uploads and cross-repository mounts). What never does: images, platforms, blob readers, spill files
-and OCI layouts (fetch.py), references, config and auth files (config.py), TOCs (toc.py), chunks
-(cache.py), FUSE or gRPC.
+(manifests, the referrers API, blob sizes, byte ranges by single and multi-range requests, whole-blob
+downloads into a caller's sink, uploads and cross-repository mounts). What never does: images, platforms,
+blob readers, spill files and OCI layouts (fetch.py), referrer artifacts (referrers.py), references, config
+and auth files (config.py), TOCs (toc.py), chunks (cache.py), FUSE or gRPC.
 
 Everything a registry sends is untrusted: digests are validated before they enter a URL, what is read
 whole is size-limited before and digest-verified after, and every 206 must answer exactly the range asked.
@@ -53,7 +53,7 @@ from config import (
     lookup_credentials,
     valid_digest,
 )
-from toc import INDEX_TYPES, MANIFEST_TYPES, LazymountError, sha256_digest
+from toc import INDEX_TYPES, MANIFEST_TYPES, MEDIA_OCI_INDEX, LazymountError, sha256_digest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -574,6 +574,24 @@ class RegistryClient:
         accept = ", ".join(INDEX_TYPES + MANIFEST_TYPES)
         return self._call(ref, "GET", f"manifests/{reference}", f"manifest {reference}", consume,
                           headers={"Accept": accept})
+
+    def get_referrers(self, ref: Reference | str, digest: str,
+                      artifact_type: str | None = None) -> bytes | None:
+        """The OCI 1.1 referrers API's index of the manifests whose subject is `digest` (unverified JSON,
+        size-limited; the registry may ignore the `artifact_type` filter); None if the registry has no
+        referrers API (HTTP 404, which the API itself never answers)."""
+        ref = as_reference(ref)
+        tail = f"referrers/{valid_digest(digest)}"
+        if artifact_type:
+            if not _MEDIA_TYPE_RE.fullmatch(artifact_type):
+                raise InvalidInputError(f"invalid artifact type {artifact_type[:100]!r}")
+            tail += "?" + urlencode({"artifactType": artifact_type})
+        try:
+            return self._call(ref, "GET", tail, f"referrers of {digest}",
+                              lambda resp, op: self._read_body(resp, MAX_MANIFEST_SIZE, op),
+                              headers={"Accept": MEDIA_OCI_INDEX})
+        except NotFoundError:
+            return None
 
     def blob_size(self, ref: Reference | str, digest: str) -> int:
         """The size of a blob (HEAD)."""

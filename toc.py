@@ -10,9 +10,11 @@ another project module.
 from __future__ import annotations
 
 import bisect
+import codecs
 import errno
 import hashlib
 import io
+import itertools
 import json
 import re
 import struct
@@ -63,7 +65,6 @@ PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENT = b"\x0f"
 DEFAULT_CHUNK_SIZE = 4 << 20
-MAX_TOC_BYTES = 1 << 30  # uncompressed TOC JSON; ~3 KB per entry for a million entries
 
 # eStargz footer, 51 bytes: gzip header with FEXTRA (10) + XLEN (2) + subfield 'S','G' + LEN (2+2)
 # + "%016x" TOC offset + "STARGZ" (22) + empty stored deflate block (5) + CRC32 and ISIZE (8).
@@ -183,113 +184,355 @@ def _footer_in_range(fmt: str, toc_offset: int, toc_end: int, size: int) -> Foot
     return Footer(fmt, toc_offset, toc_end, size)
 
 
+# ----------------------------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on every size an image decides, each checked before the bytes it covers are read or inflated.
+
+    The one list of them (README, "Limits"); the config file's `limits:` section changes any of them.
+    """
+
+    toc_compressed: int = 256 << 20  # bytes of a layer's compressed TOC
+    toc_json: int = 1 << 30  # bytes of TOC JSON once inflated (streamed: memory grows with entries only)
+    toc_entries: int = 4_000_000  # entries of one TOC, chunk entries included (~100-200 bytes of memory each)
+    entry_json: int = 1 << 20  # bytes of one entry's JSON (its xattrs included)
+    path_length: int = 4096  # characters of an entry's name or link target (PATH_MAX)
+    path_depth: int = 2048  # components of an entry's name (PATH_MAX allows ~2048)
+    chunk_size: int = 64 << 20  # bytes of one chunk once inflated (writers use 4 MiB); larger ones are EIO
+    manifest_size: int = 4 << 20  # a manifest, an index or a layout's index.json (the OCI spec's 4 MiB)
+    config_size: int = 8 << 20  # an image's config blob
+
+
+DEFAULT_LIMITS = Limits()
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
+_PIECE = 1 << 20  # inflated bytes handed on at a time while a TOC streams through the parser
+_MEMBER_PIECE = 8 << 20  # compressed TOC bytes read at a time
+_TAR_HEAD = 64 << 10  # the TOC's tar headers (a PAX header included) must fit in this
 
-def _gunzip_bounded(data: bytes, limit: int, what: str) -> bytes:
-    """Decompress a chain of gzip members, never producing more than `limit` bytes."""
-    out = bytearray()
-    while data:
-        d = zlib.decompressobj(wbits=31)
-        try:
-            piece = d.decompress(data, limit + 1 - len(out))
-        except zlib.error as e:
-            raise FormatError(f"{what}: corrupt gzip data ({e})") from None
-        if len(out) + len(piece) > limit:
-            raise FormatError(f"{what}: inflates past {limit} bytes")
-        if not d.eof:
-            raise TruncatedError(f"{what}: gzip data ends early")
-        data = d.unused_data
-        if not out and not data:
-            return piece  # one member (a TOC's usual case): no copy of a 40 MB TOC
-        out += piece
-    return bytes(out)
+
+def _gunzip_pieces(pieces: Iterable[bytes], what: str) -> Iterator[bytes]:
+    """Inflate a chain of gzip members arriving in pieces, at most _PIECE bytes at a time."""
+    d = zlib.decompressobj(wbits=31)
+    started = False
+    for data in pieces:
+        while True:
+            try:
+                out = d.decompress(data, _PIECE)
+            except zlib.error as e:
+                raise FormatError(f"{what}: corrupt gzip data ({e})") from None
+            started = started or bool(data)
+            if out:
+                yield out
+            if d.eof:
+                data, d, started = d.unused_data, zlib.decompressobj(wbits=31), False
+                if not data:
+                    break
+            else:
+                data = d.unconsumed_tail
+                if not data and len(out) < _PIECE:
+                    break
+    if started:
+        raise TruncatedError(f"{what}: gzip data ends early")
+
+
+class _PieceReader:
+    """A read(n) file over byte pieces (what zstandard's stream_reader reads from)."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces, self._buf = pieces, memoryview(b"")
+
+    def read(self, n: int) -> bytes:
+        while not self._buf:
+            piece = next(self._pieces, None)
+            if piece is None:
+                return b""
+            self._buf = memoryview(piece)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return bytes(out)
+
+
+def _unzstd_pieces(pieces: Iterator[bytes], what: str) -> Iterator[bytes]:
+    """Inflate zstd frames arriving in pieces, at most _PIECE bytes at a time."""
+    import zstandard  # here, not at the top: gzip images never need it and it costs ~40 ms of start-up
+
+    reader = zstandard.ZstdDecompressor().stream_reader(_PieceReader(pieces), read_across_frames=True)
+    try:
+        while piece := reader.read(_PIECE):
+            yield piece
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{what}: corrupt zstd data ({e})") from None
 
 
 def _unzstd(data: bytes, want: int, what: str) -> bytes:
     """Up to `want` bytes of zstd frames, read in pieces: python-zstandard's read(n) allocates n bytes."""
-    import zstandard  # here, not at the top: gzip images never need it and it costs ~40 ms of start-up
+    import zstandard
 
     out = bytearray()
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-        while len(out) < want and (piece := reader.read(min(want - len(out), 1 << 20))):
+        while len(out) < want and (piece := reader.read(min(want - len(out), _PIECE))):
             out += piece
     except zstandard.ZstdError as e:
         raise FormatError(f"{what}: corrupt zstd data ({e})") from None
     return bytes(out)
 
 
-def _unzstd_bounded(data: bytes, limit: int, what: str) -> bytes:
-    out = _unzstd(data, limit + 1, what)
-    if len(out) > limit:
-        raise FormatError(f"{what}: inflates past {limit} bytes")
-    return out
-
-
-def toc_json_from_member(member: bytes, fmt: str, limit: int = MAX_TOC_BYTES) -> bytes:
-    """Extract the TOC JSON from its compressed member(s) (a tar entry for gzip, bare JSON for zstd)."""
-    return bytes(_toc_json_view(member, fmt, limit))
-
-
-def _toc_json_view(member: bytes, fmt: str, limit: int) -> memoryview:
-    """The TOC JSON as a view into the decompressed member(s): no copy of it is made."""
-    if fmt == ZSTD:
-        return memoryview(_unzstd_bounded(member, limit, "TOC"))
-    raw = _gunzip_bounded(member, limit + 8192, "TOC")
+def _toc_tar_entry(head: bytes, limit: int) -> tuple[int, int]:
+    """(offset, size) of the TOC JSON in the tar entry whose headers start `head`."""
     try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tar:
             info = tar.next()
-            if info is None or info.name != TOC_TAR_NAME or not info.isreg() or info.issparse():
-                raise TOCError(f"TOC member holds no {TOC_TAR_NAME} tar entry")
-            if info.size > limit:
-                raise TOCError(f"TOC of {info.size} bytes is larger than {limit}")
     except tarfile.TarError as e:
         raise TOCError(f"TOC member is not a tar entry ({e})") from None
-    if info.offset_data + info.size > len(raw):
-        raise TOCError("TOC member is not a tar entry (its data ends early)")
-    return memoryview(raw)[info.offset_data:info.offset_data + info.size]
+    if info is None or info.name != TOC_TAR_NAME or not info.isreg() or info.issparse():
+        raise TOCError(f"TOC member holds no {TOC_TAR_NAME} tar entry")
+    if info.size > limit:
+        raise TOCError(f"TOC of {info.size} bytes is larger than {limit} (limits.toc_json)")
+    return info.offset_data, info.size
+
+
+class _TOCStream:
+    """A blob's TOC JSON as it inflates, in pieces: bounded by the limits, hashed as it goes, never whole.
+
+    `failed` is set when the stream itself broke (a read, inflation or the tar entry), as opposed to its
+    consumer giving up on what it said; `drain` reads what is left so that `digest` covers all of it.
+    """
+
+    def __init__(self, read_at: ReadAt, footer: Footer, limits: Limits) -> None:
+        self.footer, self.hash, self.size, self.failed = footer, hashlib.sha256(), 0, False
+        compressed = footer.toc_end - footer.toc_offset
+        if compressed > limits.toc_compressed:
+            raise TOCError(f"compressed TOC of {compressed} bytes exceeds {limits.toc_compressed} "
+                           "(limits.toc_compressed)")
+        self._pieces = self._json(read_at, limits.toc_json)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._pieces
+
+    def _json(self, read_at: ReadAt, limit: int) -> Iterator[bytes]:
+        try:
+            gzip = self.footer.format == GZIP
+            inflated = (_gunzip_pieces if gzip else _unzstd_pieces)(self._member(read_at), "TOC")
+            start, size, bound = 0, limit, limit
+            if gzip:
+                head = bytearray()
+                for piece in inflated:
+                    head += piece
+                    if len(head) >= _TAR_HEAD:
+                        break
+                start, size = _toc_tar_entry(bytes(head[:_TAR_HEAD]), limit)
+                bound = start + size + 8192  # the tar entry's padding and the end-of-archive blocks
+                inflated = itertools.chain((bytes(head),), inflated)
+            pos = 0
+            for piece in inflated:
+                if pos + len(piece) > bound:
+                    raise FormatError(f"TOC: inflates past {limit} bytes (limits.toc_json)")
+                data = piece[max(0, start - pos):max(0, start + size - pos)]
+                pos += len(piece)
+                if data:
+                    self.hash.update(data)
+                    self.size += len(data)
+                    yield data
+            if gzip and self.size < size:
+                raise TOCError("TOC member is not a tar entry (its data ends early)")
+        except LazymountError:
+            self.failed = True
+            raise
+
+    def _member(self, read_at: ReadAt) -> Iterator[bytes]:
+        end = self.footer.toc_end
+        for offset in range(self.footer.toc_offset, end, _MEMBER_PIECE):
+            want = min(_MEMBER_PIECE, end - offset)
+            data = read_at(offset, want)
+            if len(data) != want:
+                raise TruncatedError("TOC member ends early")
+            yield data
+
+    def drain(self) -> None:
+        for _ in self._pieces:
+            pass
+
+    def check(self, expected_digest: str | None) -> None:
+        """Raise DigestError unless the JSON read so far (all of it, after `drain`) hashes to the digest."""
+        if expected_digest is not None and "sha256:" + self.hash.hexdigest() != check_digest(expected_digest):
+            raise DigestError(f"TOC digest sha256:{self.hash.hexdigest()} does not match {expected_digest}")
 
 
 ReadAt = Callable[[int, int], bytes]
 
 
-def read_toc_json(read_at: ReadAt, blob_size: int, expected_digest: str | None = None,
-                  limit: int = MAX_TOC_BYTES) -> tuple[Footer, bytes]:
-    """Read the footer and the TOC JSON of a blob through `read_at(offset, length)`; verify the digest."""
-    footer, view = _read_toc_view(read_at, blob_size, expected_digest, limit)
-    return footer, bytes(view)
-
-
-def _read_toc_view(read_at: ReadAt, blob_size: int, expected_digest: str | None,
-                   limit: int) -> tuple[Footer, memoryview]:
+def _open_toc(read_at: ReadAt, blob_size: int, limits: Limits) -> _TOCStream:
     tail_len = min(blob_size, FOOTER_SIZE)
-    footer = parse_footer(read_at(blob_size - tail_len, tail_len), blob_size)
-    # Compressed data is at most slightly larger than its input: refuse to read a huge "TOC" whole.
-    if footer.toc_end - footer.toc_offset > limit + (limit >> 8) + 65536:
-        raise TOCError(f"compressed TOC of {footer.toc_end - footer.toc_offset} bytes exceeds the limit")
-    member = read_at(footer.toc_offset, footer.toc_end - footer.toc_offset)
-    if len(member) != footer.toc_end - footer.toc_offset:
-        raise TruncatedError("TOC member ends early")
-    data = _toc_json_view(member, footer.format, limit)
-    if expected_digest is not None and sha256_digest(data) != check_digest(expected_digest):
-        raise DigestError(f"TOC digest {sha256_digest(data)} does not match {expected_digest}")
-    return footer, data
+    return _TOCStream(read_at, parse_footer(read_at(blob_size - tail_len, tail_len), blob_size), limits)
 
 
-def read_index(read_at: ReadAt, blob_size: int, expected_digest: str | None = None) -> Index:
+def read_toc_json(read_at: ReadAt, blob_size: int, expected_digest: str | None = None,
+                  limits: Limits = DEFAULT_LIMITS) -> tuple[Footer, bytes]:
+    """Read the footer and the whole TOC JSON of a blob through `read_at(offset, length)`; verify it."""
+    stream = _open_toc(read_at, blob_size, limits)
+    data = b"".join(stream)
+    stream.check(expected_digest)
+    return stream.footer, data
+
+
+def read_index(read_at: ReadAt, blob_size: int, expected_digest: str | None = None,
+               limits: Limits = DEFAULT_LIMITS) -> Index:
     """Read, verify and index the TOC of an eStargz or zstd:chunked blob.
 
-    The JSON is decoded to text straight from the decompressed member, which is freed before parsing:
-    at most two copies of a TOC (40 MB for 100k files) are alive at once, never three.
+    The JSON streams through the parser entry by entry, so memory grows with the entries, never with the
+    bytes of the TOC.  If the TOC does not hash to `expected_digest`, that is the error, whatever the
+    parser thought of it.
     """
-    footer, view = _read_toc_view(read_at, blob_size, expected_digest, MAX_TOC_BYTES)
+    stream = _open_toc(read_at, blob_size, limits)
+    builder = _IndexBuilder(Index(stream.footer.format, stream.footer.toc_offset), limits)
     try:
-        text = str(view, json.detect_encoding(bytes(view[:4])), "surrogatepass")
+        _parse_toc(_text_pieces(stream), builder, limits)
+        stream.drain()
+    except LazymountError:
+        if not stream.failed:
+            stream.drain()
+            stream.check(expected_digest)
+        raise
+    stream.check(expected_digest)
+    index = builder.finish()
+    index.toc_digest, index.toc_size = "sha256:" + stream.hash.hexdigest(), stream.size
+    return index
+
+
+def _text_pieces(pieces: Iterable[bytes]) -> Iterator[str]:
+    """Decode JSON bytes arriving in pieces (UTF-8, or the UTF-16/32 that JSON allows)."""
+    pieces = iter(pieces)
+    first = b""
+    while len(first) < 4 and (piece := next(pieces, None)) is not None:
+        first += piece
+    decoder = codecs.getincrementaldecoder(json.detect_encoding(first[:4]))("surrogatepass")
+    try:
+        yield decoder.decode(first)
+        for piece in pieces:
+            yield decoder.decode(piece)
+        yield decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
         raise TOCError(f"TOC is not valid JSON ({str(e)[:200]})") from None
-    del view  # the last reference to the decompressed member
-    return Index.from_json(text, footer)
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_SCAN = json.JSONDecoder().scan_once  # (text, index) -> (value, end); what json.loads runs, in C
+
+
+class _JSONScanner:
+    """The values of one JSON document arriving as text in pieces, decoded one at a time: the document
+    never sits in memory whole, and no single value may be longer than `max_value` characters."""
+
+    def __init__(self, pieces: Iterator[str], max_value: int) -> None:
+        self._pieces, self._max = pieces, max_value
+        self._buf, self._pos, self._eof = "", 0, False
+
+    def _more(self) -> bool:
+        piece = next(self._pieces, None)
+        if piece is None:
+            self._eof = True
+            return False
+        self._buf = self._buf[self._pos:] + piece
+        self._pos = 0
+        return True
+
+    def peek(self) -> str:
+        """The next character that is not whitespace ('' at the end of the document)."""
+        while True:
+            self._pos = _WHITESPACE.match(self._buf, self._pos).end()
+            if self._pos < len(self._buf):
+                return self._buf[self._pos]
+            if not self._more():
+                return ""
+
+    def take(self, char: str) -> None:
+        if self.peek() != char:
+            found = self._buf[self._pos:self._pos + 20] or "the end"
+            raise TOCError(f"TOC is not valid JSON (expected {char!r} at {found!r})")
+        self._pos += 1
+
+    def value(self) -> object:
+        """The next value, decoded by the json module (so it means what json.loads would make of it)."""
+        pos = self._pos = _WHITESPACE.match(self._buf, self._pos).end()
+        try:
+            obj, end = _SCAN(self._buf, pos)
+        except (StopIteration, ValueError, RecursionError):
+            return self._slow_value()
+        # a value that ends the buffer may go on in the next piece (a number, or just be cut short)
+        if end == len(self._buf) and not self._eof or end - pos > self._max:
+            return self._slow_value()
+        self._pos = end
+        return obj
+
+    def _slow_value(self) -> object:
+        while True:
+            self.peek()
+            try:
+                obj, end = _SCAN(self._buf, self._pos)
+            except (StopIteration, ValueError, RecursionError) as e:
+                if self._eof or len(self._buf) - self._pos > self._max:
+                    detail = "expecting a value" if isinstance(e, StopIteration) else str(e)[:200]
+                    raise TOCError(f"TOC is not valid JSON ({detail})") from None
+                self._more()
+                continue
+            if end - self._pos > self._max:
+                raise TOCError(f"a TOC entry is over {self._max} bytes (limits.entry_json)")
+            if end < len(self._buf) or not self._more():
+                self._pos = end
+                return obj
+
+    def items(self, consume: Callable[[object], None]) -> None:
+        """Hand each value of the array whose '[' comes next to `consume`."""
+        self.take("[")
+        if self.peek() == "]":
+            self._pos += 1
+            return
+        while True:
+            consume(self.value())
+            if self._pos < len(self._buf) and self._buf[self._pos] == ",":  # the usual case: no whitespace
+                self._pos += 1
+                continue
+            char = self.peek()
+            self._pos += 1
+            if char == "]":
+                return
+            if char != ",":
+                found = self._buf[self._pos - 1:self._pos + 19]
+                raise TOCError(f"TOC is not valid JSON (expected ',' or ']' at {found!r})")
+
+
+def _parse_toc(pieces: Iterator[str], builder: _IndexBuilder, limits: Limits) -> None:
+    """Feed the entries of TOC JSON text to `builder`, one at a time."""
+    scan = _JSONScanner(pieces, limits.entry_json)
+    version: object = 1
+    seen = False
+    scan.take("{")
+    while scan.peek() != "}":
+        key = scan.value()
+        scan.take(":")
+        if key == "entries" and not seen and scan.peek() == "[":
+            seen = True
+            scan.items(builder.add)
+        elif key == "entries" or not isinstance(key, str):
+            raise TOCError("TOC is not an object with an 'entries' list of entries")
+        elif key == "version":
+            version = scan.value()
+        else:
+            scan.value()
+        if scan.peek() != "}":
+            scan.take(",")
+    scan.take("}")
+    if scan.peek():
+        raise TOCError("TOC is not valid JSON (extra data after the object)")
+    if not seen:
+        raise TOCError("TOC is not an object with an 'entries' list of entries")
+    if version not in (1, 2):
+        raise TOCError(f"unsupported TOC version {version!r}")
 
 
 _BAD_COMPONENTS = frozenset(("", ".", ".."))
@@ -387,25 +630,25 @@ class Index:
         self._order = array("I")
         self._sorted_offsets: array | None = None
         self._owner: array | None = None  # chunk id -> entry id, built on the first chunks_after
+        self.toc_digest = ""  # of the TOC JSON, and its size, when read from a blob
+        self.toc_size = 0
 
     # -- building -----------------------------------------------------------------------------------
 
     @classmethod
-    def from_json(cls, data: bytes | str, footer: Footer) -> Index:
-        """Parse TOC JSON into an index.  Entries are indexed as the parser meets them, so no list of
-        dicts for the whole TOC is ever held."""
-        builder = _IndexBuilder(cls(footer.format, footer.toc_offset))
-        try:
-            doc = json.loads(data, object_hook=builder.hook)
-        except (ValueError, RecursionError) as e:
-            raise TOCError(f"TOC is not valid JSON ({str(e)[:200]})") from None
-        entries = doc.get("entries") if isinstance(doc, dict) else None
-        if (not isinstance(entries, list) or len(entries) != builder.count
-                or any(e is not _ENTRY for e in entries)):
-            raise TOCError("TOC is not an object with an 'entries' list of entries")
-        if doc.get("version", 1) not in (1, 2):
-            raise TOCError(f"unsupported TOC version {doc.get('version')!r}")
-        del doc, entries  # all parse garbage is gone before finish() makes the long-lived name strings
+    def from_json(cls, data: bytes | str, footer: Footer, limits: Limits = DEFAULT_LIMITS) -> Index:
+        """Parse TOC JSON into an index, entry by entry (as read_index does, without its digest check)."""
+        builder = _IndexBuilder(cls(footer.format, footer.toc_offset), limits)
+        _parse_toc(_text_pieces((data,)) if isinstance(data, bytes) else iter((data,)), builder, limits)
+        return builder.finish()
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[dict], footer: Footer, limits: Limits = DEFAULT_LIMITS) -> Index:
+        """Index TOC entries given as dicts: the one validation a writer shares with the reader, so that
+        what it writes is what a reader accepts (or it fails with the reader's reason)."""
+        builder = _IndexBuilder(cls(footer.format, footer.toc_offset), limits)
+        for entry in entries:
+            builder.add(entry)
         return builder.finish()
 
     # -- queries ------------------------------------------------------------------------------------
@@ -565,47 +808,134 @@ class Index:
         return counts
 
 
+_EMPTY, _GONE = 0xFFFFFFFF, 0xFFFFFFFE  # a free slot of _Files, a removed path (probing goes on past it)
+
+
+class _Files:
+    """path -> entry id of the entries that are no directory, while an index is built, in ~30 bytes a
+    path (a dict of path strings costs ~140): open addressing on the paths' hashes in typed arrays.  A
+    matching hash is confirmed exactly, in O(1): the entry's parent is the path's directory, and its base
+    name the path's."""
+
+    def __init__(self, builder: _IndexBuilder) -> None:
+        self.builder = builder
+        self.hashes, self.ids, self.used = array("q", bytes(8 * 64)), array("I", [_EMPTY]) * 64, 0
+
+    def _slot(self, path: str, parent: int, base: str) -> int:
+        """The slot of `path` (in directory `parent`, named `base`), or the free slot it would take."""
+        ids, hashes, named = self.ids, self.hashes, self.builder.named
+        key, mask = hash(path), len(ids) - 1
+        slot = key & mask
+        while (found := ids[slot]) != _EMPTY:
+            if found != _GONE and hashes[slot] == key and named(found, parent, base):
+                return slot
+            slot = (slot + 1) & mask
+        return slot
+
+    def get(self, path: str, parent: int) -> int | None:
+        """The entry at `path` (in directory `parent`), or None."""
+        found = self.ids[self._slot(path, parent, path.rpartition("/")[2])]
+        return None if found == _EMPTY else found
+
+    def put(self, path: str, parent: int, base: str, entry_id: int) -> int | None:
+        """Map `path` to `entry_id`; return the entry it mapped to before, if any."""
+        if 3 * (self.used + 1) > 2 * len(self.ids):
+            self._grow()
+        slot = self._slot(path, parent, base)
+        old = self.ids[slot]
+        self.used += old == _EMPTY
+        self.hashes[slot], self.ids[slot] = hash(path), entry_id
+        return None if old == _EMPTY else old
+
+    def pop(self, path: str, parent: int, base: str) -> int | None:
+        """Forget `path`; return the entry it mapped to, if any."""
+        slot = self._slot(path, parent, base)
+        old = self.ids[slot]
+        if old == _EMPTY:
+            return None
+        self.ids[slot] = _GONE
+        return old
+
+    def _grow(self) -> None:
+        old = zip(self.hashes, self.ids, strict=True)
+        size = 2 * len(self.ids)
+        self.hashes, self.ids = array("q", bytes(8 * size)), array("I", [_EMPTY]) * size
+        self.used, mask = 0, size - 1
+        for key, entry_id in old:
+            if entry_id < _GONE:
+                slot = key & mask
+                while self.ids[slot] != _EMPTY:
+                    slot = (slot + 1) & mask
+                self.hashes[slot], self.ids[slot] = key, entry_id
+                self.used += 1
+
+
 class _IndexBuilder:
     """Feeds TOC entries (as the JSON parser produces them) into an Index; checks them as it goes.
 
     Base names are kept as UTF-8 in one buffer while parsing and become str objects only in `finish`,
-    after the parser's garbage is freed: made during the parse, the ~116k long-lived strings of a
-    100k-file TOC would sit between its short-lived objects and pin most of pymalloc's arenas (RSS
-    stayed ~35 MB above the live heap); made afterwards they fill a few arenas of their own.
+    so that they fill arenas of their own instead of pinning the parser's; paths map to entries through
+    a dict for directories and the compact `_Files` for the rest.
     """
 
-    def __init__(self, index: Index) -> None:
-        self.index = index
+    def __init__(self, index: Index, limits: Limits) -> None:
+        self.index, self.limits = index, limits
         self.count = 0
-        self.ids: dict[str, int] = {"": 0}  # path -> entry id, while building only
+        self.dirs: dict[str, int] = {"": 0}  # path -> entry id of directories, while building only
+        self.files = _Files(self)
+        self.name_at = array("Q", [0])  # where each entry's base name starts in `names`
         self.last_reg: int | None = None
         self.last_reg_name = ""
         self.last_chunk_end = 0
         self.mtimes: dict[str, int] = {}
         self.names = bytearray()  # base names after the root's "", each preceded by NUL (never in a name)
 
-    def hook(self, obj: dict) -> object:
-        if "name" not in obj and "type" not in obj:
-            return obj  # the top level or an xattrs map
-        self.add(obj)
-        self.count += 1
-        return _ENTRY
-
     def _dir(self, path: str) -> int:
-        """The id of directory `path`, creating implied directories."""
-        entry_id = self.ids.get(path)
-        if entry_id is None:
-            parent, _, base = path.rpartition("/")
-            entry_id = self._new(base, self._dir(parent))
-            self.ids[path] = entry_id
+        """The id of directory `path`, creating implied directories (without recursion: a name may be
+        thousands of levels deep)."""
+        missing = []
+        while (entry_id := self.dirs.get(path)) is None:
+            if self._file(path) is not None:
+                raise TOCError(f"{path[:200]!r} is used as a directory but is not one")
+            missing.append(path)
+            path = path.rpartition("/")[0]
+        for path in reversed(missing):
+            entry_id = self._new(path.rpartition("/")[2], entry_id)
+            self.dirs[path] = entry_id
             self.index._implicit.add(entry_id)
-        elif self.index._kind[entry_id] != KIND_DIR:
-            raise TOCError(f"{path!r} is used as a directory but is not one")
         return entry_id
+
+    def _file(self, path: str) -> int | None:
+        """The entry at `path` if it is no directory (and its directory is one)."""
+        parent = self.dirs.get(path.rpartition("/")[0])
+        return None if parent is None else self.files.get(path, parent)
+
+    def named(self, entry_id: int, parent: int, base: str) -> bool:
+        """Whether entry `entry_id` is `base` in directory `parent`."""
+        if self.index._parent[entry_id] != parent:
+            return False
+        start = self.name_at[entry_id]
+        end = self.name_at[entry_id + 1] - 1 if entry_id + 1 < len(self.name_at) else len(self.names)
+        return self.names[start:end] == base.encode("utf-8", "surrogatepass")
+
+    def _name(self, obj: dict, key: str) -> str:
+        """Field `key` (an entry name or a link target) as a clean path within the limits."""
+        name = normalize_name(obj.get(key)) if key == "name" else _str(obj, key)
+        limits = self.limits
+        if len(name) > limits.path_length:
+            raise TOCError(f"{key} {name[:80]!r}... is {len(name)} characters long, over "
+                           f"{limits.path_length} "
+                           "(limits.path_length)")
+        if key == "name" and name.count("/") >= limits.path_depth:
+            raise TOCError(f"entry name {name[:80]!r}... is {name.count('/') + 1} levels deep, over "
+                           f"{limits.path_depth} (limits.path_depth)")
+        return name
 
     def _new(self, base: str, parent: int) -> int:
         ix = self.index
-        self.names += b"\0" + base.encode("utf-8", "surrogatepass")
+        self.names += b"\0"
+        self.name_at.append(len(self.names))
+        self.names += base.encode("utf-8", "surrogatepass")
         ix._kind.append(KIND_DIR)
         ix._mode.append(0o755)
         ix._uid.append(0)
@@ -634,13 +964,19 @@ class _IndexBuilder:
         return seconds
 
     def add(self, obj: dict) -> None:
+        """Index one entry of the TOC (a dict as JSON has it), checking it."""
+        if not isinstance(obj, dict):
+            raise TOCError("TOC is not an object with an 'entries' list of entries")
+        self.count += 1
+        if self.count > self.limits.toc_entries:
+            raise TOCError(f"TOC has more than {self.limits.toc_entries} entries (limits.toc_entries)")
         typ = obj.get("type")
         if typ == "chunk":
             self._add_chunk(obj)
             return
         if typ not in _TYPES:
             raise TOCError(f"entry {str(obj.get('name'))[:80]!r} has unknown type {typ!r}")
-        name = normalize_name(obj.get("name"))
+        name = self._name(obj, "name")
         ix = self.index
         kind = _TYPES.index(typ)
         if name in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
@@ -658,12 +994,18 @@ class _IndexBuilder:
         else:
             parent_path, _, base = name.rpartition("/")
             parent = self._dir(parent_path)
-            entry_id = self.ids.get(name)
-            if entry_id is None or (kind != KIND_DIR or ix._kind[entry_id] != KIND_DIR):
+            entry_id = self.dirs.get(name) if kind == KIND_DIR else None  # a directory again: its entry
+            if entry_id is None:
                 entry_id = self._new(base, parent)  # a later duplicate replaces the earlier entry
-                if name in self.ids:
-                    ix._parent[self.ids[name]] = _ORPHAN
-                self.ids[name] = entry_id
+                if kind == KIND_DIR:  # (no directory has this name: it would have been found above)
+                    old = self.files.pop(name, parent, base)
+                    self.dirs[name] = entry_id
+                else:
+                    old = self.dirs.pop(name, None)
+                    replaced = self.files.put(name, parent, base, entry_id)
+                    old = replaced if old is None else old
+                if old is not None:
+                    ix._parent[old] = _ORPHAN
         ix._implicit.discard(entry_id)
         ix._kind[entry_id] = kind
         ix._mode[entry_id] = _int(obj, "mode") & 0o7777
@@ -672,9 +1014,9 @@ class _IndexBuilder:
         ix._mtime[entry_id] = self._mtime(obj.get("modtime"))
         self.last_reg = None
         if kind == KIND_SYMLINK:
-            ix._symlink[entry_id] = _str(obj, "linkName")
+            ix._symlink[entry_id] = self._name(obj, "linkName")
         elif kind == KIND_HARDLINK:
-            self._add_hardlink(entry_id, _str(obj, "linkName"))
+            self._add_hardlink(entry_id, self._name(obj, "linkName"))
         elif kind in (KIND_CHAR, KIND_BLOCK):
             ix._dev[entry_id] = (_int(obj, "devMajor"), _int(obj, "devMinor"))
         elif kind == KIND_REG:
@@ -691,7 +1033,9 @@ class _IndexBuilder:
                 raise TOCError(f"xattrs of {name!r} are not base64") from None
 
     def _add_hardlink(self, entry_id: int, link_name: str) -> None:
-        target = self.ids.get(normalize_name(link_name))
+        path = normalize_name(link_name)
+        target = self.dirs.get(path)
+        target = target if target is not None else self._file(path)
         if target is None or target == entry_id:
             raise TOCError(f"hardlink target {link_name[:80]!r} is not an earlier entry")
         ix = self.index
@@ -748,18 +1092,13 @@ class _IndexBuilder:
 
     def finish(self) -> Index:
         ix = self.index
-        self.ids, self.mtimes = {}, {}
-        # Sort with throw-away name strings, then make the kept ones: the sort's garbage is freed first.
+        self.dirs, self.files, self.name_at, self.mtimes = {}, _Files(self), array("Q"), {}
+        distinct: dict[str, str] = {}  # one str per distinct base name (__init__.py, README, ...), mostly
         names = self.names.decode("utf-8", "surrogatepass").split("\0")
-        live = [i for i in range(len(ix._kind)) if i != 0 and ix._parent[i] != _ORPHAN]
-        live.sort(key=lambda i, names=names: (ix._parent[i], names[i]))
-        ix._order = array("I", live)
-        del live, names
-        distinct: dict[str, str] = {}  # one str per distinct base name (__init__.py, README, ...)
-        names = self.names.decode("utf-8", "surrogatepass").split("\0")
-        ix.names = [distinct.setdefault(n, n) for n in names]
         self.names = bytearray()
+        ix.names = [distinct.setdefault(n, n) if len(distinct) < 65536 else n for n in names]
         del distinct, names
+        ix._order = _children_order(ix)
         for entry_id, target in ix._hardlink_of.items():
             ix._nlink[entry_id] = ix._nlink[target]
         # arrays grow by over-allocating; copies are exact
@@ -777,7 +1116,29 @@ class _IndexBuilder:
 
 
 _ORPHAN = 0xFFFFFFFF
-_ENTRY = object()  # what the JSON hook leaves in the entries list for each entry it indexed
+
+
+def _children_order(ix: Index) -> array:
+    """Every live entry but the root, sorted by (parent, name): counted into place by parent, then each
+    directory's slice sorted by name, so that no key is made for all entries at once."""
+    parent, count = ix._parent, len(ix._parent)
+    starts = array("Q", bytes(8 * (count + 1)))
+    for i in range(1, count):
+        if parent[i] != _ORPHAN:
+            starts[parent[i] + 1] += 1
+    for i in range(count):
+        starts[i + 1] += starts[i]
+    order, fill = array("I", bytes(4 * starts[count])), array("Q", starts)
+    for i in range(1, count):
+        if parent[i] != _ORPHAN:
+            order[fill[parent[i]]] = i
+            fill[parent[i]] += 1
+    del fill
+    by_name = ix.names.__getitem__
+    for i in range(count):
+        if starts[i + 1] - starts[i] > 1:
+            order[starts[i]:starts[i + 1]] = array("I", sorted(order[starts[i]:starts[i + 1]], key=by_name))
+    return order
 
 
 def _int(obj: dict, key: str, maximum: int = (1 << 63) - 1) -> int:

@@ -625,7 +625,7 @@ def test_toc_member_problems(small_blob):
         with pytest.raises(error):
             index_of(bad)
     with pytest.raises(FormatError, match="larger than 100|inflates past"):
-        toc.read_toc_json(reader(blob), len(blob), limit=100)
+        toc.read_toc_json(reader(blob), len(blob), limits=toc.Limits(toc_json=100))
     assert replace_toc(blob, doc) == payload + toc_member(data) + toc.footer_bytes(footer.toc_offset)
     index_of(replace_toc(blob, doc))
 
@@ -634,7 +634,7 @@ def test_zstd_toc_bounded(small_blob):
     data = json.dumps({"version": 1, "entries": []}).encode() + b" " * 5000
     blob = hostile_blob(data, fmt=ZSTD)
     with pytest.raises(FormatError, match="inflates past"):
-        toc.read_toc_json(reader(blob), len(blob), limit=1000)
+        toc.read_toc_json(reader(blob), len(blob), limits=toc.Limits(toc_json=1000))
     assert toc.read_toc_json(reader(blob), len(blob))[1] == data
 
 
@@ -726,7 +726,7 @@ def test_toc_member_size_is_checked_before_reading():
         raise AssertionError(f"asked for {length} bytes at {offset}")
 
     with pytest.raises(FormatError):
-        toc.read_toc_json(read_at, size, limit=1 << 20)
+        toc.read_toc_json(read_at, size, limits=toc.Limits(toc_compressed=1 << 20))
     assert max(asked) <= 51
 
 

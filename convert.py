@@ -24,6 +24,7 @@ import fetch
 import layerwriter
 import regclient
 import toc
+import tocread
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -312,7 +313,7 @@ def _plan_layer(image: fetch.Image, descriptor: fetch.Descriptor, options: Conve
     with image.blob(descriptor.digest) as reader:
         annotated = descriptor.annotations.get(toc.TOC_DIGEST_ANNOTATION)
         try:
-            _, toc_json = toc.read_toc_json(reader.read_at, reader.size, annotated)
+            _, toc_json = tocread.read_toc_json(reader.read_at, reader.size, annotated)
         except toc.FooterError:
             if annotated:
                 raise ImageError(f"layer {descriptor.digest} is annotated as eStargz but is not") from None
@@ -369,13 +370,13 @@ def _laid_out_for(toc_json: bytes, wanted: list[str] | None) -> bool:
     return prefetch_order(toc_json) == list(expected)
 
 
-def describe_layer(read_at: toc.ReadAt, size: int, expected_toc_digest: str | None = None) -> dict:
+def describe_layer(read_at: tocread.ReadAt, size: int, expected_toc_digest: str | None = None) -> dict:
     """What `lazymount inspect` shows of one layer: format, entry counts, chunking, landmark."""
     try:
-        footer, toc_json = toc.read_toc_json(read_at, size, expected_toc_digest)
+        footer, toc_json = tocread.read_toc_json(read_at, size, expected_toc_digest)
     except toc.FooterError:
         return {"format": "not eStargz", "size": size}
-    index = toc.Index.from_json(toc_json, footer)
+    index = tocread.index_from_json(toc_json, footer)
     chunk_sizes = [c.size for _, i in index.walk() if index.kind(i) == toc.KIND_REG
                    for c in index.chunks(i)]
     if index.prefetch_end is not None:

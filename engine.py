@@ -30,6 +30,7 @@ from typing import Protocol
 import cache
 import layerwriter
 import toc
+import tocread
 import tree
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class Layer:
             return data
 
         try:
-            self.index = toc.read_index(read_at, self.blob.size, self.toc_digest)
+            self.index = tocread.read_index(read_at, self.blob.size, self.toc_digest)
         except toc.FooterError:
             return False
         return True
@@ -176,7 +177,7 @@ class Layer:
         if compressed is None:
             return None
         assert self.index is not None
-        return toc.decompress_chunk(compressed, c, self.index.format, verify=False)
+        return tocread.decompress_chunk(compressed, c, self.index.format, verify=False)
 
     def fetch(self, offset: int, length: int) -> bytes:
         """Raw compressed bytes of the blob, counted."""
@@ -203,7 +204,7 @@ class Layer:
                 self.blob.download(blob_path)
             local = FileBlob(blob_path)
             try:
-                self.index = toc.read_index(local.read_at, local.size)
+                self.index = tocread.read_index(local.read_at, local.size)
                 self.blob = local
                 self.count("bytes_fetched", local.size)
                 return
@@ -220,7 +221,7 @@ class Layer:
             self.count("bytes_fetched", blob_path.stat().st_size)
             blob_path.unlink(missing_ok=True)
         local = FileBlob(converted)
-        self.index = toc.read_index(local.read_at, local.size)
+        self.index = tocread.read_index(local.read_at, local.size)
         self.blob = local
 
 
@@ -522,7 +523,7 @@ class ImageView:
             for c in chunks:
                 part = data[c.comp_offset - start:c.comp_end - start]
                 # the cache verifies the digest before it stores anything
-                self.cache.store(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
+                self.cache.store(c.digest, lambda c=c, part=part: tocread.decompress_chunk(part, c, fmt,
                                                                                         verify=False))
             layer.count(counter, end - start)
         except (toc.LazymountError, OSError) as e:
@@ -577,7 +578,7 @@ class ImageView:
                     self._keep_neighbours(layer, neighbours, compressed, c.comp_offset)
                 compressed = compressed[:c.comp_end - c.comp_offset]
             # the cache verifies the digest before it stores or returns anything
-            return toc.decompress_chunk(compressed, c, fmt, verify=False)
+            return tocread.decompress_chunk(compressed, c, fmt, verify=False)
 
         try:
             data = self.cache.read(c.digest, start, stop, load)
@@ -630,7 +631,7 @@ class ImageView:
             if part is None:
                 continue  # a reader took it first
             try:
-                self.cache.store(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
+                self.cache.store(c.digest, lambda c=c, part=part: tocread.decompress_chunk(part, c, fmt,
                                                                                         verify=False))
             except (toc.LazymountError, OSError) as e:  # read again, and reported, when a reader asks for it
                 log.debug("layer %s: neighbour chunk at %d not stored: %s", layer.digest, c.comp_offset, e)

@@ -87,7 +87,7 @@ def open_layer_source(src: BinaryIO, threads: int = 1) -> BinaryIO:
     if magic[:2] == b"\x1f\x8b":
         return igzip_threaded.open(src, "rb", threads=min(threads, 1))  # type: ignore[return-value]
     if magic == b"\x28\xb5\x2f\xfd":
-        import zstandard  # here, not at the top: see toc._unzstd
+        import zstandard  # here, not at the top: see tocread._unzstd
 
         return zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)  # type: ignore
     return src
@@ -101,7 +101,7 @@ def _compress_member(data: bytes, chunk_len: int, fmt: str, level: int) -> tuple
     """Compress one member; return it and the digest of its first `chunk_len` bytes (the chunk)."""
     digest = sha256_digest(data[:chunk_len]) if chunk_len else None
     if fmt == ZSTD:
-        import zstandard  # here, not at the top: see toc._unzstd
+        import zstandard  # here, not at the top: see tocread._unzstd
 
         return zstandard.ZstdCompressor(level=level).compress(data), digest
     return isal_zlib.compress(data, level, wbits=31), digest
@@ -431,7 +431,7 @@ def _write_toc(writer: _BlobWriter, entries: list[dict], fmt: str, level: int, p
     end_of_archive = b"\0" * (2 * tarfile.BLOCKSIZE)
     annotations = {}
     if fmt == ZSTD:
-        import zstandard  # here, not at the top: see toc._unzstd
+        import zstandard  # here, not at the top: see tocread._unzstd
 
         compressor = zstandard.ZstdCompressor(level=level)
         writer.write_compressed(compressor.compress(end_of_archive), end_of_archive)

@@ -29,6 +29,7 @@ import layerfs
 import mountctl
 import sandbox
 import toc
+import tocread
 from fusefs import registry_client
 from mountctl import MountError
 
@@ -99,7 +100,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name, reader, toc_digest in blobs:
         with reader:
             if args.toc:
-                _, toc_json = toc.read_toc_json(reader.read_at, reader.size, toc_digest)
+                _, toc_json = tocread.read_toc_json(reader.read_at, reader.size, toc_digest)
                 sys.stdout.write(toc_json.decode("utf-8", "replace") + "\n")
                 continue
             reports.append({"layer": name, **convert.describe_layer(reader.read_at, reader.size, toc_digest)})

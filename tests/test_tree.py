@@ -26,6 +26,7 @@ import cache
 import engine
 import layerwriter
 import toc
+import tocread
 import tree
 
 CHUNK = 1024  # small chunks: a file of a few KiB spans several
@@ -84,7 +85,7 @@ class Blob:
         Path(path).write_bytes(self.data)
 
     def index(self) -> toc.Index:
-        return toc.read_index(self.read_at, self.size, self.toc_digest)
+        return tocread.read_index(self.read_at, self.size, self.toc_digest)
 
 
 def layer_blob(*members: Member) -> Blob:

@@ -55,11 +55,12 @@ class NotReadyError(toc.LazymountError):
 
 
 class BlobSource(Protocol):
-    """What a layer needs of its blob: random reads (`fetch.BlobReader` or a local file)."""
+    """What a layer needs of its blob: random reads (`fetch.BlobReader` or a local file); `urgent` ones
+    are waited on by a reader and end sooner (fetch.BlobReader.read_at)."""
 
     size: int
 
-    def read_at(self, offset: int, length: int) -> bytes: ...
+    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes: ...
 
     def download(self, path: str | os.PathLike[str]) -> None: ...
 
@@ -71,7 +72,7 @@ class FileBlob:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.fstat(self._fd).st_size
 
-    def read_at(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes:
         return os.pread(self._fd, length, offset)
 
     def download(self, path: str | os.PathLike[str]) -> None:
@@ -141,6 +142,7 @@ class Layer:
     toc_digest: str | None = None
     index: toc.Index | None = None
     stats: LayerStats = field(default_factory=LayerStats)
+    limits: toc.Limits = toc.DEFAULT_LIMITS
     error: str | None = None  # why the last download (or conversion) attempt failed
     permanent: bool = False  # the error is in the layer's verified bytes: it is not tried again
     staged: StagedRanges | None = None
@@ -164,7 +166,7 @@ class Layer:
             return data
 
         try:
-            self.index = tocread.read_index(read_at, self.blob.size, self.toc_digest)
+            self.index = tocread.read_index(read_at, self.blob.size, self.toc_digest, self.limits)
         except toc.FooterError:
             return False
         return True
@@ -179,13 +181,24 @@ class Layer:
         assert self.index is not None
         return tocread.decompress_chunk(compressed, c, self.index.format, verify=False)
 
-    def fetch(self, offset: int, length: int) -> bytes:
+    def fetch(self, offset: int, length: int, urgent: bool = False) -> bytes:
         """Raw compressed bytes of the blob, counted."""
-        data = self.blob.read_at(offset, length)
+        data = self.blob.read_at(offset, length, urgent)
         with self._lock:
             self.stats.requests += 1
             self.stats.bytes_fetched += len(data)
         return data
+
+    def oversized(self, c: toc.Chunk) -> str | None:
+        """Why chunk `c` is not read (its bytes, or the compressed span they lie in, are over
+        limits.chunk_size), or None: what a TOC says a chunk holds must not decide what a read allocates."""
+        limit = self.limits.chunk_size
+        if c.inner_offset + c.size > limit:
+            return f"chunk of {c.size} bytes at inner offset {c.inner_offset} is over {limit} " \
+                "(limits.chunk_size)"
+        if c.comp_end - c.comp_offset > limit + (limit >> 8) + (1 << 20):
+            return f"chunk's {c.comp_end - c.comp_offset} compressed bytes are over limits.chunk_size"
+        return None
 
     def count(self, name: str, n: int = 1) -> None:
         """Add `n` to the counter `name` of the layer's stats."""
@@ -204,7 +217,7 @@ class Layer:
                 self.blob.download(blob_path)
             local = FileBlob(blob_path)
             try:
-                self.index = tocread.read_index(local.read_at, local.size)
+                self.index = tocread.read_index(local.read_at, local.size, limits=self.limits)
                 self.blob = local
                 self.count("bytes_fetched", local.size)
                 return
@@ -221,7 +234,7 @@ class Layer:
             self.count("bytes_fetched", blob_path.stat().st_size)
             blob_path.unlink(missing_ok=True)
         local = FileBlob(converted)
-        self.index = tocread.read_index(local.read_at, local.size)
+        self.index = tocread.read_index(local.read_at, local.size, limits=self.limits)
         self.blob = local
 
 
@@ -424,7 +437,8 @@ class ImageView:
         _lowest_priority()
         for layer in lazy:
             assert layer.index is not None
-            missing = (c for c in layer.index.blob_chunks() if not self.cache.contains(c.digest))
+            missing = (c for c in layer.index.blob_chunks()
+                       if not layer.oversized(c) and not self.cache.contains(c.digest))
             for span in _spans(missing, BACKGROUND_SPAN):
                 if self._stop.is_set():
                     return
@@ -444,8 +458,10 @@ class ImageView:
         for layer in layers:
             assert layer.index is not None
             end = ends[id(layer)]
-            chunks = list(itertools.takewhile(lambda c, end=end: c.comp_end <= end,
-                                              layer.index.blob_chunks())) if end else []
+            # up to the landmark, or to a chunk too large to read (whose bytes are not fetched either)
+            chunks = list(itertools.takewhile(lambda c, end=end, layer=layer: c.comp_end <= end
+                                              and not layer.oversized(c), layer.index.blob_chunks()))
+            end = chunks[-1].comp_end if chunks and end > chunks[-1].comp_end else end
             for start, stop, part in _cut_range(chunks, end, target):
                 if not all(self.cache.contains(c.digest) for c in part):
                     requests.append((layer, start, stop, part))
@@ -562,6 +578,11 @@ class ImageView:
         assert layer.index is not None
         fmt = layer.index.format
         loaded = []
+        refused = layer.oversized(c)
+        if refused:
+            layer.count("errors")
+            log.error("layer %s: %s: %s", layer.digest, node.path, refused)
+            raise OSError(errno.EIO, refused)
 
         def load() -> bytes:
             data = layer.staged_chunk(c)
@@ -573,7 +594,7 @@ class ImageView:
             if compressed is None:
                 neighbours = self._uncached_neighbours(layer, node, c)
                 end = neighbours[-1].comp_end if neighbours else c.comp_end
-                compressed = layer.fetch(c.comp_offset, end - c.comp_offset)
+                compressed = layer.fetch(c.comp_offset, end - c.comp_offset, urgent=True)
                 if neighbours:
                     self._keep_neighbours(layer, neighbours, compressed, c.comp_offset)
                 compressed = compressed[:c.comp_end - c.comp_offset]

@@ -498,7 +498,7 @@ class _Files:
 
     def put(self, path: str, parent: int, base: str, entry_id: int) -> int | None:
         """Map `path` to `entry_id`; return the entry it mapped to before, if any."""
-        if 3 * (self.used + 1) > 2 * len(self.ids):
+        if 4 * (self.used + 1) > 3 * len(self.ids):
             self._grow()
         slot = self._slot(path, parent, base)
         old = self.ids[slot]
@@ -781,13 +781,13 @@ def _children_order(ix: Index) -> array:
     """Every live entry but the root, sorted by (parent, name): counted into place by parent, then each
     directory's slice sorted by name, so that no key is made for all entries at once."""
     parent, count = ix._parent, len(ix._parent)
-    starts = array("Q", bytes(8 * (count + 1)))
+    starts = array("I", bytes(4 * (count + 1)))
     for i in range(1, count):
         if parent[i] != _ORPHAN:
             starts[parent[i] + 1] += 1
     for i in range(count):
         starts[i + 1] += starts[i]
-    order, fill = array("I", bytes(4 * starts[count])), array("Q", starts)
+    order, fill = array("I", bytes(4 * starts[count])), array("I", starts)
     for i in range(1, count):
         if parent[i] != _ORPHAN:
             order[fill[parent[i]]] = i

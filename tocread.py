@@ -165,8 +165,12 @@ class _TOCStream:
             pos = 0
             for piece in inflated:
                 if pos + len(piece) > bound:
-                    raise FormatError(f"TOC: inflates past {limit} bytes (limits.toc_json)")
-                data = piece[max(0, start - pos):max(0, start + size - pos)]
+                    raise FormatError(f"TOC: inflates past its {size}-byte tar entry" if gzip else
+                                      f"TOC: inflates past {limit} bytes (limits.toc_json)")
+                if start <= pos and pos + len(piece) <= start + size:
+                    data = piece  # the usual case: no copy
+                else:
+                    data = piece[max(0, start - pos):max(0, start + size - pos)]
                 pos += len(piece)
                 if data:
                     self.hash.update(data)

@@ -146,9 +146,9 @@ def write_layout(layout: Path, blob: bytes, toc_digest: str, tag: str = "hostile
                 "layers": [{"mediaType": toc.MEDIA_LAYER_GZIP, "digest": layer_digest, "size": layer_size,
                             "annotations": {toc.TOC_DIGEST_ANNOTATION: toc_digest}}]}
     manifest_digest, manifest_size = add(json.dumps(manifest).encode())
-    index = {"schemaVersion": 2, "manifests": [{"mediaType": toc.MEDIA_OCI_MANIFEST, "digest": manifest_digest,
-                                                 "size": manifest_size,
-                                                 "annotations": {toc.REF_NAME_ANNOTATION: tag}}]}
+    index = {"schemaVersion": 2, "manifests": [{
+        "mediaType": toc.MEDIA_OCI_MANIFEST, "digest": manifest_digest, "size": manifest_size,
+        "annotations": {toc.REF_NAME_ANNOTATION: tag}}]}
     (layout / "index.json").write_text(json.dumps(index))
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     return layout

@@ -277,8 +277,8 @@ def open_regular(path: Path, where: str, what: str) -> BinaryIO:
     FIFO or reads a device (a layout's file that is a link to /dev/zero has no end)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotFoundError(where, "-", what, "not in the layout") from None
+    except FileNotFoundError as e:
+        raise NotFoundError(where, "-", what, e.strerror or "not in the layout") from None
     except OSError as e:
         raise RegistryError(where, "-", what, e.strerror or type(e).__name__) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -1,10 +1,11 @@
-"""The eStargz and zstd:chunked layer formats: footer, TOC, chunk verification, and the shared names.
+"""The eStargz and zstd:chunked layer formats: footer, the TOC index, limits, and the shared names.
 
-What belongs here: byte layouts (footers, constants), parsing the TOC into a compact index, decompressing
-and verifying one chunk, digest helpers, the OCI media types and annotation keys, and the error hierarchy
-of the whole project (this is the module every other one imports).  What never does: writing a layer
-(layerwriter.py), I/O of its own (readers are callables handed in), FUSE, HTTP, caching, and any import of
-another project module.
+What belongs here: byte layouts (footers, constants), the compact index of a TOC and the one validation of
+its entries (a reader's and a writer's: `Index.from_entries`), the limits on what an image may make us
+hold (`Limits`), digest helpers, the OCI media types and annotation keys, and the error hierarchy of the
+whole project (this is the module every other one imports).  What never does: reading a blob (its TOC
+stream and its chunks: tocread.py), writing a layer (layerwriter.py), I/O of its own, FUSE, HTTP,
+caching, and any import of another project module.
 """
 
 from __future__ import annotations

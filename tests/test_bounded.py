@@ -33,6 +33,7 @@ import tocread
 from tests import hostile
 from tests.reference import ToolError, verify_with_reference
 from tests.registry import Fault, FaultProxy, Registry, push_layout
+from tests.test_toc import tar_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -115,14 +116,6 @@ def write_config(path: Path, extra: dict | None = None) -> Path:
     return path
 
 
-def tar_of(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, data in members:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
-
-
 def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link: str = "") -> tuple:
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.mtime, info.linkname = kind, 0o755, 1_700_000_000, link
@@ -136,7 +129,7 @@ def small_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("small")
     data = os.urandom(600_000)
     (work / "data").write_bytes(data)  # beside the layout, for the tests to compare with
-    tar = tar_of([member("data", data=data), member("hello.txt", data=hostile.HELLO)])
+    tar = tar_bytes([member("data", data=data), member("hello.txt", data=hostile.HELLO)])
     out = io.BytesIO()
     info = layerwriter.write_layer(io.BytesIO(tar), out, chunk_size=64 << 10, workers=1)
     return hostile.write_layout(work / "layout", out.getvalue(), info.toc_digest, tag="v1")
@@ -256,10 +249,8 @@ def pushed(registry: Registry, small_layout: Path) -> str:
 @pytest.fixture
 def trickler(registry: Registry) -> Iterator[FaultProxy]:
     proxy = FaultProxy(registry.host)
-    try:
-        yield proxy
-    finally:
-        proxy.stop()
+    yield proxy
+    proxy.stop()
 
 
 @needs_registry
@@ -362,7 +353,8 @@ def _reader_verdict(tar: bytes, monkeypatch: pytest.MonkeyPatch,
 def test_convert_refuses_what_the_reader_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  link: str) -> None:
     name, target = link.split(" -> ")
-    tar = tar_of([member(name, tarfile.SYMTYPE, link=target), member(f"{name}/passwd", data=b"root:x:0:0\n")])
+    tar = tar_bytes([member(name, tarfile.SYMTYPE, link=target),
+                     member(f"{name}/passwd", data=b"root:x:0:0\n")])
     reason = _reader_verdict(tar, monkeypatch)
     assert reason == f"{name!r} is used as a directory but is not one"
     (tmp_path / "layer.tar").write_bytes(tar)
@@ -373,14 +365,14 @@ def test_convert_refuses_what_the_reader_refuses(tmp_path: Path, monkeypatch: py
 
 def test_deep_path_converts_and_reads_back(tmp_path: Path) -> None:
     name = "/".join(["d"] * 1500) + "/leaf"
-    (tmp_path / "layer.tar").write_bytes(tar_of([member(name, data=b"deep\n")]))
+    (tmp_path / "layer.tar").write_bytes(tar_bytes([member(name, data=b"deep\n")]))
     proc, _ = lazymount("convert", "-q", str(tmp_path / "layer.tar"), str(tmp_path / "out.esgz"))
     assert proc.returncode == 0, proc.stderr
     proc, _ = lazymount("inspect", "--json", str(tmp_path / "out.esgz"))
     counts = json.loads(proc.stdout)[0]["entries"]
     assert counts["reg"] == 1 and counts["dir"] == 1 + 1500, counts  # the root, then d, d/d, ...
     too_deep = "/".join(["d"] * 2100)
-    (tmp_path / "deeper.tar").write_bytes(tar_of([member(too_deep, data=b"x")]))
+    (tmp_path / "deeper.tar").write_bytes(tar_bytes([member(too_deep, data=b"x")]))
     proc, _ = lazymount("convert", "-q", str(tmp_path / "deeper.tar"), str(tmp_path / "deeper.esgz"))
     assert "limits.path_depth" in one_line_error(proc)
 
@@ -424,7 +416,7 @@ def valid_trees(draw: st.DrawFn) -> list[tuple]:
 def test_random_valid_layers_are_read_by_both_readers(tmp_path: Path, estargz_verifier: Path,
                                                       tree: list[tuple], chunk_size: int) -> None:
     out = io.BytesIO()
-    info = layerwriter.write_layer(io.BytesIO(tar_of(tree)), out, chunk_size=chunk_size, workers=1)
+    info = layerwriter.write_layer(io.BytesIO(tar_bytes(tree)), out, chunk_size=chunk_size, workers=1)
     blob = out.getvalue()
     index = tocread.read_index(lambda o, n: blob[o:o + n], len(blob), info.toc_digest)
     path = tmp_path / "blob"
@@ -446,7 +438,7 @@ def hostile_tars(draw: st.DrawFn) -> bytes:
         kind = draw(st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE]))
         link = draw(HOSTILE_NAMES) if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
         members.append(member(name, kind, data=b"x" * draw(st.integers(0, 3)), link=link))
-    return tar_of(members)
+    return tar_bytes(members)
 
 
 @PROPERTY
@@ -459,7 +451,7 @@ def test_convert_and_reader_agree_on_hostile_tars(tar: bytes, monkeypatch: pytes
 
 def test_reference_verifier_refuses_garbage(tmp_path: Path, estargz_verifier: Path) -> None:
     """The Go reader is a real judge: it refuses a blob whose TOC digest is wrong."""
-    blob, _ = _convert(tar_of([member("f", data=b"x")]))
+    blob, _ = _convert(tar_bytes([member("f", data=b"x")]))
     assert blob is not None
     (tmp_path / "blob").write_bytes(blob)
     with pytest.raises(ToolError):

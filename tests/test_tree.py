@@ -72,7 +72,7 @@ class Blob:
         self.forge: bytes | None = None  # if set: the answer to every read, padded to the length asked
         self._lock = threading.Lock()
 
-    def read_at(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes:
         with self._lock:
             self.reads.append((offset, length))
         if self.error is not None:

@@ -472,44 +472,66 @@ _EMPTY, _GONE = 0xFFFFFFFF, 0xFFFFFFFE  # a free slot of _Files, a removed path 
 
 
 class _Files:
-    """path -> entry id of the entries that are no directory, while an index is built, in ~30 bytes a
-    path (a dict of path strings costs ~140): open addressing on the paths' hashes in typed arrays.  A
-    matching hash is confirmed exactly, in O(1): the entry's parent is the path's directory, and its base
-    name the path's."""
+    """path -> entry id of the entries that are no directory, while an index is built.
+
+    The first SMALL paths go into a dict (fast, ~140 bytes a path); the rest, in a TOC of millions of
+    entries, into ~30 bytes a path: open addressing on the paths' hashes in typed arrays, a matching hash
+    confirmed exactly and in O(1) (the entry's parent is the path's directory, its base name the path's).
+    """
+
+    SMALL = 1 << 17
 
     def __init__(self, builder: _IndexBuilder) -> None:
         self.builder = builder
+        self.small: dict[str, int] = {}
+        self.spilled = False  # once the dict is full, new paths go to the arrays
         self.hashes, self.ids, self.used = array("q", bytes(8 * 64)), array("I", [_EMPTY]) * 64, 0
 
-    def _slot(self, path: str, parent: int, base: str) -> int:
-        """The slot of `path` (in directory `parent`, named `base`), or the free slot it would take."""
-        ids, hashes, named = self.ids, self.hashes, self.builder.named
-        key, mask = hash(path), len(ids) - 1
+    def _slot(self, key: int, parent: int, base: str) -> int:
+        """The slot of the path hashing to `key` (in directory `parent`, named `base`), or the free slot it
+        would take."""
+        ids, hashes = self.ids, self.hashes
+        mask = len(ids) - 1
         slot = key & mask
         while (found := ids[slot]) != _EMPTY:
-            if found != _GONE and hashes[slot] == key and named(found, parent, base):
+            if found != _GONE and hashes[slot] == key and self.builder.named(found, parent, base):
                 return slot
             slot = (slot + 1) & mask
         return slot
 
     def get(self, path: str, parent: int) -> int | None:
         """The entry at `path` (in directory `parent`), or None."""
-        found = self.ids[self._slot(path, parent, path.rpartition("/")[2])]
+        found = self.small.get(path)
+        if found is not None or not self.spilled:
+            return found
+        found = self.ids[self._slot(hash(path), parent, path.rpartition("/")[2])]
         return None if found == _EMPTY else found
 
     def put(self, path: str, parent: int, base: str, entry_id: int) -> int | None:
         """Map `path` to `entry_id`; return the entry it mapped to before, if any."""
-        if 4 * (self.used + 1) > 3 * len(self.ids):
+        small = self.small
+        if not self.spilled or path in small:
+            old = small.get(path)
+            small[path] = entry_id
+            self.spilled = self.spilled or len(small) >= self.SMALL
+            return old
+        if 2 * (self.used + 1) > len(self.ids):  # linear probing stays short below half full
             self._grow()
-        slot = self._slot(path, parent, base)
-        old = self.ids[slot]
+        key = hash(path)
+        ids = self.ids
+        slot = key & (len(ids) - 1)
+        if ids[slot] != _EMPTY:  # else the usual case: a new path, and its first slot free
+            slot = self._slot(key, parent, base)
+        old = ids[slot]
         self.used += old == _EMPTY
-        self.hashes[slot], self.ids[slot] = hash(path), entry_id
+        self.hashes[slot], ids[slot] = key, entry_id
         return None if old == _EMPTY else old
 
     def pop(self, path: str, parent: int, base: str) -> int | None:
         """Forget `path`; return the entry it mapped to, if any."""
-        slot = self._slot(path, parent, base)
+        if path in self.small or not self.spilled:
+            return self.small.pop(path, None)
+        slot = self._slot(hash(path), parent, base)
         old = self.ids[slot]
         if old == _EMPTY:
             return None

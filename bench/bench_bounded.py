@@ -32,13 +32,15 @@ def _measure(layout: Path, work: Path, read: str) -> tuple[str, float, float]:
     command = [sys.executable, str(REPO / "lazymount.py"), "mount", "--foreground", "--no-prefetch",
                "--no-background-fetch", "--cache-dir", str(work / "cache"), f"oci:{layout}:hostile", str(mnt)]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    while not os.path.ismount(mnt) and proc.poll() is None:
+    while not os.path.ismount(mnt):
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # not proc.poll(): it would drop the usage
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            error = proc.stderr.read().strip().splitlines() if proc.stderr else []
+            outcome = f"refused: {error[-1][:90] if error else '?'}"
+            return outcome, usage.ru_maxrss / 1024, time.monotonic() - start
         time.sleep(0.05)
     seconds = time.monotonic() - start
-    if not os.path.ismount(mnt):
-        _, _, usage = os.wait4(proc.pid, 0)
-        error = proc.stderr.read().strip().splitlines() if proc.stderr else []
-        return f"refused: {error[-1][:90] if error else '?'}", usage.ru_maxrss / 1024, seconds
     try:
         fd = os.open(mnt / read, os.O_RDONLY)
         try:

@@ -38,6 +38,10 @@ class _Watchdog:
     """
 
     def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # the parent's thread and lock stay behind
+
+    def _reset(self) -> None:
         self._cond = threading.Condition()
         self._watches: list[_Watch] = []
         self._local = threading.local()
@@ -50,7 +54,7 @@ class _Watchdog:
         stack = self._local.__dict__.setdefault("stack", [])
         stack.append(watch)
         with self._cond:
-            if self._pid != os.getpid():  # first use, or a forked child: no thread runs here yet
+            if self._pid != os.getpid():  # first use in this process: start the thread
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="request-deadlines", daemon=True).start()
             self._watches.append(watch)

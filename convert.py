@@ -26,6 +26,7 @@ import layerwriter
 import referrers
 import regclient
 import toc
+import tocread
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -51,6 +52,7 @@ class ConvertOptions:
     # `.no.prefetch.landmark`); eStargz layers already laid out that way are kept, the others converted.
     optimize: bool = False
     progress: bool = True
+    limits: toc.Limits = toc.DEFAULT_LIMITS  # what readers accept: a layer beyond them is not written
 
 
 class OCILayout:
@@ -88,10 +90,15 @@ class OCILayout:
         index_path = self.root / "index.json"
         index = {"schemaVersion": 2, "mediaType": toc.MEDIA_OCI_INDEX, "manifests": []}
         if index_path.exists():
+            limit = toc.DEFAULT_LIMITS.manifest_size
+            with fetch.open_regular(index_path, f"oci:{self.root}", "index.json") as f:
+                data = f.read(limit + 1)
             try:
-                index = json.loads(index_path.read_bytes())
+                index = json.loads(data) if len(data) <= limit else None
             except ValueError:
                 raise ImageError(f"{index_path} is not valid JSON") from None
+            if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
+                raise ImageError(f"{index_path} is not an OCI index of at most {limit} bytes")
         descriptor = dict(descriptor)
         if tag:
             descriptor["annotations"] = {toc.REF_NAME_ANNOTATION: tag}
@@ -162,7 +169,7 @@ def convert_layer_file(src: Path, dst: Path, options: ConvertOptions,
         info: list[layerwriter.LayerInfo] = []
         _atomic_write(dst, lambda out: info.append(layerwriter.write_layer(
             _ProgressReader(raw, bar), out, chunk_size=options.chunk_size, prioritized=prioritized,
-            fmt=options.fmt, level=options.level, workers=options.workers)))
+            fmt=options.fmt, level=options.level, workers=options.workers, limits=options.limits)))
     return info[0]
 
 
@@ -314,7 +321,7 @@ def _plan_layer(image: fetch.Image, descriptor: fetch.Descriptor, options: Conve
     with image.blob(descriptor.digest) as reader:
         annotated = descriptor.annotations.get(toc.TOC_DIGEST_ANNOTATION)
         try:
-            _, toc_json = toc.read_toc_json(reader.read_at, reader.size, annotated)
+            _, toc_json = tocread.read_toc_json(reader.read_at, reader.size, annotated, options.limits)
         except toc.FooterError:
             if annotated:
                 raise ImageError(f"layer {descriptor.digest} is annotated as eStargz but is not") from None
@@ -371,21 +378,21 @@ def _laid_out_for(toc_json: bytes, wanted: list[str] | None) -> bool:
     return prefetch_order(toc_json) == list(expected)
 
 
-def describe_layer(read_at: toc.ReadAt, size: int, expected_toc_digest: str | None = None) -> dict:
+def describe_layer(read_at: tocread.ReadAt, size: int, expected_toc_digest: str | None = None,
+                   limits: toc.Limits = toc.DEFAULT_LIMITS) -> dict:
     """What `lazymount inspect` shows of one layer: format, entry counts, chunking, landmark."""
     try:
-        footer, toc_json = toc.read_toc_json(read_at, size, expected_toc_digest)
+        index = tocread.read_index(read_at, size, expected_toc_digest, limits)
     except toc.FooterError:
         return {"format": "not eStargz", "size": size}
-    index = toc.Index.from_json(toc_json, footer)
     chunk_sizes = [c.size for _, i in index.walk() if index.kind(i) == toc.KIND_REG
                    for c in index.chunks(i)]
     if index.prefetch_end is not None:
         landmark = f"prefetch [0, {index.prefetch_end})"
     else:
         landmark = "no prefetch" if index.no_prefetch else "none"
-    return {"format": footer.format, "size": size, "toc_digest": toc.sha256_digest(toc_json),
-            "toc_bytes": len(toc_json), "entries": index.stats(),
+    return {"format": index.format, "size": size, "toc_digest": index.toc_digest,
+            "toc_bytes": index.toc_size, "entries": index.stats(),
             "largest_chunk": max(chunk_sizes, default=0), "landmark": landmark}
 
 

@@ -31,6 +31,7 @@ import cache
 import download
 import layerwriter
 import toc
+import tocread
 import tree
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,12 @@ class NotReadyError(toc.LazymountError):
 
 
 class BlobSource(Protocol):
-    """What a layer needs of its blob: random reads (`fetch.BlobReader` or a local file)."""
+    """What a layer needs of its blob: random reads (`fetch.BlobReader` or a local file); `urgent` ones
+    are waited on by a reader and end sooner (fetch.BlobReader.read_at)."""
 
     size: int
 
-    def read_at(self, offset: int, length: int) -> bytes: ...
+    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes: ...
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
 
@@ -73,7 +75,7 @@ class FileBlob:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.fstat(self._fd).st_size
 
-    def read_at(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes:
         return os.pread(self._fd, length, offset)
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
@@ -146,6 +148,7 @@ class Layer:
     toc_digest: str | None = None
     index: toc.Index | None = None
     stats: LayerStats = field(default_factory=LayerStats)
+    limits: toc.Limits = toc.DEFAULT_LIMITS
     error: str | None = None  # why the last download (or conversion) attempt failed
     permanent: bool = False  # the error is in the layer's verified bytes: it is not tried again
     staged: StagedRanges | None = None
@@ -169,7 +172,7 @@ class Layer:
             return data
 
         try:
-            self.index = toc.read_index(read_at, self.blob.size, self.toc_digest)
+            self.index = tocread.read_index(read_at, self.blob.size, self.toc_digest, self.limits)
         except toc.FooterError:
             return False
         return True
@@ -182,19 +185,30 @@ class Layer:
         if compressed is None:
             return None
         assert self.index is not None
-        return toc.decompress_chunk(compressed, c, self.index.format, verify=False)
+        return tocread.decompress_chunk(compressed, c, self.index.format, verify=False)
 
-    def fetch(self, offset: int, length: int) -> bytes:
+    def fetch(self, offset: int, length: int, urgent: bool = False) -> bytes:
         """Raw compressed bytes of the blob, counted."""
-        return self.fetch_ranges([(offset, length)])[0]
+        return self.fetch_ranges([(offset, length)], urgent)[0]
 
-    def fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def fetch_ranges(self, ranges: Sequence[tuple[int, int]], urgent: bool = False) -> list[bytes]:
         """Raw compressed bytes of each (offset, length) of the blob, in one multi-range request, counted."""
-        data = self.blob.read_ranges(ranges) if len(ranges) > 1 else [self.blob.read_at(*ranges[0])]
+        data = self.blob.read_ranges(ranges) if len(ranges) > 1 else [self.blob.read_at(*ranges[0], urgent)]
         with self._lock:
             self.stats.requests += 1
             self.stats.bytes_fetched += sum(map(len, data))
         return data
+
+    def oversized(self, c: toc.Chunk) -> str | None:
+        """Why chunk `c` is not read (its bytes, or the compressed span they lie in, are over
+        limits.chunk_size), or None: what a TOC says a chunk holds must not decide what a read allocates."""
+        limit = self.limits.chunk_size
+        if c.inner_offset + c.size > limit:
+            return f"chunk of {c.size} bytes at inner offset {c.inner_offset} is over {limit} " \
+                "(limits.chunk_size)"
+        if c.comp_end - c.comp_offset > limit + (limit >> 8) + (1 << 20):
+            return f"chunk's {c.comp_end - c.comp_offset} compressed bytes are over limits.chunk_size"
+        return None
 
     def count(self, name: str, n: int = 1) -> None:
         """Add `n` to the counter `name` of the layer's stats."""
@@ -213,7 +227,7 @@ class Layer:
                 download.whole_blob(self.blob, self.digest, blob_path)  # by concurrent range requests
             local = FileBlob(blob_path)
             try:
-                self.index = toc.read_index(local.read_at, local.size)
+                self.index = tocread.read_index(local.read_at, local.size, limits=self.limits)
                 self.blob = local
                 self.count("bytes_fetched", local.size)
                 return
@@ -230,7 +244,7 @@ class Layer:
             self.count("bytes_fetched", blob_path.stat().st_size)
             blob_path.unlink(missing_ok=True)
         local = FileBlob(converted)
-        self.index = toc.read_index(local.read_at, local.size)
+        self.index = tocread.read_index(local.read_at, local.size, limits=self.limits)
         self.blob = local
 
 
@@ -435,7 +449,8 @@ class ImageView:
         _lowest_priority()
         for layer in lazy:
             assert layer.index is not None
-            missing = (c for c in layer.index.blob_chunks() if not self.cache.contains(c.digest))
+            missing = (c for c in layer.index.blob_chunks()
+                       if not layer.oversized(c) and not self.cache.contains(c.digest))
             for span in _spans(missing, BACKGROUND_SPAN):
                 if self._stop.is_set():
                     return
@@ -457,13 +472,16 @@ class ImageView:
         for layer in layers:
             assert layer.index is not None
             end = ends[id(layer)]
-            chunks = list(itertools.takewhile(lambda c, end=end: c.comp_end <= end,
-                                              layer.index.blob_chunks())) if end else []
+            # up to the landmark, or to a chunk too large to read (whose bytes are not fetched either)
+            chunks = list(itertools.takewhile(lambda c, end=end, layer=layer: c.comp_end <= end
+                                              and not layer.oversized(c), layer.index.blob_chunks()))
+            end = chunks[-1].comp_end if chunks and end > chunks[-1].comp_end else end
             requests += [(layer, [piece]) for piece in _cut_range(chunks, end, target)
                          if not all(self.cache.contains(c.digest) for c in piece[2])]
         for layer in layers:  # then the profiled files' runs of chunks, in profile order
-            rank = {c.digest: i for i, c in enumerate(profiled[id(layer)])}
-            spans = _spans(sorted(profiled[id(layer)], key=lambda c: (c.comp_offset, c.inner_offset)), target)
+            wanted = [c for c in profiled[id(layer)] if not layer.oversized(c)]
+            rank = {c.digest: i for i, c in enumerate(wanted)}
+            spans = _spans(sorted(wanted, key=lambda c: (c.comp_offset, c.inner_offset)), target)
             runs = sorted(((run[0].comp_offset, run[-1].comp_end, run) for run in spans),
                           key=lambda run, rank=rank: min(rank[c.digest] for c in run[2]))
             requests += [(layer, batch) for batch in _batches(runs, target)]
@@ -563,7 +581,7 @@ class ImageView:
             for c in chunks:
                 part = data[c.comp_offset - start:c.comp_end - start]
                 # the cache verifies the digest before it stores anything
-                self.cache.store(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
+                self.cache.store(c.digest, lambda c=c, part=part: tocread.decompress_chunk(part, c, fmt,
                                                                                         verify=False))
             layer.count(counter, end - start)
         except (toc.LazymountError, OSError) as e:
@@ -602,6 +620,11 @@ class ImageView:
         assert layer.index is not None
         fmt = layer.index.format
         loaded = []
+        refused = layer.oversized(c)
+        if refused:
+            layer.count("errors")
+            log.error("layer %s: %s: %s", layer.digest, node.path, refused)
+            raise OSError(errno.EIO, refused)
 
         def load() -> bytes:
             data = layer.staged_chunk(c)
@@ -613,12 +636,12 @@ class ImageView:
             if compressed is None:
                 neighbours = self._uncached_neighbours(layer, node, c)
                 end = neighbours[-1].comp_end if neighbours else c.comp_end
-                compressed = layer.fetch(c.comp_offset, end - c.comp_offset)
+                compressed = layer.fetch(c.comp_offset, end - c.comp_offset, urgent=True)
                 if neighbours:
                     self._keep_neighbours(layer, neighbours, compressed, c.comp_offset)
                 compressed = compressed[:c.comp_end - c.comp_offset]
             # the cache verifies the digest before it stores or returns anything
-            return toc.decompress_chunk(compressed, c, fmt, verify=False)
+            return tocread.decompress_chunk(compressed, c, fmt, verify=False)
 
         try:
             data = self.cache.read(c.digest, start, stop, load)
@@ -671,7 +694,7 @@ class ImageView:
             if part is None:
                 continue  # a reader took it first
             try:
-                self.cache.store(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
+                self.cache.store(c.digest, lambda c=c, part=part: tocread.decompress_chunk(part, c, fmt,
                                                                                         verify=False))
             except (toc.LazymountError, OSError) as e:  # read again, and reported, when a reader asks for it
                 log.debug("layer %s: neighbour chunk at %d not stored: %s", layer.digest, c.comp_offset, e)

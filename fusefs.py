@@ -286,7 +286,8 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
     """Resolve the image, read every eStargz layer's TOC, fetch the profiles attached to the image (unless
     --no-prefetch), and set up the cache and the view."""
     ref = config.parse_reference(args.image)
-    image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
+    client = registry_client(args, ref)
+    image = fetch.open_image(ref, platform=args.platform, client=client)
     descriptors = image.layers
     if not descriptors:
         raise MountError(f"{args.image} has no layers: there is nothing to mount")
@@ -294,8 +295,8 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
         descriptors = [d for d in descriptors if d.digest == args.layer]
         if not descriptors:
             raise MountError(f"{args.image} has no layer {args.layer}")
-    layers = [engine.Layer(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION))
-              for d in descriptors]
+    layers = [engine.Layer(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION),
+                           limits=client.config.limits) for d in descriptors]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         profile = pool.submit(_attached_profile, image) if args.prefetch else None
         lazy = list(pool.map(engine.Layer.open_index, layers))

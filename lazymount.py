@@ -29,6 +29,7 @@ import layerfs
 import mountctl
 import sandbox
 import toc
+import tocread
 from fusefs import registry_client
 from mountctl import MountError
 
@@ -52,8 +53,12 @@ def parse_size(text: str) -> int:
 
 
 def _layout_options(args: argparse.Namespace) -> convert.ConvertOptions:
+    limits = config.load_config(args.config).limits
+    if args.chunk_size > limits.chunk_size:
+        raise config.InvalidInputError(f"--chunk-size {args.chunk_size} is over the {limits.chunk_size} "
+                                       "bytes readers accept (limits.chunk_size)")
     return convert.ConvertOptions(chunk_size=args.chunk_size, fmt=toc.ZSTD if args.zstd else toc.GZIP,
-                                  level=args.level, workers=args.jobs, progress=not args.quiet)
+                                  level=args.level, workers=args.jobs, progress=not args.quiet, limits=limits)
 
 
 def _print_manifest_layers(manifest: dict) -> None:
@@ -84,6 +89,7 @@ def _is_local_file(text: str) -> bool:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    limits = config.load_config(args.config).limits
     if _is_local_file(args.src):
         blobs = [(args.src, engine.FileBlob(Path(args.src)), None)]
     else:
@@ -99,10 +105,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name, reader, toc_digest in blobs:
         with reader:
             if args.toc:
-                _, toc_json = toc.read_toc_json(reader.read_at, reader.size, toc_digest)
+                _, toc_json = tocread.read_toc_json(reader.read_at, reader.size, toc_digest, limits)
                 sys.stdout.write(toc_json.decode("utf-8", "replace") + "\n")
                 continue
-            reports.append({"layer": name, **convert.describe_layer(reader.read_at, reader.size, toc_digest)})
+            reports.append({"layer": name, **convert.describe_layer(reader.read_at, reader.size, toc_digest,
+                                                                    limits)})
     if args.json:
         print(json.dumps(reports, indent=2))
     else:

@@ -192,9 +192,25 @@ def unmount(mountpoint: Path, wait: bool = True) -> None:
             break
     else:
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip() if result else ''}")
-    deadline = time.monotonic() + UMOUNT_WAIT
-    while wait and pid is not None and _running(pid) and time.monotonic() < deadline:
+    if wait and pid is not None and not _wait_exit(pid, UMOUNT_WAIT):
+        # Unmounted, yet still there (a thread stuck in a call that never returns): a daemon whose mount
+        # is gone has nothing left to do, so it is ended, politely first.
+        log.warning("the daemon of %s (pid %d) did not exit after unmounting: stopping it", mountpoint, pid)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+            if _wait_exit(pid, 2.0):
+                break
+
+
+def _wait_exit(pid: int, seconds: float) -> bool:
+    """Wait up to `seconds` for process `pid` to exit; whether it did."""
+    deadline = time.monotonic() + seconds
+    while _running(pid):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
+    return True
 
 
 def _running(pid: int) -> bool:

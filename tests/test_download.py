@@ -22,6 +22,7 @@ import engine
 import fetch
 import regclient
 import toc
+import tocread
 from tests.registry import Registry, TestImage, make_test_image, push_layout
 
 SIZE = 6_000_000  # incompressible: a 6 MB gzip layer, six 1 MiB parts
@@ -157,5 +158,6 @@ def test_a_plain_layer_is_downloaded_by_concurrent_ranges(pushed: Pushed, tmp_pa
     blob = layer.blob
     assert isinstance(blob, engine.FileBlob)
     hello = layer.index.chunks(layer.index.lookup("hello.txt"))[0]
-    data = toc.decompress_chunk(blob.read_at(hello.comp_offset, hello.comp_end - hello.comp_offset), hello)
+    compressed = blob.read_at(hello.comp_offset, hello.comp_end - hello.comp_offset)
+    data = tocread.decompress_chunk(compressed, hello)
     assert data == b"hello from lazymount\n" and hashlib.sha256(data).hexdigest() == hello.digest[7:]

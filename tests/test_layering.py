@@ -1,9 +1,9 @@
 """The module layering, checked over the source with `ast` (run by `make lint` and by `make test`).
 
-Layers, from the bottom: the format (toc, then layerwriter), the machinery (config, regclient, fetch,
-cache, tree, engine, convert), the adapters (mountctl, fusefs, layerfs, sandbox on the FUSE side;
-snapshot_store, snapshot_layers, snapshot_grpc on the gRPC side) and the command line (lazymount),
-which alone may import everything and which nothing imports.
+Layers, from the bottom: the format (toc, then tocread and layerwriter), the machinery (config, regclient,
+fetch, cache, tree, engine, convert), the adapters (mountctl, fusefs, layerfs, sandbox on the FUSE side;
+snapshot_store, snapshot_layers, snapshot_grpc on the gRPC side) and the command line (lazymount), which
+alone may import everything and which nothing imports.
 """
 
 from __future__ import annotations

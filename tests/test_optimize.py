@@ -24,6 +24,7 @@ import mountctl
 import regclient
 import sandbox
 import toc
+import tocread
 from imagebuild import append_layers, debian_python_rootfs, describe_tree, make_layer_tar, make_oci_image
 from tests.registry import Registry, push_layout
 from tests.test_mount import MISSING, _assert_same_tree, lazymount, mounted, stats, umoci_unpack
@@ -59,8 +60,8 @@ def _layers(ref: str) -> list[tuple[str, bytes, toc.Index]]:
     out = []
     for descriptor in image.layers:
         with image.blob(descriptor.digest) as reader:
-            footer, toc_json = toc.read_toc_json(reader.read_at, reader.size)
-            out.append((descriptor.digest, toc_json, toc.Index.from_json(toc_json, footer)))
+            footer, toc_json = tocread.read_toc_json(reader.read_at, reader.size)
+            out.append((descriptor.digest, toc_json, tocread.index_from_json(toc_json, footer)))
     return out
 
 

@@ -279,8 +279,9 @@ def test_reads_end_in_eio_and_the_mount_recovers(registry: Registry, pushed: str
     data = (small_layout.parent / "data").read_bytes()
     mnt = tmp_path / "mnt"
     log = tmp_path / "daemon.log"
+    # no prefetch and no background fetch: the chunks read below must still be in the registry
     with mounted(f"{trickler.host}/{pushed}", mnt, "--config", str(config), "--cache-dir",
-                 str(tmp_path / "cache"), "--log-file", str(log)):
+                 str(tmp_path / "cache"), "--log-file", str(log), "--no-prefetch", "--no-background-fetch"):
         trickler.add(Fault("trickle", path="/blobs/", times=-1, seconds=1.0))
         got, seconds = read_through(mnt / "data", 100_000)
         assert got == errno.EIO and seconds < 45, (str(got)[:40], seconds, log.read_text()[-2000:],

@@ -4,7 +4,7 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 APT_PACKAGES := python3-venv fuse3 libfuse2 containerd runc skopeo umoci docker-registry \
     stargz-snapshotter debootstrap bubblewrap golang-go golang-github-containerd-stargz-snapshotter-dev \
-    curl xz-utils pigz
+    curl xz-utils busybox-static binutils pigz
 APT_STAMP := $(VENV)/.apt-done
 PIP_STAMP := $(VENV)/.pip-done
 

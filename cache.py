@@ -21,10 +21,13 @@ fsync'd: a torn file fails verification on read and is reloaded.
 A chunk file is hashed when a process first reads it; after that (and after writing one from verified
 bytes) the process serves ranges of it by ``pread`` for as long as the file keeps its (inode, size,
 ctime): any write to it, or a replacement, changes them and sends the next read through verification
-again.
+again.  Chunk files are opened without following symlinks and without blocking, and only a regular file
+owned by the cache's user (this process's) is read: anything else in its place (a FIFO, a device, a link,
+another user's file) is removed and the chunk loaded again.
 """
 
 import contextlib
+import errno
 import fcntl
 import heapq
 import logging
@@ -208,29 +211,53 @@ class _DiskTier:
     def contains(self, hexdigest: str) -> bool:
         return os.path.exists(self.path(hexdigest))
 
-    def read(self, hexdigest: str) -> bytes | None:
-        """The verified chunk, marked recently used; None if absent or corrupt (then removed)."""
+    def _open(self, hexdigest: str) -> int | None:
+        """A read-only fd of the chunk file, or None if there is none; what is there but no regular file
+        of ours is removed (never opened if lstat tells, never blocked on, never followed)."""
         path = self.path(hexdigest)
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                data = f.read()
-                if sha256_digest(data) == "sha256:" + hexdigest:
-                    with contextlib.suppress(OSError):  # a read-only shared cache still serves
-                        os.utime(f.fileno())
-                    self._remember_verified(hexdigest, f.fileno())
-                    return data
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                st = os.fstat(fd)  # what was opened (the file may have been replaced since lstat)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                    return fd
+                os.close(fd)
         except FileNotFoundError:
             return None
-        log.warning("chunk cache: %s is corrupt (%d bytes, digest mismatch): removed, reloading",
-                    path, len(data))
+        except OSError as e:
+            if e.errno != errno.ELOOP:  # a symlink put there since lstat: removed below
+                raise
+            st = os.lstat(path)
+        self._discard(path, st, f"not a regular file owned by uid {os.geteuid()} (mode {st.st_mode:o}, "
+                                f"uid {st.st_uid})")
+        return None
+
+    def _discard(self, path: str, st: os.stat_result, why: str) -> None:
+        """Remove the chunk file `path` (unless it was replaced since `st`) and rescan the total."""
+        log.warning("chunk cache: %s is %s: removed, reloading", path, why)
         self.corrupt += 1
         with self._locked():
-            with contextlib.suppress(FileNotFoundError):
-                now = os.stat(path)
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                now = os.lstat(path)
                 if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):  # not replaced meanwhile
                     os.unlink(path)
             self._scan()  # a file changed in place no longer has the size the total counted
+
+    def read(self, hexdigest: str) -> bytes | None:
+        """The verified chunk, marked recently used; None if absent or corrupt (then removed)."""
+        fd = self._open(hexdigest)
+        if fd is None:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            data = f.read(st.st_size + 1)
+            if sha256_digest(data) == "sha256:" + hexdigest:
+                with contextlib.suppress(OSError):  # a read-only shared cache still serves
+                    os.utime(fd)
+                self._remember_verified(hexdigest, fd)
+                return data
+        self._discard(self.path(hexdigest), st, f"corrupt ({len(data)} bytes, digest mismatch)")
         return None
 
     def write(self, hexdigest: str, data: bytes) -> None:
@@ -249,11 +276,15 @@ class _DiskTier:
             self._set_state(total, writes)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = os.path.join(os.path.dirname(path), f"{_TMP_PREFIX}{hexdigest}-{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # a crashed writer's (or anyone's) leftover: never written through
             try:
-                with open(tmp, "wb") as f:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                with os.fdopen(os.open(tmp, flags, 0o644), "wb") as f:
                     f.write(data)
                 os.replace(tmp, path)
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # its ctime as of after the rename
+                # its ctime as of after the rename
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
                 try:
                     self._remember_verified(hexdigest, fd)
                 finally:
@@ -271,9 +302,8 @@ class _DiskTier:
             known = self._verified.get(hexdigest)
         if known is None:
             return None
-        try:
-            fd = os.open(self.path(hexdigest), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        fd = self._open(hexdigest)
+        if fd is None:
             return None
         try:
             st = os.fstat(fd)

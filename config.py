@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from toc import LazymountError, check_digest
+from toc import DEFAULT_LIMITS, LazymountError, Limits, check_digest
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,9 @@ class RegistryConfig:
     prefix is put before the repository name (a Harbor proxy-cache project, say). `plain_http`: None
     means plain HTTP for loopback hosts only. `insecure` skips TLS certificate verification.
     `operation_timeout` bounds each operation (all its retries, and the whole body of a whole-blob
-    download: raise it for huge layers on slow links); `read_timeout` bounds each wait for bytes.
+    download: raise it for huge layers on slow links); `read_timeout` bounds each wait for bytes;
+    `range_timeout` bounds a byte-range read that a program waits on through a mount (all its attempts:
+    such a read returns EIO by then, and the kernel may ask twice before it gives up).
     """
 
     mirrors: tuple[str, ...] = ()
@@ -154,14 +156,17 @@ class RegistryConfig:
     retries: int = 4
     retry_backoff: float = 0.25
     operation_timeout: float = 300.0
+    range_timeout: float = 25.0
 
 
 @dataclass(frozen=True)
 class Config:
-    """Per-registry settings by host[:port] (Docker Hub as `docker.io`), and the defaults for others."""
+    """Per-registry settings by host[:port] (Docker Hub as `docker.io`), the defaults for others, and the
+    limits on sizes that images decide (toc.Limits)."""
 
     registries: Mapping[str, RegistryConfig] = field(default_factory=dict)
     defaults: RegistryConfig = RegistryConfig()
+    limits: Limits = DEFAULT_LIMITS
 
     def for_host(self, host: str) -> RegistryConfig:
         """The settings for `host`."""
@@ -203,13 +208,25 @@ def _registry_config(values: Mapping[str, Any], base: RegistryConfig, where: str
     return dataclasses.replace(base, **out)
 
 
+def _limits(values: Any, where: str) -> Limits:
+    if not isinstance(values, dict):
+        raise InvalidInputError(f"{where} must be a mapping")
+    known = [f.name for f in dataclasses.fields(Limits)]
+    for key, value in values.items():
+        if key not in known:
+            raise InvalidInputError(f"{where}: unknown limit {key!r} (known: {', '.join(known)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InvalidInputError(f"{where}: {key} must be a positive whole number")
+    return dataclasses.replace(DEFAULT_LIMITS, **values)
+
+
 def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
     """Load the YAML config (`path`, else the first file of `config_search_path()` that exists).
 
-    This module reads two top-level keys, ``registry_defaults: {SETTING: VALUE}`` and
-    ``registries: {HOST: {SETTING: VALUE}}``, settings being the fields of `RegistryConfig`; other
-    top-level keys belong to other modules. Keyword `overrides` (explicit arguments, e.g. ``retries=2``)
-    win over the file for every registry.
+    This module reads three top-level keys, ``registry_defaults: {SETTING: VALUE}`` and
+    ``registries: {HOST: {SETTING: VALUE}}``, settings being the fields of `RegistryConfig`, and
+    ``limits: {LIMIT: VALUE}``, the fields of `toc.Limits`; other top-level keys belong to other modules.
+    Keyword `overrides` (explicit arguments, e.g. ``retries=2``) win over the file for every registry.
     """
     candidates = [Path(path)] if path is not None else config_search_path()
     data: Any = {}
@@ -240,7 +257,7 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         defaults = _registry_config(overrides, defaults, "explicit settings")
         registries = {h: _registry_config(overrides, c, "explicit settings") for h, c in registries.items()}
     log.debug("registry config from %s: %d registries", source, len(registries))
-    return Config(registries, defaults)
+    return Config(registries, defaults, _limits(data.get("limits") or {}, f"{source}: limits"))
 
 
 # ------------------------------------------------------------------------------------------ credentials

@@ -2,8 +2,9 @@
 
 What belongs here: the image-level work around layerwriter.write_layer — which layers to convert and
 which to keep, manifests, configs and annotations, writing OCI layouts or pushing to a registry (through
-fetch.py and regclient.py), parallel transfers and progress.  What never does: the byte format (toc.py,
-layerwriter.py), HTTP details (regclient.py), FUSE.
+fetch.py and regclient.py), parallel transfers and progress; workload profiles (their text format, merging,
+and attaching them to an image as referrer artifacts through referrers.py).  What never does: the byte
+format (toc.py, layerwriter.py), HTTP details (regclient.py), the referrers protocol (referrers.py), FUSE.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from typing import TYPE_CHECKING, BinaryIO
 import config
 import fetch
 import layerwriter
+import referrers
 import regclient
 import toc
+import tocread
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -49,6 +52,7 @@ class ConvertOptions:
     # `.no.prefetch.landmark`); eStargz layers already laid out that way are kept, the others converted.
     optimize: bool = False
     progress: bool = True
+    limits: toc.Limits = toc.DEFAULT_LIMITS  # what readers accept: a layer beyond them is not written
 
 
 class OCILayout:
@@ -86,10 +90,15 @@ class OCILayout:
         index_path = self.root / "index.json"
         index = {"schemaVersion": 2, "mediaType": toc.MEDIA_OCI_INDEX, "manifests": []}
         if index_path.exists():
+            limit = toc.DEFAULT_LIMITS.manifest_size
+            with fetch.open_regular(index_path, f"oci:{self.root}", "index.json") as f:
+                data = f.read(limit + 1)
             try:
-                index = json.loads(index_path.read_bytes())
+                index = json.loads(data) if len(data) <= limit else None
             except ValueError:
                 raise ImageError(f"{index_path} is not valid JSON") from None
+            if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
+                raise ImageError(f"{index_path} is not an OCI index of at most {limit} bytes")
         descriptor = dict(descriptor)
         if tag:
             descriptor["annotations"] = {toc.REF_NAME_ANNOTATION: tag}
@@ -160,7 +169,7 @@ def convert_layer_file(src: Path, dst: Path, options: ConvertOptions,
         info: list[layerwriter.LayerInfo] = []
         _atomic_write(dst, lambda out: info.append(layerwriter.write_layer(
             _ProgressReader(raw, bar), out, chunk_size=options.chunk_size, prioritized=prioritized,
-            fmt=options.fmt, level=options.level, workers=options.workers)))
+            fmt=options.fmt, level=options.level, workers=options.workers, limits=options.limits)))
     return info[0]
 
 
@@ -312,7 +321,7 @@ def _plan_layer(image: fetch.Image, descriptor: fetch.Descriptor, options: Conve
     with image.blob(descriptor.digest) as reader:
         annotated = descriptor.annotations.get(toc.TOC_DIGEST_ANNOTATION)
         try:
-            _, toc_json = toc.read_toc_json(reader.read_at, reader.size, annotated)
+            _, toc_json = tocread.read_toc_json(reader.read_at, reader.size, annotated, options.limits)
         except toc.FooterError:
             if annotated:
                 raise ImageError(f"layer {descriptor.digest} is annotated as eStargz but is not") from None
@@ -369,21 +378,21 @@ def _laid_out_for(toc_json: bytes, wanted: list[str] | None) -> bool:
     return prefetch_order(toc_json) == list(expected)
 
 
-def describe_layer(read_at: toc.ReadAt, size: int, expected_toc_digest: str | None = None) -> dict:
+def describe_layer(read_at: tocread.ReadAt, size: int, expected_toc_digest: str | None = None,
+                   limits: toc.Limits = toc.DEFAULT_LIMITS) -> dict:
     """What `lazymount inspect` shows of one layer: format, entry counts, chunking, landmark."""
     try:
-        footer, toc_json = toc.read_toc_json(read_at, size, expected_toc_digest)
+        index = tocread.read_index(read_at, size, expected_toc_digest, limits)
     except toc.FooterError:
         return {"format": "not eStargz", "size": size}
-    index = toc.Index.from_json(toc_json, footer)
     chunk_sizes = [c.size for _, i in index.walk() if index.kind(i) == toc.KIND_REG
                    for c in index.chunks(i)]
     if index.prefetch_end is not None:
         landmark = f"prefetch [0, {index.prefetch_end})"
     else:
         landmark = "no prefetch" if index.no_prefetch else "none"
-    return {"format": footer.format, "size": size, "toc_digest": toc.sha256_digest(toc_json),
-            "toc_bytes": len(toc_json), "entries": index.stats(),
+    return {"format": index.format, "size": size, "toc_digest": index.toc_digest,
+            "toc_bytes": index.toc_size, "entries": index.stats(),
             "largest_chunk": max(chunk_sizes, default=0), "landmark": landmark}
 
 
@@ -405,20 +414,28 @@ def read_path_list(path: Path) -> list[str]:
 
 
 PROFILE_LAYER = "# layer "
+MAX_PROFILE_SIZE = 16 << 20  # bytes of a profile attached to an image
 
 
 def read_profile(path: Path) -> dict[str, list[str]]:
+    """A workload profile file (see parse_profile)."""
+    return parse_profile(read_text(path), str(path))
+
+
+def parse_profile(text: str, where: str) -> dict[str, list[str]]:
     """A workload profile: `# layer DIGEST` lines, each followed by that layer's paths (relative, one a
-    line, in the order first opened); blank lines and other '#' lines are ignored."""
+    line, in the order first opened); blank lines and other '#' lines are ignored.  `where` names the
+    profile in errors."""
     profile: dict[str, list[str]] = {}
     current: list[str] | None = None
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.startswith(PROFILE_LAYER):
             current = profile.setdefault(toc.check_digest(line[len(PROFILE_LAYER):].strip()), [])
         elif not line.strip() or line.startswith("#"):
             continue
         elif current is None:
-            raise config.InvalidInputError(f"{path}:{number}: a path before any '{PROFILE_LAYER}DIGEST' line")
+            raise config.InvalidInputError(f"{where}:{number}: a path before any "
+                                           f"'{PROFILE_LAYER}DIGEST' line")
         else:
             current.append(line.lstrip("/"))
     return profile
@@ -433,9 +450,46 @@ def merge_profiles(profiles: list[dict[str, list[str]]]) -> dict[str, list[str]]
     return {digest: list(paths) for digest, paths in merged.items()}
 
 
-def write_profile(path: Path, profile: dict[str, list[str]]) -> None:
-    """Write a profile in the format read_profile reads."""
+def format_profile(profile: dict[str, list[str]]) -> str:
+    """A profile as the text parse_profile reads."""
     lines = ["# lazymount profile: the files a workload opened, by the image layer that provides them"]
     for digest, paths in profile.items():
         lines += [f"{PROFILE_LAYER}{digest}", *paths]
-    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
+
+
+def write_profile(path: Path, profile: dict[str, list[str]]) -> None:
+    """Write a profile in the format read_profile reads."""
+    Path(path).write_text(format_profile(profile), encoding="utf-8")
+
+
+def push_profile(image: fetch.Image, profile: dict[str, list[str]]) -> str:
+    """Attach `profile` to the image's manifest as a referrer artifact, through the client the image was
+    opened with (the image itself is not pushed again); return the artifact's digest.  Its layers must be
+    the image's."""
+    foreign = set(profile) - {layer.digest for layer in image.layers}
+    if foreign:
+        raise ImageError(f"{image.reference} ({image.digest}) has no layer {min(foreign)}: the profile was "
+                         "recorded in another image (was the tag moved?)")
+    blob = referrers.ArtifactBlob(toc.MEDIA_PROFILE, format_profile(profile).encode())
+    if image.client is None:
+        raise ImageError(f"{image.reference}: profiles are attached to images in a registry")
+    pushed = referrers.push_referrer(image.client, image.reference, image.descriptor, toc.ARTIFACT_PROFILE,
+                                     [blob])
+    return pushed.digest
+
+
+def attached_profile(image: fetch.Image) -> dict[str, list[str]]:
+    """Every profile attached to the image (`record --push`), merged oldest first, restricted to the
+    image's layers; {} if there is none."""
+    profiles = []
+    for artifact, blobs in referrers.image_artifacts(image, toc.ARTIFACT_PROFILE, MAX_PROFILE_SIZE):
+        for blob, data in blobs:
+            if blob.media_type != toc.MEDIA_PROFILE:
+                continue
+            try:
+                profiles.append(parse_profile(data.decode("utf-8"), f"profile {artifact.digest}"))
+            except (UnicodeDecodeError, config.InvalidInputError) as e:
+                log.warning("%s: profile %s not used: %s", image.reference, artifact.digest, e)
+    layers = {layer.digest for layer in image.layers}
+    return {digest: paths for digest, paths in merge_profiles(profiles).items() if digest in layers}

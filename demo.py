@@ -165,7 +165,7 @@ def full_pull(ref: str, work: Path, command: list[str]) -> tuple[int, str, float
     setup = time.monotonic() - start
     image = fetch.open_image(f"oci:{pulled}:{TAG}", client=regclient.RegistryClient())
     config = image.config.get("config", {})
-    line, elapsed = _first_line(sandbox.bwrap_command(bundle / "rootfs", config, command, []))
+    line, elapsed = _first_line(sandbox.bwrap_command(bundle / "rootfs", config, command))
     print(f"   {line}")
     fetched = sum(p.stat().st_size for p in (pulled / "blobs" / "sha256").iterdir())
     shutil.rmtree(bundle, ignore_errors=True)

@@ -23,15 +23,17 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import cache
+import download
 import layerwriter
 import seekindex
 import toc
+import tocread
 import tree
 
 log = logging.getLogger(__name__)
@@ -56,11 +58,14 @@ class NotReadyError(toc.LazymountError):
 
 
 class BlobSource(Protocol):
-    """What a layer needs of its blob: random reads (`fetch.BlobReader` or a local file)."""
+    """What a layer needs of its blob: random reads (`fetch.BlobReader` or a local file); `urgent` ones
+    are waited on by a reader and end sooner (fetch.BlobReader.read_at)."""
 
     size: int
 
-    def read_at(self, offset: int, length: int) -> bytes: ...
+    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes: ...
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
 
     def download(self, path: str | os.PathLike[str]) -> None: ...
 
@@ -72,8 +77,11 @@ class FileBlob:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.fstat(self._fd).st_size
 
-    def read_at(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes:
         return os.pread(self._fd, length, offset)
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return [self.read_at(offset, length) for offset, length in ranges]
 
     def download(self, path: str | os.PathLike[str]) -> None:
         raise NotImplementedError("a local blob is never downloaded")
@@ -98,7 +106,7 @@ class StagedRanges:
         self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 -- closed by close()
         self._ranges: list[tuple[int, int]] = []
         self._lock = threading.Lock()
-        self.chunks: list[toc.Chunk] = []  # the chunks whose bytes are staged, in blob order
+        self.chunks: list[toc.Chunk] = []  # the chunks whose bytes are staged, in the order they arrived
 
     def put(self, start: int, data: bytes, chunks: list[toc.Chunk]) -> None:
         os.pwrite(self._file.fileno(), data, start)
@@ -145,6 +153,7 @@ class Layer:
     index: toc.Index | None = None
     spans: seekindex.SpanReader | None = None
     stats: LayerStats = field(default_factory=LayerStats)
+    limits: toc.Limits = toc.DEFAULT_LIMITS
     error: str | None = None  # why the last download (or conversion) attempt failed
     permanent: bool = False  # the error is in the layer's verified bytes: it is not tried again
     staged: StagedRanges | None = None
@@ -177,7 +186,7 @@ class Layer:
             return data
 
         try:
-            self.index = toc.read_index(read_at, self.blob.size, self.toc_digest)
+            self.index = tocread.read_index(read_at, self.blob.size, self.toc_digest, self.limits)
         except toc.FooterError:
             return False
         return True
@@ -190,15 +199,30 @@ class Layer:
         if compressed is None:
             return None
         assert self.index is not None
-        return toc.decompress_chunk(compressed, c, self.index.format, verify=False)
+        return tocread.decompress_chunk(compressed, c, self.index.format, verify=False)
 
-    def fetch(self, offset: int, length: int) -> bytes:
+    def fetch(self, offset: int, length: int, urgent: bool = False) -> bytes:
         """Raw compressed bytes of the blob, counted."""
-        data = self.blob.read_at(offset, length)
+        return self.fetch_ranges([(offset, length)], urgent)[0]
+
+    def fetch_ranges(self, ranges: Sequence[tuple[int, int]], urgent: bool = False) -> list[bytes]:
+        """Raw compressed bytes of each (offset, length) of the blob, in one multi-range request, counted."""
+        data = self.blob.read_ranges(ranges) if len(ranges) > 1 else [self.blob.read_at(*ranges[0], urgent)]
         with self._lock:
             self.stats.requests += 1
-            self.stats.bytes_fetched += len(data)
+            self.stats.bytes_fetched += sum(map(len, data))
         return data
+
+    def oversized(self, c: toc.Chunk) -> str | None:
+        """Why chunk `c` is not read (its bytes, or the compressed span they lie in, are over
+        limits.chunk_size), or None: what a TOC says a chunk holds must not decide what a read allocates."""
+        limit = self.limits.chunk_size
+        if c.inner_offset + c.size > limit:
+            return f"chunk of {c.size} bytes at inner offset {c.inner_offset} is over {limit} " \
+                "(limits.chunk_size)"
+        if c.comp_end - c.comp_offset > limit + (limit >> 8) + (1 << 20):
+            return f"chunk's {c.comp_end - c.comp_offset} compressed bytes are over limits.chunk_size"
+        return None
 
     def count(self, name: str, n: int = 1) -> None:
         """Add `n` to the counter `name` of the layer's stats."""
@@ -215,10 +239,10 @@ class Layer:
             directory.mkdir(parents=True, exist_ok=True)
         if not converted.exists():
             if not blob_path.exists():
-                self.blob.download(blob_path)
+                download.whole_blob(self.blob, self.digest, blob_path)  # by concurrent range requests
             local = FileBlob(blob_path)
             try:
-                self.index = toc.read_index(local.read_at, local.size)
+                self.index = tocread.read_index(local.read_at, local.size, limits=self.limits)
                 self.blob = local
                 self.count("bytes_fetched", local.size)
                 return
@@ -242,7 +266,7 @@ class Layer:
             self.count("bytes_fetched", blob_path.stat().st_size)
             blob_path.unlink(missing_ok=True)
         local = FileBlob(converted)
-        self.index = toc.read_index(local.read_at, local.size)
+        self.index = tocread.read_index(local.read_at, local.size, limits=self.limits)
         self.blob = local
 
 
@@ -334,8 +358,10 @@ class ImageView:
     def __init__(self, layers: Sequence[Layer], chunk_cache: cache.ChunkCache, work_dir: Path, *,
                  raw: bool = False, opaque_xattr: str = "trusted.overlay.opaque", prefetch: bool = True,
                  background: bool = True, recorder: AccessRecorder | None = None,
-                 activity: ReadActivity | None = None, cache_dir: Path | None = None, name: str = "") -> None:
+                 activity: ReadActivity | None = None, profile: Mapping[str, Sequence[str]] | None = None,
+                 cache_dir: Path | None = None, name: str = "") -> None:
         self.layers = list(layers)
+        self.profile = profile or {}  # layer digest -> paths whose chunks the prefetch fetches, in order
         self.cache_dir, self.name = cache_dir, name  # where seek indexes are kept; the image, for logs
         self.recorder = recorder
         self.cache, self.work_dir = chunk_cache, Path(work_dir)
@@ -450,7 +476,8 @@ class ImageView:
                 self._background_indexed(layer)
         for layer in lazy:
             assert layer.index is not None
-            missing = (c for c in layer.index.blob_chunks() if not self.cache.contains(c.digest))
+            missing = (c for c in layer.index.blob_chunks()
+                       if not layer.oversized(c) and not self.cache.contains(c.digest))
             for span in _spans(missing, BACKGROUND_SPAN):
                 if self._stop.is_set():
                     return
@@ -508,58 +535,90 @@ class ImageView:
         return data
 
     def _prefetch_landmarks(self, layers: list[Layer], progress: Callable[[int, int], None] | None) -> None:
-        """Fetch every layer's landmark range [0, prefetch_end) in a few large requests spread over
-        PREFETCH_CONNECTIONS parallel connections and stage the bytes (see `_unstage`); requests whose
-        chunks are all cached are skipped."""
+        """Fetch every layer's landmark range [0, prefetch_end) and the chunks of the files its profile
+        lists (`profile`: scattered runs of chunks, several to a multi-range request, in profile order) in a
+        few large requests spread over PREFETCH_CONNECTIONS parallel connections, and stage the bytes (see
+        `_unstage`); requests whose chunks are all cached are skipped."""
         ends = {id(layer): layer.index.prefetch_end or 0 for layer in layers if layer.index is not None}
-        target = sum(ends.values()) // PREFETCH_CONNECTIONS
-        target = min(max(target, MIN_PREFETCH_REQUEST), PREFETCH_SPAN)
-        requests = []
+        profiled = {id(layer): self._profiled_chunks(layer, ends[id(layer)]) for layer in layers}
+        wanted = sum(ends.values()) + sum(c.comp_end - c.comp_offset for cs in profiled.values() for c in cs)
+        target = min(max(wanted // PREFETCH_CONNECTIONS, MIN_PREFETCH_REQUEST), PREFETCH_SPAN)
+        requests: list[tuple[Layer, list[_Run]]] = []
         for layer in layers:
             assert layer.index is not None
             end = ends[id(layer)]
-            chunks = list(itertools.takewhile(lambda c, end=end: c.comp_end <= end,
-                                              layer.index.blob_chunks())) if end else []
-            for start, stop, part in _cut_range(chunks, end, target):
-                if not all(self.cache.contains(c.digest) for c in part):
-                    requests.append((layer, start, stop, part))
-        total = sum(stop - start for _, start, stop, _ in requests)
+            # up to the landmark, or to a chunk too large to read (whose bytes are not fetched either)
+            chunks = list(itertools.takewhile(lambda c, end=end, layer=layer: c.comp_end <= end
+                                              and not layer.oversized(c), layer.index.blob_chunks()))
+            end = chunks[-1].comp_end if chunks and end > chunks[-1].comp_end else end
+            requests += [(layer, [piece]) for piece in _cut_range(chunks, end, target)
+                         if not all(self.cache.contains(c.digest) for c in piece[2])]
+        for layer in layers:  # then the profiled files' runs of chunks, in profile order
+            wanted = [c for c in profiled[id(layer)] if not layer.oversized(c)]
+            rank = {c.digest: i for i, c in enumerate(wanted)}
+            spans = _spans(sorted(wanted, key=lambda c: (c.comp_offset, c.inner_offset)), target)
+            runs = sorted(((run[0].comp_offset, run[-1].comp_end, run) for run in spans),
+                          key=lambda run, rank=rank: min(rank[c.digest] for c in run[2]))
+            requests += [(layer, batch) for batch in _batches(runs, target)]
+        total = sum(stop - start for _, runs in requests for start, stop, _ in runs)
         if not requests:
             return
-        log.info("prefetching %d bytes of landmark ranges in %d requests", total, len(requests))
+        log.info("prefetching %d bytes of landmark ranges and profiled files in %d requests", total,
+                 len(requests))
         done = 0
         if progress is not None:
             progress(done, total)
         try:
-            for layer in {id(layer): layer for layer, *_ in requests}.values():
+            for layer in {id(layer): layer for layer, _ in requests}.values():
                 layer.staged = StagedRanges(self.work_dir)
         except OSError as e:  # e.g. a read-only cache directory: reads fetch on demand instead
             log.warning("landmark prefetch skipped: cannot stage %d bytes in %s: %s", total, self.work_dir, e)
             return
         with concurrent.futures.ThreadPoolExecutor(PREFETCH_CONNECTIONS, "prefetch") as pool:
-            futures = {pool.submit(self._stage_span, layer, start, stop, part):
-                       stop - start for layer, start, stop, part in requests}
+            futures = {pool.submit(self._stage_runs, layer, runs): sum(b - a for a, b, _ in runs)
+                       for layer, runs in requests}
             for future in concurrent.futures.as_completed(futures):
                 done += futures[future]
                 if progress is not None:
                     progress(done, total)
 
-    def _stage_span(self, layer: Layer, start: int, end: int, chunks: list[toc.Chunk]) -> None:
-        """Fetch the compressed bytes [start, end) in one request into the layer's staged ranges."""
+    def _profiled_chunks(self, layer: Layer, landmark_end: int) -> list[toc.Chunk]:
+        """The chunks of the files `profile` lists for the layer, in profile order, each once, leaving out
+        those in the landmark range [0, landmark_end) and those cached."""
+        index = layer.index
+        assert index is not None
+        chunks: dict[str, toc.Chunk] = {}
+        for path in self.profile.get(layer.digest, ()):
+            entry = index.lookup(path)
+            if entry is None:
+                continue
+            target = index.hardlink_target(entry)
+            for c in index.chunks(entry if target is None else target):
+                if c.comp_offset >= landmark_end and not self.cache.contains(c.digest):
+                    chunks.setdefault(c.digest, c)
+        return list(chunks.values())
+
+    def _stage_runs(self, layer: Layer, runs: list[_Run]) -> None:
+        """Fetch the compressed bytes of each run [start, stop) in one (multi-range) request into the
+        layer's staged ranges."""
         assert layer.staged is not None
         if self._stop.is_set():
             return
         try:
-            layer.staged.put(start, layer.fetch(start, end - start), chunks)
-            layer.count("prefetched_bytes", end - start)
+            data = layer.fetch_ranges([(start, stop - start) for start, stop, _ in runs])
+            for (start, _, chunks), part in zip(runs, data, strict=True):
+                layer.staged.put(start, part, chunks)
+            layer.count("prefetched_bytes", sum(map(len, data)))
         except (toc.LazymountError, OSError) as e:
             layer.count("errors")
-            log.warning("layer %s: prefetching [%d, %d) failed: %s", layer.digest, start, end, e)
+            log.warning("layer %s: prefetching %d range(s) from %d failed: %s", layer.digest, len(runs),
+                        runs[0][0], e)
 
     def _unstage(self, layers: list[Layer]) -> None:
-        """Decompress the staged chunks into the cache on every core, in blob order (the order a profiled
-        workload reads them; its reads of chunks not yet done decompress them themselves), layers taking
-        turns; then drop the staged bytes."""
+        """Decompress the staged chunks into the cache on every core in the order they arrived (landmark
+        ranges in blob order, the order a profiled workload reads an optimized layer; then profiled files,
+        about in profile order; its reads of chunks not yet done decompress them themselves), layers
+        taking turns; then drop the staged bytes."""
         staged = [(layer, layer.staged) for layer in layers if layer.staged is not None]
         order = itertools.chain.from_iterable(itertools.zip_longest(
             *([(layer, c) for c in ranges.chunks] for layer, ranges in staged)))
@@ -597,7 +656,7 @@ class ImageView:
             for c in chunks:
                 part = data[c.comp_offset - start:c.comp_end - start]
                 # the cache verifies the digest before it stores anything
-                self.cache.store(c.digest, lambda c=c, part=part: toc.decompress_chunk(part, c, fmt,
+                self.cache.store(c.digest, lambda c=c, part=part: tocread.decompress_chunk(part, c, fmt,
                                                                                         verify=False))
             layer.count(counter, end - start)
         except (toc.LazymountError, OSError) as e:
@@ -638,6 +697,11 @@ class ImageView:
         assert layer.index is not None
         fmt = layer.index.format
         loaded = []
+        refused = layer.oversized(c)
+        if refused:
+            layer.count("errors")
+            log.error("layer %s: %s: %s", layer.digest, node.path, refused)
+            raise OSError(errno.EIO, refused)
 
         def load() -> bytes:
             if layer.spans is not None:
@@ -652,15 +716,15 @@ class ImageView:
             if compressed is None:
                 neighbours = self._uncached_neighbours(layer, node, c)
                 end = neighbours[-1].comp_end if neighbours else c.comp_end
-                compressed = layer.fetch(c.comp_offset, end - c.comp_offset)
+                compressed = layer.fetch(c.comp_offset, end - c.comp_offset, urgent=True)
                 if neighbours:
                     at = c.comp_offset
                     self._hold(layer, self._neighbour_bytes,
                                [(n, compressed[n.comp_offset - at:n.comp_end - at]) for n in neighbours],
-                               lambda n, part: toc.decompress_chunk(part, n, fmt, verify=False))
+                               lambda n, part: tocread.decompress_chunk(part, n, fmt, verify=False))
                 compressed = compressed[:c.comp_end - c.comp_offset]
             # the cache verifies the digest before it stores or returns anything
-            return toc.decompress_chunk(compressed, c, fmt, verify=False)
+            return tocread.decompress_chunk(compressed, c, fmt, verify=False)
 
         try:
             data = self.cache.read(c.digest, start, stop, load)
@@ -775,9 +839,27 @@ def _inside(index: toc.Index, entry: int, directory: int) -> bool:
     return directory == toc.Index.ROOT
 
 
-def _cut_range(chunks: list[toc.Chunk], end: int, target: int) -> list[tuple[int, int, list[toc.Chunk]]]:
+_Run = tuple[int, int, list[toc.Chunk]]  # compressed bytes [start, stop) and the chunks staged from them
+MAX_PREFETCH_RANGES = 32  # ranges in one multi-range prefetch request
+
+
+def _batches(runs: list[_Run], target: int) -> Iterator[list[_Run]]:
+    """Consecutive runs grouped into requests of at most MAX_PREFETCH_RANGES ranges and about `target`
+    bytes."""
+    batch: list[_Run] = []
+    for run in runs:
+        if batch and (len(batch) == MAX_PREFETCH_RANGES or
+                      sum(stop - start for start, stop, _ in batch) + run[1] - run[0] > target):
+            yield batch
+            batch = []
+        batch.append(run)
+    if batch:
+        yield batch
+
+
+def _cut_range(chunks: list[toc.Chunk], end: int, target: int) -> list[_Run]:
     """Cut [0, end) at chunk boundaries into pieces of about `target` bytes: (start, stop, chunks)."""
-    pieces: list[tuple[int, int, list[toc.Chunk]]] = []
+    pieces: list[_Run] = []
     start, part = 0, []
     for c in chunks:
         part.append(c)

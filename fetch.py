@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform as platform_module
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,18 +33,24 @@ from typing import Any, BinaryIO
 
 from config import Config, InvalidInputError, Reference, as_reference, valid_digest
 from regclient import (
-    MAX_MANIFEST_SIZE,
     NotFoundError,
     RegistryClient,
     RegistryError,
     WholeBlob,
     file_digest,
 )
-from toc import INDEX_TYPES, MANIFEST_TYPES, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, REF_NAME_ANNOTATION
+from toc import (
+    DEFAULT_LIMITS,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST,
+    REF_NAME_ANNOTATION,
+    Limits,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_CONFIG_SIZE = 8 << 20
 _COPY_CHUNK = 256 << 10  # pread size when a layout blob is copied whole
 
 
@@ -101,12 +108,14 @@ def select_platform(index: Mapping[str, Any], wanted: str | None = None,
 
 @dataclass(frozen=True)
 class Descriptor:
-    """An OCI content descriptor (the digest is validated, the size a non-negative int)."""
+    """An OCI content descriptor (the digest is validated, the size a non-negative int); `artifact_type`
+    is set on the descriptors of referrer artifacts."""
 
     media_type: str
     digest: str
     size: int
     annotations: Mapping[str, str] = field(default_factory=dict)
+    artifact_type: str = ""
 
     @classmethod
     def from_json(cls, obj: Any) -> Descriptor:
@@ -120,11 +129,14 @@ class Descriptor:
         if not isinstance(annotations, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
             raise InvalidInputError("descriptor annotations must map strings to strings")
-        return cls(str(obj.get("mediaType", "")), valid_digest(obj.get("digest")), size, annotations)
+        return cls(str(obj.get("mediaType", "")), valid_digest(obj.get("digest")), size, annotations,
+                   str(obj.get("artifactType", "")))
 
     def to_json(self) -> dict[str, Any]:
         """The descriptor as a manifest JSON object."""
         obj: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.artifact_type:
+            obj["artifactType"] = self.artifact_type
         if self.annotations:
             obj["annotations"] = dict(self.annotations)
         return obj
@@ -187,17 +199,19 @@ class BlobReader:
         offset = min(offset, self.size)
         return offset, min(length, self.size - offset)
 
-    def read_at(self, offset: int, length: int) -> bytes:
-        """`length` bytes at `offset` (fewer at the end of the blob)."""
-        return self.read_ranges([(offset, length)])[0]
+    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes:
+        """`length` bytes at `offset` (fewer at the end of the blob); `urgent`: someone waits on them (a
+        registry read then ends within the range_timeout setting)."""
+        return self.read_ranges([(offset, length)], urgent)[0]
 
-    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def read_ranges(self, ranges: Sequence[tuple[int, int]], urgent: bool = False) -> list[bytes]:
         """The bytes of each (offset, length), in the order given, fetched in as few requests as possible."""
         clipped = [self._clip(o, n) for o, n in ranges]
         spans = _merge_spans(clipped)
-        return _slice_spans(dict(zip((s for s, _ in spans), self._read_spans(spans), strict=True)), clipped)
+        return _slice_spans(dict(zip((s for s, _ in spans), self._read_spans(spans, urgent), strict=True)),
+                            clipped)
 
-    def _read_spans(self, spans: list[tuple[int, int]]) -> list[bytes]:
+    def _read_spans(self, spans: list[tuple[int, int]], urgent: bool) -> list[bytes]:
         raise NotImplementedError
 
     def read_all(self, max_size: int | None = None) -> bytes:
@@ -263,23 +277,36 @@ def _write_verified(path: str | os.PathLike[str], digest: str, size: int,
         raise
 
 
+def open_regular(path: Path, where: str, what: str) -> BinaryIO:
+    """`path` opened for reading, refused (RegistryError) unless it is a regular file: never blocks on a
+    FIFO or reads a device (a layout's file that is a link to /dev/zero has no end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        raise NotFoundError(where, "-", what, e.strerror or "not in the layout") from None
+    except OSError as e:
+        raise RegistryError(where, "-", what, e.strerror or type(e).__name__) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RegistryError(where, "-", what, f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 class LayoutBlobReader(BlobReader):
     """A blob of a local OCI image layout (`DIR/blobs/sha256/HEX`), read with pread."""
 
     def __init__(self, layout: str | os.PathLike[str], digest: str, size: int | None = None) -> None:
         self._where = f"oci:{layout}"
         path = Path(layout) / "blobs" / "sha256" / valid_digest(digest)[len("sha256:"):]
-        try:
-            self._file = open(path, "rb")  # noqa: SIM115 -- kept open for the reader's lifetime
-        except FileNotFoundError:
-            raise NotFoundError(self._where, "-", f"blob {digest}", "not in the layout") from None
+        self._file = open_regular(path, self._where, f"blob {digest}")
         actual = os.fstat(self._file.fileno()).st_size
         if size is not None and size != actual:
             self._file.close()
             raise RegistryError(self._where, "-", f"blob {digest}", f"{actual} bytes, expected {size}")
         super().__init__(digest, actual)
 
-    def _read_spans(self, spans: list[tuple[int, int]]) -> list[bytes]:
+    def _read_spans(self, spans: list[tuple[int, int]], urgent: bool) -> list[bytes]:
         return [os.pread(self._file.fileno(), end - start, start) for start, end in spans]
 
     def _copy(self, sink: _Sink) -> None:
@@ -325,9 +352,9 @@ class RegistryBlobReader(BlobReader):
         self._spill: BinaryIO | None = None
         self.ranges_supported = None
 
-    def _read_spans(self, spans: list[tuple[int, int]]) -> list[bytes]:
+    def _read_spans(self, spans: list[tuple[int, int]], urgent: bool) -> list[bytes]:
         if self._spill is None and self.ranges_supported is not False:
-            got = self._client.read_spans(self._ref, self.digest, self.size, spans, self._spilled)
+            got = self._client.read_spans(self._ref, self.digest, self.size, spans, self._spilled, urgent)
             if got is not None:
                 self.ranges_supported = True
                 return got
@@ -366,7 +393,7 @@ class RegistryBlobReader(BlobReader):
             raise RegistryError(self._ref.registry, self._ref.repository, f"blob {self.digest}",
                                 f"{self.size} bytes, over the {max_size}-byte limit")
         if self._spill is not None:
-            return self._read_spans([(0, self.size)])[0]
+            return self._read_spans([(0, self.size)], False)[0]
         sink = _Sink(self.digest, self.size)
         self._fill(sink)
         return sink.file.getvalue()  # type: ignore[attr-defined]
@@ -399,32 +426,43 @@ class _RegistrySource:
 
 
 class _LayoutSource:
-    def __init__(self, layout: str) -> None:
-        self.layout = layout
+    def __init__(self, layout: str, limits: Limits) -> None:
+        self.layout, self.limits = layout, limits
 
     def manifest(self, reference: str) -> tuple[bytes, str, str]:
         if not reference.startswith("sha256:"):
-            index = json.loads(self._read(Path(self.layout) / "index.json"))
-            entries = [e for e in index.get("manifests") or [] if isinstance(e, dict)]
-            named = [e for e in entries
-                     if (e.get("annotations") or {}).get(REF_NAME_ANNOTATION) == reference]
-            if not named and reference == "latest" and len(entries) == 1:
-                named = entries
-            if not named:
-                raise NotFoundError(f"oci:{self.layout}", "-", f"manifest {reference}", "no such tag")
-            reference = Descriptor.from_json(named[0]).digest
+            reference = self._tagged(reference)
         with LayoutBlobReader(self.layout, reference) as reader:
-            data = reader.read_all(MAX_MANIFEST_SIZE)
+            data = reader.read_all(self.limits.manifest_size)
         return data, "", reference
 
-    def _read(self, path: Path) -> bytes:
+    def _tagged(self, tag: str) -> str:
+        """The digest `index.json` gives for `tag` (its only manifest for `latest`)."""
+        where = (f"oci:{self.layout}", "-")
+        path = Path(self.layout) / "index.json"
+        with open_regular(path, where[0], "index.json") as f:
+            data = f.read(self.limits.manifest_size + 1)
+        if len(data) > self.limits.manifest_size:
+            raise RegistryError(*where, "index.json", f"{path} is over {self.limits.manifest_size} bytes "
+                                "(limits.manifest_size)")
+        manifests = _json_object(data, where, "index.json").get("manifests") or []
+        if not isinstance(manifests, list) or not all(isinstance(e, dict) for e in manifests):
+            raise RegistryError(*where, "index.json", "'manifests' is not a list of descriptors")
+        named = []
+        for entry in manifests:
+            annotations = entry.get("annotations") or {}
+            if not isinstance(annotations, dict):
+                raise RegistryError(*where, "index.json", "a descriptor's 'annotations' is not an object")
+            if annotations.get(REF_NAME_ANNOTATION) == tag:
+                named.append(entry)
+        if not named and tag == "latest" and len(manifests) == 1:
+            named = manifests
+        if not named:
+            raise NotFoundError(*where, f"manifest {tag}", "no such tag")
         try:
-            if path.stat().st_size > MAX_MANIFEST_SIZE:
-                raise InvalidInputError(f"{path} is over {MAX_MANIFEST_SIZE} bytes")
-            return path.read_bytes()
-        except OSError as e:
-            reason = e.strerror or type(e).__name__
-            raise NotFoundError(f"oci:{self.layout}", "-", "index.json", reason) from None
+            return Descriptor.from_json(named[0]).digest
+        except InvalidInputError as e:
+            raise RegistryError(*where, "index.json", str(e)) from None
 
     def blob(self, digest: str, size: int | None, spill_path: str | os.PathLike[str] | None) -> BlobReader:
         return LayoutBlobReader(self.layout, digest, size)
@@ -443,6 +481,16 @@ class Image:
     config: dict[str, Any]
     layers: list[Descriptor]
     _source: _RegistrySource | _LayoutSource = field(repr=False)
+
+    @property
+    def client(self) -> RegistryClient | None:
+        """The registry client the image is read through (None for an OCI layout)."""
+        return self._source.client if isinstance(self._source, _RegistrySource) else None
+
+    @property
+    def descriptor(self) -> Descriptor:
+        """The descriptor of this image's manifest (what a referrer artifact names as its subject)."""
+        return Descriptor(self.media_type, self.digest, len(self.manifest_bytes))
 
     def blob(self, digest: str, spill_path: str | os.PathLike[str] | None = None) -> BlobReader:
         """A reader for a blob of this image (a layer or the config), sized from its descriptor."""
@@ -467,9 +515,12 @@ def open_image(ref: Reference | str, config: Config | None = None, *, platform: 
     ref = as_reference(ref)
     source: _RegistrySource | _LayoutSource
     if ref.layout is not None:
-        source, where = _LayoutSource(ref.layout), (f"oci:{ref.layout}", "-")
+        limits = client.config.limits if client is not None else config.limits if config else DEFAULT_LIMITS
+        source, where = _LayoutSource(ref.layout, limits), (f"oci:{ref.layout}", "-")
     else:
-        source, where = _RegistrySource(client or RegistryClient(config), ref), (ref.registry, ref.repository)
+        client = client or RegistryClient(config)
+        source, where = _RegistrySource(client, ref), (ref.registry, ref.repository)
+        limits = client.config.limits
     data, header_type, digest = source.manifest(ref.ref)
     manifest = _json_object(data, where, f"manifest {digest}")
     media_type = _media_type(manifest, header_type)
@@ -486,9 +537,10 @@ def open_image(ref: Reference | str, config: Config | None = None, *, platform: 
         layers = [Descriptor.from_json(d) for d in manifest.get("layers") or []]
     except InvalidInputError as e:
         raise RegistryError(*where, f"manifest {digest}", str(e)) from None
-    if config_desc.size > MAX_CONFIG_SIZE:
-        raise RegistryError(*where, f"config {config_desc.digest}",
-                            f"{config_desc.size} bytes, over the {MAX_CONFIG_SIZE}-byte limit")
+    what = f"config {config_desc.digest}"
+    if config_desc.size > limits.config_size:
+        raise RegistryError(*where, what, f"{config_desc.size} bytes, over the {limits.config_size}-byte "
+                            "limit (limits.config_size)")
     with source.blob(config_desc.digest, config_desc.size, None) as reader:
-        image_config = _json_object(reader.read_all(MAX_CONFIG_SIZE), where, f"config {config_desc.digest}")
+        image_config = _json_object(reader.read_all(limits.config_size), where, what)
     return Image(ref, digest, media_type, data, manifest, config_desc, image_config, layers, source)

@@ -28,6 +28,7 @@ import cachetools
 
 import cache
 import config
+import convert
 import engine
 import fetch
 import regclient
@@ -283,9 +284,11 @@ def open_chunk_cache(args: argparse.Namespace) -> tuple[Path, cache.ChunkCache]:
 
 
 def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
-    """Resolve the image, read every eStargz layer's TOC, and set up the cache and the view."""
+    """Resolve the image, read every eStargz layer's TOC, fetch the profiles attached to the image (unless
+    --no-prefetch), and set up the cache and the view."""
     ref = config.parse_reference(args.image)
-    image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
+    client = registry_client(args, ref)
+    image = fetch.open_image(ref, platform=args.platform, client=client)
     descriptors = image.layers
     if not descriptors:
         raise MountError(f"{args.image} has no layers: there is nothing to mount")
@@ -293,9 +296,10 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
         descriptors = [d for d in descriptors if d.digest == args.layer]
         if not descriptors:
             raise MountError(f"{args.image} has no layer {args.layer}")
-    layers = [engine.Layer(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION))
-              for d in descriptors]
+    layers = [engine.Layer(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION),
+                           limits=client.config.limits) for d in descriptors]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        profile = pool.submit(_attached_profile, image) if args.prefetch else None
         lazy = list(pool.map(engine.Layer.open_index, layers))
     cache_dir, chunk_cache = open_chunk_cache(args)
     for layer, is_lazy, descriptor in zip(layers, lazy, descriptors, strict=True):
@@ -309,11 +313,26 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
     recorder = engine.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
     view = engine.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
                           opaque_xattr=OPAQUE_XATTR, prefetch=args.prefetch, background=args.background_fetch,
-                          recorder=recorder, cache_dir=cache_dir, name=str(ref))
+                          recorder=recorder, profile=profile.result() if profile else None,
+                          cache_dir=cache_dir, name=str(ref))
     runtime = image.config.get("config") if isinstance(image.config.get("config"), dict) else {}
     info = {"reference": str(ref), "digest": image.digest, "mountpoint": str(args.mountpoint),
             "config": {k: runtime[k] for k in RUNTIME_KEYS if k in runtime}}
     return view, info
+
+
+def _attached_profile(image: fetch.Image) -> dict[str, list[str]]:
+    """The profiles attached to the image (`record --push`), merged; {} if there are none or they cannot
+    be had (the mount goes on without them)."""
+    try:
+        profile = convert.attached_profile(image)
+    except toc.LazymountError as e:
+        log.warning("%s: the profiles attached to the image are not used: %s", image.reference, e)
+        return {}
+    if profile:
+        log.info("%s: prefetching the %d files of its attached profiles", image.reference,
+                 sum(map(len, profile.values())))
+    return profile
 
 
 def _raise_read_ahead(mountpoint: Path) -> None:
@@ -328,11 +347,16 @@ def _raise_read_ahead(mountpoint: Path) -> None:
 
 
 def announce(mountpoint: Path, what: str, notify: Callable[[], None]) -> Callable[[], None]:
-    """The callback to run once the mount at `mountpoint` answers: raise its read-ahead, log, `notify`."""
-    def ready() -> None:
-        threading.Thread(target=_raise_read_ahead, args=(mountpoint,), daemon=True).start()
+    """The callback to run once the mount at `mountpoint` answers: raise its read-ahead, log, `notify`.
+    All three run in a thread of their own (the callback may come from libfuse's init), and in this
+    order, so that the mount command returns with the read-ahead already raised."""
+    def announced() -> None:
+        _raise_read_ahead(mountpoint)
         log.info("mounted %s at %s", what, mountpoint)
         notify()
+
+    def ready() -> None:
+        threading.Thread(target=announced, daemon=True).start()
     return ready
 
 

@@ -5,7 +5,7 @@ writes them; one per layer, read when the layer is first used, so they outlive b
 layer into a raw engine.ImageView
 that shares the daemon's one registry client and one chunk cache, keeping the layers' inode numbers apart,
 and the FUSE operations that hand each path to its layer's fusefs.LazyFS.  What never does: the file
-system of one layer (fusefs.LazyFS over engine.py), snapshots (snapshot_grpc.py), HTTP (fetch.py).
+system of one layer (fusefs.LazyFS over engine.py), snapshots (snapshot_grpc.py), HTTP (regclient.py).
 
 Layout of the mount: `/NAME` is the layer of `SPECS/NAME.json` exactly as `lazymount mount --layer` shows
 it (an overlayfs lower directory).  The root's virtual xattr `user.lazymount.layer.NAME` loads the layer

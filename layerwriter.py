@@ -29,6 +29,7 @@ from isal import igzip_threaded, isal_zlib
 
 from toc import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_LIMITS,
     GZIP,
     LANDMARK_CONTENT,
     NO_PREFETCH_LANDMARK,
@@ -41,6 +42,8 @@ from toc import (
     ZSTD_MANIFEST_TYPE,
     ZSTD_SKIPPABLE_MAGIC,
     FormatError,
+    Index,
+    Limits,
     TruncatedError,
     footer_bytes,
     normalize_name,
@@ -87,7 +90,7 @@ def open_layer_source(src: BinaryIO, threads: int = 1) -> BinaryIO:
     if magic[:2] == b"\x1f\x8b":
         return igzip_threaded.open(src, "rb", threads=min(threads, 1))  # type: ignore[return-value]
     if magic == b"\x28\xb5\x2f\xfd":
-        import zstandard  # here, not at the top: see toc._unzstd
+        import zstandard  # here, not at the top: see tocread._unzstd
 
         return zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)  # type: ignore
     return src
@@ -101,7 +104,7 @@ def _compress_member(data: bytes, chunk_len: int, fmt: str, level: int) -> tuple
     """Compress one member; return it and the digest of its first `chunk_len` bytes (the chunk)."""
     digest = sha256_digest(data[:chunk_len]) if chunk_len else None
     if fmt == ZSTD:
-        import zstandard  # here, not at the top: see toc._unzstd
+        import zstandard  # here, not at the top: see tocread._unzstd
 
         return zstandard.ZstdCompressor(level=level).compress(data), digest
     return isal_zlib.compress(data, level, wbits=31), digest
@@ -321,14 +324,17 @@ def _landmark_info(name: str) -> tarfile.TarInfo:
 
 def write_layer(src: BinaryIO, dst: BinaryIO, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                 prioritized: list[str] | None = None, fmt: str = GZIP, level: int = 3,
-                workers: int | None = None, progress: Callable[[int], None] | None = None) -> LayerInfo:
+                workers: int | None = None, progress: Callable[[int], None] | None = None,
+                limits: Limits = DEFAULT_LIMITS) -> LayerInfo:
     """Convert a layer (tar, tar.gz or tar.zst stream) into an eStargz (or zstd:chunked) blob on `dst`.
 
     Files in `prioritized` come first, followed by `.prefetch.landmark`; without a list the layer starts
     with `.no.prefetch.landmark`.  Members are compressed on `workers` threads (default: all cores).
+    The entries pass the reader's checks (toc.Index.from_entries, within `limits`) before the TOC is
+    written: a layer a reader would refuse fails here, with the reader's reason.
     """
-    if chunk_size <= 0:
-        raise ValueError("chunk size must be positive")
+    if not 0 < chunk_size <= limits.chunk_size:
+        raise ValueError(f"chunk size must be positive and at most {limits.chunk_size} (limits.chunk_size)")
     workers = workers or os.cpu_count() or 1
     writer = _BlobWriter(dst, fmt, level, workers)
     try:
@@ -348,7 +354,7 @@ def write_layer(src: BinaryIO, dst: BinaryIO, *, chunk_size: int = DEFAULT_CHUNK
                 prefetched = sum(1 for m in first if m.isreg() and m.size)
                 ordered = [*first, _landmark_info(PREFETCH_LANDMARK), *rest]
             entries = _write_members(tar, ordered, writer, chunk_size, progress)
-        return _write_toc(writer, entries, fmt, level, prefetched)
+        return _write_toc(writer, entries, fmt, level, prefetched, limits)
     except tarfile.TarError as e:
         raise FormatError(f"source layer is not a valid tar archive ({e})") from None
     except (EOFError, zlib.error, OSError) as e:
@@ -430,17 +436,19 @@ def _write_payload(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: dict, ent
     writer.add(_tar_padding(info.size))
 
 
-def _write_toc(writer: _BlobWriter, entries: list[dict], fmt: str, level: int, prefetched: int) -> LayerInfo:
+def _write_toc(writer: _BlobWriter, entries: list[dict], fmt: str, level: int, prefetched: int,
+               limits: Limits) -> LayerInfo:
     writer.finish_members()
     for entry in entries:
         if "offset" in entry:
             entry["offset"] = writer.member_offsets[entry["offset"]]
+    Index.from_entries(entries, fmt, writer.offset, limits)  # the reader's checks: fails as a reader would
     toc_json = json.dumps({"version": 1, "entries": entries}, separators=(",", ":")).encode()
     toc_digest = sha256_digest(toc_json)
     end_of_archive = b"\0" * (2 * tarfile.BLOCKSIZE)
     annotations = {}
     if fmt == ZSTD:
-        import zstandard  # here, not at the top: see toc._unzstd
+        import zstandard  # here, not at the top: see tocread._unzstd
 
         compressor = zstandard.ZstdCompressor(level=level)
         writer.write_compressed(compressor.compress(end_of_archive), end_of_archive)

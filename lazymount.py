@@ -2,12 +2,11 @@
 
 What belongs here: argument parsing, turning errors into one-line messages and exit codes, and the
 commands a user starts: `convert`, `inspect`, `index` (seek indexes of plain gzip layers, seekindex.py),
-`mount` (daemonized, see mountctl.py; the file system is fusefs.py's), `umount`, `stats`, `run` and
-`record` (sandbox.py), `optimize` (convert with a profile), `layers` (the snapshotter's daemon,
+`mount` (daemonized, see mountctl.py; the file system is fusefs.py's), `umount`, `stats`, `run`, `shell`
+and `record` (sandbox.py), `optimize` (convert with a profile), `layers` (the snapshotter's daemon,
 layerfs.py) and `snapshotter` (snapshot_grpc.py).  This is the only module that may import every other
-one, and none imports it.  What never does: format, registry, cache,
-tree, FUSE or sandbox logic — those live in toc.py, fetch.py, cache.py, tree.py/engine.py, fusefs.py and
-sandbox.py.
+one, and none imports it.  What never does: format, registry, cache, tree, FUSE or sandbox logic — those
+live in toc.py, regclient.py/fetch.py, cache.py, tree.py/engine.py, fusefs.py and sandbox.py.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import mountctl
 import sandbox
 import seekindex
 import toc
+import tocread
 from fusefs import registry_client
 from mountctl import MountError
 
@@ -55,8 +55,12 @@ def parse_size(text: str) -> int:
 
 
 def _layout_options(args: argparse.Namespace) -> convert.ConvertOptions:
+    limits = config.load_config(args.config).limits
+    if args.chunk_size > limits.chunk_size:
+        raise config.InvalidInputError(f"--chunk-size {args.chunk_size} is over the {limits.chunk_size} "
+                                       "bytes readers accept (limits.chunk_size)")
     return convert.ConvertOptions(chunk_size=args.chunk_size, fmt=toc.ZSTD if args.zstd else toc.GZIP,
-                                  level=args.level, workers=args.jobs, progress=not args.quiet)
+                                  level=args.level, workers=args.jobs, progress=not args.quiet, limits=limits)
 
 
 def _print_manifest_layers(manifest: dict) -> None:
@@ -100,6 +104,7 @@ def _laziness(report: dict, layer: fetch.Descriptor, cache_dir: Path) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     image = None
+    limits = config.load_config(args.config).limits
     if _is_local_file(args.src):
         blobs = [(args.src, engine.FileBlob(Path(args.src)), None)]
     else:
@@ -116,10 +121,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name, reader, toc_digest in blobs:
         with reader:
             if args.toc:
-                _, toc_json = toc.read_toc_json(reader.read_at, reader.size, toc_digest)
+                _, toc_json = tocread.read_toc_json(reader.read_at, reader.size, toc_digest, limits)
                 sys.stdout.write(toc_json.decode("utf-8", "replace") + "\n")
                 continue
-            report = {"layer": name, **convert.describe_layer(reader.read_at, reader.size, toc_digest)}
+            report = {"layer": name,
+                      **convert.describe_layer(reader.read_at, reader.size, toc_digest, limits)}
             if name in descriptors:
                 report["lazy"] = _laziness(report, descriptors[name], _cache_dir(args))
             reports.append(report)
@@ -183,24 +189,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mounted = mountctl.mount_at(args.mountpoint)
     if mounted and mounted[1].startswith("fuse.lazymount"):
         raise MountError(f"{args.mountpoint} is already a lazymount mount (lazymount umount it first)")
-    if not args.mountpoint.is_dir():
-        raise MountError(f"mount point {args.mountpoint} is not a directory")
-    if args.foreground:
-        fusefs.serve_image(args, lambda: None)
-    else:
-        mountctl.start_daemon(args, fusefs.serve_image)
-    return 0
+    return _serve_at_mountpoint(args, fusefs.serve_image)
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
     args.mountpoint = Path(args.mountpoint).absolute()
     args.specs = os.path.abspath(args.specs)
+    return _serve_at_mountpoint(args, layerfs.serve_layers)
+
+
+def _serve_at_mountpoint(args: argparse.Namespace, serve: mountctl.Server) -> int:
+    """Run `serve` at args.mountpoint: in this process with --foreground, else in a daemon."""
     if not args.mountpoint.is_dir():
         raise MountError(f"mount point {args.mountpoint} is not a directory")
     if args.foreground:
-        layerfs.serve_layers(args, lambda: None)
+        serve(args, lambda: None, None)
     else:
-        mountctl.start_daemon(args, layerfs.serve_layers)
+        mountctl.start_daemon(args, serve)
     return 0
 
 
@@ -242,18 +247,36 @@ def _command(args: argparse.Namespace) -> list[str]:
     return command[split + 1:]
 
 
+def _sandbox_options(args: argparse.Namespace, shell: bool = False) -> sandbox.Options:
+    return sandbox.Options(binds=tuple(args.bind), contain=args.contain, cleanenv=args.cleanenv,
+                           env=tuple(args.env), env_files=tuple(args.env_file), pwd=args.pwd,
+                           workdir_from_image=args.workdir_from_image, nv=args.nv, shell=shell)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    return sandbox.run_in_image(args, _command(args))
+    return sandbox.run_in_image(args, _command(args), _sandbox_options(args)).status
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    return sandbox.run_in_image(args, [], _sandbox_options(args, shell=True)).status
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    code, recorded = sandbox.record_workload(args, _command(args))
+    outcome = sandbox.run_in_image(args, _command(args), _sandbox_options(args), record=True)
+    code, recorded = outcome.status, outcome.profile
     profile = recorded
     if args.append and args.output.exists():
         profile = convert.merge_profiles([convert.read_profile(args.output), recorded])
     convert.write_profile(args.output, profile)
     print(f"lazymount: recorded {sum(map(len, recorded.values()))} files of {len(recorded)} layers in "
           f"{args.output}" + (f" (the command exited with status {code})" if code else ""), file=sys.stderr)
+    if args.push and code:
+        print("lazymount: the profile was not attached to the image: the command failed", file=sys.stderr)
+    elif args.push:
+        ref = config.parse_reference(args.image)
+        image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
+        digest = convert.push_profile(image, recorded)
+        print(f"lazymount: attached the profile to {ref} ({image.digest}) as {digest}", file=sys.stderr)
     return code
 
 
@@ -262,10 +285,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise config.InvalidInputError("give either --profile FILE (repeatable) or --workload CMD")
     refs = config.parse_reference(args.src), config.parse_reference(args.dst)
     if args.workload:
-        args.image, args.bind, args.stats_file = args.src, [], None
-        code, profile = sandbox.record_workload(args, shlex.split(args.workload))
-        if code:
-            raise MountError(f"the workload exited with status {code}; {args.src} was not optimized")
+        args.image, args.stats_file = args.src, None
+        outcome = sandbox.run_in_image(args, shlex.split(args.workload), sandbox.IMAGE_ONLY, record=True)
+        if outcome.status:
+            reason = f" ({outcome.reason})" if outcome.reason else ""
+            raise MountError(f"the workload exited with status {outcome.status}{reason}; {args.src} was not "
+                             "optimized")
+        profile = outcome.profile
     else:
         profile = convert.merge_profiles([convert.read_profile(path) for path in args.profile])
     options = _layout_options(args)
@@ -332,10 +358,25 @@ def build_parser() -> argparse.ArgumentParser:
     mounting.add_argument("--log-file", metavar="FILE", help="the daemon's log (default: discarded)")
     image = argparse.ArgumentParser(add_help=False, parents=[registry, mounting])
     image.add_argument("image", help="REGISTRY/NAME[:TAG|@DIGEST] or oci:DIR[:TAG]")
-    running = argparse.ArgumentParser(add_help=False)
-    running.add_argument("--bind", action="append", default=[], metavar="SRC:DST", help="bind a host path")
-    running.add_argument("--stats-file", metavar="FILE",
-                         help="write the mount's stats (as `stats --json`) here after the command")
+    sandboxed = argparse.ArgumentParser(add_help=False)
+    sandboxed.add_argument("--bind", "-B", action="append", default=[], metavar="SRC[:DST[:ro]]",
+                           help="bind a host path (repeatable or comma-separated; DST defaults to SRC)")
+    sandboxed.add_argument("--contain", "-c", action="store_true",
+                           help="bind neither the home nor the current directory")
+    sandboxed.add_argument("--env", action="append", default=[], metavar="K=V",
+                           help="set a variable (repeatable; over --env-file and the image's Env)")
+    sandboxed.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                           help="K=V lines to set (repeatable; over the image's Env)")
+    sandboxed.add_argument("--cleanenv", "-e", action="store_true",
+                           help="pass no host variable (default: TERM, LANG, LC_*, proxy variables)")
+    sandboxed.add_argument("--pwd", metavar="DIR", help="start in DIR (default: the current directory)")
+    sandboxed.add_argument("--workdir-from-image", action="store_true",
+                           help="start in the image's WorkingDir (default with --contain)")
+    sandboxed.add_argument("--nv", action="store_true",
+                           help="the host's NVIDIA driver libraries (on LD_LIBRARY_PATH), tools and devices")
+    sandboxed.add_argument("--stats-file", metavar="FILE",
+                           help="write the mount's stats (as `stats --json`) here after the command")
+    running = argparse.ArgumentParser(add_help=False, parents=[sandboxed])
     running.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... (default: Entrypoint + Cmd)")
 
     daemon = argparse.ArgumentParser(add_help=False)
@@ -362,11 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[image, running], help="run a command in an image with bubblewrap")
     p.set_defaults(func=cmd_run, subparser=p)
 
+    p = sub.add_parser("shell", parents=[image, sandboxed],
+                       help="start the image's shell ($SHELL if the image has it, else /bin/sh)")
+    p.set_defaults(func=cmd_shell)
+
     p = sub.add_parser("record", parents=[image, running],
                        help="run a command like `run` and write the files it opened as a profile")
     p.add_argument("-o", "--output", type=Path, default=Path("lazymount.profile"), metavar="PROFILE",
                    help="profile to write (default: lazymount.profile)")
     p.add_argument("--append", action="store_true", help="merge into PROFILE instead of replacing it")
+    p.add_argument("--push", action="store_true",
+                   help="also attach this run's profile to IMAGE in its registry (an OCI referrer; the image "
+                        "is not pushed again): mount and run prefetch its files")
     p.set_defaults(func=cmd_record, subparser=p)
 
     p = sub.add_parser("optimize", parents=[registry, layout, mounting],

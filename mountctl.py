@@ -20,7 +20,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,7 +39,7 @@ PROGRESS = "progress"  # the daemon's prefetch progress lines on its pipe: `prog
 TERMINATIONS = (signal.SIGTERM, signal.SIGHUP)
 LAYER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
-Server = Callable[[argparse.Namespace, Callable[[], None], Callable[[int, int], None]], None]
+Server = Callable[[argparse.Namespace, Callable[[], None], Callable[[int, int], None] | None], None]
 
 
 class MountError(toc.LazymountError):
@@ -51,20 +51,33 @@ def describe_os_error(e: OSError) -> str:
     return f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
 
 
+def _mountinfo() -> Iterator[tuple[bytes, str, str]]:
+    """(mount point, `major:minor`, file system type) of every mount in /proc/self/mountinfo, in order."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            # mountinfo escapes space, tab, newline and backslash as octal (\040 ...)
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
+            yield point, fields[2].decode(), fields[fields.index(b"-") + 1].decode()
+
+
 def mount_at(mountpoint: Path) -> tuple[str, str] | None:
     """(`major:minor`, file system type) of the mount on top at `mountpoint`, from /proc/self/mountinfo:
     a stat of the mount point would be a call to the file system, and our own waits for layers still
     being downloaded (a daemon asking itself would be left unkillable if killed meanwhile)."""
     target = os.fsencode(os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name))
     found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            # mountinfo escapes space, tab, newline and backslash as octal (\040 ...)
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
-            if point == target:
-                found = fields[2].decode(), fields[fields.index(b"-") + 1].decode()
+    for point, device, fstype in _mountinfo():
+        if point == target:
+            found = device, fstype
     return found
+
+
+def mounts_below(directory: Path) -> list[tuple[Path, str]]:
+    """(mount point, file system type) of every mount strictly below `directory`."""
+    prefix = os.fsencode(os.path.realpath(directory)) + b"/"
+    return [(Path(os.fsdecode(point)), fstype) for point, _, fstype in _mountinfo()
+            if point.startswith(prefix)]
 
 
 def start_daemon(args: argparse.Namespace, serve: Server, own_session: bool = True) -> None:
@@ -168,8 +181,9 @@ def daemon_pid(mountpoint: Path) -> int | None:
         return None
 
 
-def unmount(mountpoint: Path) -> None:
-    """Unmount (lazily if busy or if the daemon died) and wait a little for the daemon to exit."""
+def unmount(mountpoint: Path, wait: bool = True) -> None:
+    """Unmount (lazily if busy or if the daemon died) and, with `wait`, wait a little for the daemon to
+    exit (after a lazy unmount of a busy mount it serves its users until the last one goes)."""
     pid = daemon_pid(mountpoint)
     result = None
     for command in (["fusermount3", "-u", str(mountpoint)], ["fusermount3", "-u", "-z", str(mountpoint)]):
@@ -178,9 +192,25 @@ def unmount(mountpoint: Path) -> None:
             break
     else:
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip() if result else ''}")
-    deadline = time.monotonic() + UMOUNT_WAIT
-    while pid is not None and _running(pid) and time.monotonic() < deadline:
+    if wait and pid is not None and not _wait_exit(pid, UMOUNT_WAIT):
+        # Unmounted, yet still there (a thread stuck in a call that never returns): a daemon whose mount
+        # is gone has nothing left to do, so it is ended, politely first.
+        log.warning("the daemon of %s (pid %d) did not exit after unmounting: stopping it", mountpoint, pid)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+            if _wait_exit(pid, 2.0):
+                break
+
+
+def _wait_exit(pid: int, seconds: float) -> bool:
+    """Wait up to `seconds` for process `pid` to exit; whether it did."""
+    deadline = time.monotonic() + seconds
+    while _running(pid):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
+    return True
 
 
 def _running(pid: int) -> bool:

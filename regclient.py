@@ -2,10 +2,10 @@
 
 What belongs here: `RegistryClient`, its transport (endpoints and mirrors, auth challenges and tokens with
 credentials found through config.py, TLS, retries and backoff, redirects, status errors) and operations
-(manifests, blob sizes, byte ranges by single and multi-range requests, whole-blob downloads into a caller's
-sink, uploads and cross-repository mounts). What never does: images, platforms, blob readers, spill files
-and OCI layouts (fetch.py), references, config and auth files (config.py), TOCs (toc.py), chunks
-(cache.py), FUSE or gRPC.
+(manifests, the referrers API, blob sizes, byte ranges by single and multi-range requests, whole-blob
+downloads into a caller's sink, uploads and cross-repository mounts). What never does: images, platforms,
+blob readers, spill files and OCI layouts (fetch.py), referrer artifacts (referrers.py), references, config
+and auth files (config.py), TOCs (toc.py), chunks (cache.py), FUSE or gRPC.
 
 Everything a registry sends is untrusted: digests are validated before they enter a URL, what is read
 whole is size-limited before and digest-verified after, and every 206 must answer exactly the range asked.
@@ -40,6 +40,7 @@ import requests
 import requests.adapters
 import requests.utils
 
+import deadlines
 from config import (
     COMPONENT_RE,
     TAG_RE,
@@ -53,12 +54,11 @@ from config import (
     lookup_credentials,
     valid_digest,
 )
-from toc import INDEX_TYPES, MANIFEST_TYPES, LazymountError, sha256_digest
+from toc import INDEX_TYPES, MANIFEST_TYPES, MEDIA_OCI_INDEX, LazymountError, sha256_digest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_MANIFEST_SIZE = 4 << 20  # the OCI distribution spec's limit
 UPLOAD_CHUNK_SIZE = 16 << 20  # blobs up to this go in one PUT; larger ones in PATCH chunks of this size
 MAX_RANGES_PER_REQUEST = 64  # keeps the Range header well under common 8 KiB header limits
 MAX_REDIRECTS = 5
@@ -257,7 +257,7 @@ class RegistryClient:
         self._session = requests.Session()
         # No ~/.netrc credentials added to requests or redirects; proxies come from `_request`.
         self._session.trust_env = False
-        adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+        adapter = deadlines.Adapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._lock = threading.Lock()
@@ -478,14 +478,16 @@ class RegistryClient:
               consume: Callable[[requests.Response, _Op], T], *, ok: Iterable[int] = (200,),
               headers: Mapping[str, str] | None = None, data: bytes | None = None, push: bool = False,
               scopes: tuple[str, ...] = (), url: str | None = None, op: _Op | None = None,
-              idempotent: bool = True) -> T:
+              idempotent: bool = True, timeout: float | None = None) -> T:
         """Run one operation: mirrors (reads only) then the origin, each with retries, auth, redirects.
 
         `consume` is called with a response whose status is in `ok`; transport failures while it reads
-        are retried like failed requests. Requests that are not `idempotent` are sent once.
+        are retried like failed requests. Requests that are not `idempotent` are sent once. The whole
+        operation ends within `timeout` (default: the registry's operation_timeout).
         """
         settings = self.config.for_host(ref.domain)
-        op = op or _Op(ref.registry, ref.repository, what, time.monotonic() + settings.operation_timeout)
+        op = op or _Op(ref.registry, ref.repository, what,
+                       time.monotonic() + (timeout or settings.operation_timeout))
         endpoints = self._endpoints(ref, with_mirrors=not push and url is None)
         for ep in endpoints[:-1]:
             try:
@@ -514,20 +516,23 @@ class RegistryClient:
         attempt = 0
         while True:
             try:
-                resp = self._send(ep, method, url, repository, scopes, headers, data, op)
-                with resp:
-                    if resp.status_code in ok:
-                        return consume(resp, op)
-                    if resp.status_code == 429 or resp.status_code >= 500:
-                        retry_after = _retry_after(resp.headers.get("Retry-After"))
-                        raise _Retry(f"HTTP {resp.status_code}", retry_after)
-                    raise self._status_error(resp, op)
+                with deadlines.until(op.deadline) as watch:
+                    resp = self._send(ep, method, url, repository, scopes, headers, data, op)
+                    with resp:
+                        if resp.status_code in ok:
+                            return consume(resp, op)
+                        if resp.status_code == 429 or resp.status_code >= 500:
+                            retry_after = _retry_after(resp.headers.get("Retry-After"))
+                            raise _Retry(f"HTTP {resp.status_code}", retry_after)
+                        raise self._status_error(resp, op)
             except requests.exceptions.SSLError:
+                if watch.expired:
+                    raise op.error("timed out", _UnavailableError) from None
                 raise op.error("TLS handshake or certificate verification failed",
                                _UnavailableError) from None
             except requests.RequestException as e:
                 # Never str(e): requests puts URLs (signed ones too) into its messages.
-                failure = _Retry(type(e).__name__)
+                failure = _Retry("timed out" if watch.expired else type(e).__name__)
             except _Retry as e:
                 failure = e
             attempt += 1
@@ -563,7 +568,7 @@ class RegistryClient:
             raise InvalidInputError(f"invalid tag {reference[:100]!r}")
 
         def consume(resp: requests.Response, op: _Op) -> tuple[bytes, str, str]:
-            body = self._read_body(resp, MAX_MANIFEST_SIZE, op)
+            body = self._read_body(resp, self.config.limits.manifest_size, op)
             digest = sha256_digest(body)
             announced = resp.headers.get("Docker-Content-Digest")
             if reference.startswith("sha256:") and digest != reference or (
@@ -574,6 +579,24 @@ class RegistryClient:
         accept = ", ".join(INDEX_TYPES + MANIFEST_TYPES)
         return self._call(ref, "GET", f"manifests/{reference}", f"manifest {reference}", consume,
                           headers={"Accept": accept})
+
+    def get_referrers(self, ref: Reference | str, digest: str,
+                      artifact_type: str | None = None) -> bytes | None:
+        """The OCI 1.1 referrers API's index of the manifests whose subject is `digest` (unverified JSON,
+        size-limited; the registry may ignore the `artifact_type` filter); None if the registry has no
+        referrers API (HTTP 404, which the API itself never answers)."""
+        ref = as_reference(ref)
+        tail = f"referrers/{valid_digest(digest)}"
+        if artifact_type:
+            if not _MEDIA_TYPE_RE.fullmatch(artifact_type):
+                raise InvalidInputError(f"invalid artifact type {artifact_type[:100]!r}")
+            tail += "?" + urlencode({"artifactType": artifact_type})
+        try:
+            return self._call(ref, "GET", tail, f"referrers of {digest}",
+                              lambda resp, op: self._read_body(resp, self.config.limits.manifest_size, op),
+                              headers={"Accept": MEDIA_OCI_INDEX})
+        except NotFoundError:
+            return None
 
     def blob_size(self, ref: Reference | str, digest: str) -> int:
         """The size of a blob (HEAD)."""
@@ -614,32 +637,35 @@ class RegistryClient:
         self._call(ref, "GET", f"blobs/{digest}", what, consume)
 
     def read_spans(self, ref: Reference | str, digest: str, size: int, spans: Sequence[tuple[int, int]],
-                   on_whole_blob: Callable[[WholeBlob], object]) -> list[bytes] | None:
+                   on_whole_blob: Callable[[WholeBlob], object], urgent: bool = False) -> list[bytes] | None:
         """The bytes of each (start, end) span (sorted, disjoint, within the blob's `size`) by Range requests.
 
         None if the registry ignores Range: it answered with the whole blob, and `on_whole_blob` was called
         with a function that streams that blob into a sink (starting with the answer already received; a
-        caller that has the blob already need not call it).
+        caller that has the blob already need not call it).  An `urgent` read (someone waits on it) ends
+        within the registry's range_timeout, else within its operation_timeout.
         """
         ref, digest = as_reference(ref), valid_digest(digest)
+        settings = self.config.for_host(ref.domain)
+        timeout = min(settings.range_timeout, settings.operation_timeout) if urgent else None
         out: dict[int, bytes] = {}
         todo = list(spans)
         while todo:
             batch, todo = todo[:MAX_RANGES_PER_REQUEST], todo[MAX_RANGES_PER_REQUEST:]
             if len(batch) > 1 and ref.registry not in self._no_multirange:
-                got = self._multi_range(ref, digest, size, batch)
+                got = self._multi_range(ref, digest, size, batch, timeout)
                 if got is not None:
                     out.update(got)
                     continue
             for start, end in batch:
-                data = self._single_range(ref, digest, size, start, end, on_whole_blob)
+                data = self._single_range(ref, digest, size, start, end, on_whole_blob, timeout)
                 if data is None:
                     return None
                 out[start] = data
         return [out[start] for start, _ in spans]
 
     def _single_range(self, ref: Reference, digest: str, size: int, start: int, end: int,
-                      on_whole_blob: Callable[[WholeBlob], object]) -> bytes | None:
+                      on_whole_blob: Callable[[WholeBlob], object], timeout: float | None) -> bytes | None:
         def consume(resp: requests.Response, op: _Op) -> bytes | None:
             if resp.status_code == 200:
                 # Range ignored: this answer is the whole blob; keep it instead of asking again.
@@ -658,10 +684,10 @@ class RegistryClient:
             return body
 
         return self._call(ref, "GET", f"blobs/{digest}", f"blob {digest} bytes {start}-{end - 1}", consume,
-                          ok=(200, 206), headers={"Range": f"bytes={start}-{end - 1}"})
+                          ok=(200, 206), headers={"Range": f"bytes={start}-{end - 1}"}, timeout=timeout)
 
-    def _multi_range(self, ref: Reference, digest: str, size: int,
-                     spans: list[tuple[int, int]]) -> dict[int, bytes] | None:
+    def _multi_range(self, ref: Reference, digest: str, size: int, spans: list[tuple[int, int]],
+                     timeout: float | None) -> dict[int, bytes] | None:
         """One multi-range request; None (and single ranges from now on) if the registry can't."""
         limit = sum(end - start for start, end in spans) + 512 * len(spans) + 4096
 
@@ -692,7 +718,8 @@ class RegistryClient:
 
         got = self._call(ref, "GET", f"blobs/{digest}", f"blob {digest} ({len(spans)} ranges)", consume,
                          ok=(200, 206, 400, 416),
-                         headers={"Range": "bytes=" + ",".join(f"{s}-{e - 1}" for s, e in spans)})
+                         headers={"Range": "bytes=" + ",".join(f"{s}-{e - 1}" for s, e in spans)},
+                         timeout=timeout)
         if got is not None:
             return got
         self._note_once(ref.registry, "no-multirange", "registry %s does not answer multi-range requests "
@@ -800,8 +827,9 @@ class RegistryClient:
         """PUT a manifest or index under a tag or its digest; return its digest."""
         ref = as_reference(ref)
         digest = sha256_digest(data)
-        if len(data) > MAX_MANIFEST_SIZE:
-            raise InvalidInputError(f"manifest of {len(data)} bytes is over {MAX_MANIFEST_SIZE}")
+        limit = self.config.limits.manifest_size
+        if len(data) > limit:
+            raise InvalidInputError(f"manifest of {len(data)} bytes is over {limit} (limits.manifest_size)")
         if reference.startswith("sha256:") and reference != digest:
             raise InvalidInputError(f"manifest hashes to {digest}, not {reference[:80]}")
         if not reference.startswith("sha256:") and not TAG_RE.fullmatch(reference):

@@ -39,6 +39,7 @@ from isal import isal_zlib
 
 import layerwriter
 import toc
+import tocread
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +402,7 @@ def load(data: bytes, layer_digest: str, layer_size: int) -> SeekIndex:
         raise SeekIndexError(f"seek index is for layer {found}, not {layer_digest} ({layer_size} bytes)")
     count, window_bytes, toc_bytes, toc_size, total = (_field(header, key) for key in (
         "checkpoints", "windowBytes", "tocBytes", "tocSize", "uncompressedSize"))
-    if not 1 <= count <= MAX_CHECKPOINTS or toc_size > toc.MAX_TOC_BYTES:
+    if not 1 <= count <= MAX_CHECKPOINTS or toc_size > toc.DEFAULT_LIMITS.toc_json:
         raise SeekIndexError(f"seek index has {count} checkpoints and a {toc_size}-byte TOC: out of bounds")
     expected = pos + count * _POINT.size + window_bytes + toc_bytes
     if len(data) != expected:
@@ -411,7 +412,7 @@ def load(data: bytes, layer_digest: str, layer_size: int) -> SeekIndex:
     toc_start = expected - toc_bytes
     toc_json = _inflate_toc(data[toc_start:], toc_size)
     toc.verify_digest(toc_json, str(header.get("tocDigest")), "seek index TOC")
-    index = toc.Index.from_json(toc_json, toc.Footer(FORMAT, total, total, 0))
+    index = tocread.index_from_json(toc_json, toc.Footer(FORMAT, total, total, 0))
     for chunk in index.blob_chunks():  # a reader holds a chunk whole: a huge one would exhaust memory
         if chunk.size > CHUNK_SIZE or (chunk.comp_offset != HOLE and chunk.comp_offset + chunk.size > total):
             raise SeekIndexError(f"seek index chunk at {chunk.comp_offset} ({chunk.size} bytes) is larger "

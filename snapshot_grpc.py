@@ -3,10 +3,11 @@
 What belongs here: the `containerd.services.snapshots.v1.Snapshots` service over an overlayfs backend laid
 out like containerd's built-in overlayfs snapshotter (`ROOT/snapshots/ID/fs` and `work`, the mounts it
 answers, usage), the remote-layer flow (a layer is mounted lazily, committed under its chain ID and
-answered ALREADY_EXISTS, or declined so containerd downloads it), restoring remote layers, the health
-service, Prometheus metrics and the daemon's command line.  What never does: the metadata and its
-queries (snapshot_store.py), FUSE, registry HTTP or the eStargz format — every lazy layer is served by
-one `lazymount layers` daemon (layerfs.py) and probed through fetch.py and toc.py.
+answered ALREADY_EXISTS, or declined so containerd downloads it), recovering after a crash or an upgrade
+and restoring remote layers, the health service (NOT_SERVING while the layer daemon is down),
+Prometheus metrics and the daemon's command line (a socket systemd passes is served through the front,
+socketfront.py).  What never does: the metadata and its queries (snapshot_store.py), probing layers and
+running the layer daemon (snapshot_layers.py), FUSE, registry HTTP or the eStargz format.
 
 Containerd registers it with ``[proxy_plugins.lazymount] type = "snapshot" address = "SOCKET"``
 (contrib/containerd-config.toml).
@@ -16,35 +17,39 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
 import wsgiref.simple_server
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import grpc
 import prometheus_client
 from google.protobuf import empty_pb2, timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-import config
-import fetch
 import mount_pb2
-import mountctl
-import regclient
 import snapshots_pb2
 import snapshots_pb2_grpc
+import socketfront
 import toc
+from snapshot_layers import (
+    CLIENT_UNPACKS,
+    COMMIT_FAILED,
+    NO_LABELS,
+    DeclinedError,
+    LayerDaemon,
+    LayerMounter,
+    mount_state,
+    unmount_legacy,
+)
 from snapshot_store import (
     ACTIVE,
     COMMITTED,
@@ -69,9 +74,8 @@ SERVICE_NAME = "containerd.services.snapshots.v1.Snapshots"
 DEFAULT_ADDRESS = "/run/lazymount/snapshotter.sock"
 DEFAULT_ROOT = "/var/lib/lazymount-snapshotter"
 LIST_BATCH = 100  # Info messages per ListSnapshotsResponse
-MOUNT_TIMEOUT = 300.0  # seconds starting the `lazymount layers` daemon may take
-IMAGE_CACHE_SIZE = 32  # resolved images kept to find the descriptors of their layers
 GRACE_SECONDS = 10.0  # in-flight calls may finish this long after SIGTERM
+UNIX_PATH_MAX = 108  # sun_path, with its terminating NUL
 
 # Labels containerd and its clients set on Prepare (see DESIGN.md "containerd remote snapshotter").
 TARGET_LABEL = "containerd.io/snapshot.ref"  # the chain ID the layer would be committed as
@@ -91,11 +95,10 @@ REMOTE_PREPARES = prometheus_client.Counter("lazymount_snapshotter_remote_prepar
 REMOTE_RESTORES = prometheus_client.Counter("lazymount_snapshotter_remote_restores",
                                             "Remote layer mounts found dead and mounted again", ["result"])
 REMOTE_MOUNTED = prometheus_client.Gauge("lazymount_snapshotter_remote_layers",
-                                         "Remote layers committed in the metadata")
-
-
-class DeclinedError(toc.LazymountError):
-    """A layer cannot be mounted lazily; the message is the reason logged under LOG_KEY."""
+                                         "Remote layers committed in the metadata (served lazily)")
+FALLBACKS = prometheus_client.Counter("lazymount_snapshotter_fallbacks",
+                                      "Layers the client downloads instead of mounting lazily, by reason",
+                                      ["reason"])
 
 
 def disk_usage(root: Path) -> tuple[int, int]:
@@ -122,184 +125,16 @@ def disk_usage(root: Path) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------- remote layers
 
 
-class LayerMounter(Protocol):
-    """What the snapshotter needs of a lazy file system: one read-only directory per layer, shaped as an
-    overlayfs lower directory (whiteouts as 0:0 character devices, `trusted.overlay.opaque=y`), named by
-    the snapshotter (`name`: the snapshot's ID)."""
-
-    def mount(self, name: str, reference: str, layer_digest: str) -> None:
-        """Serve the layer as `name` or raise DeclinedError with the reason."""
-
-    def directory(self, name: str) -> Path:
-        """Where the layer `name` is served."""
-
-    def alive(self, name: str) -> bool:
-        """Whether the layer `name` is served (loading it if its server just started)."""
-
-    def unmount(self, name: str) -> None:
-        """Stop serving the layer `name`; no error if it is not served."""
-
-
-def _mount_state(mountpoint: Path) -> str:
-    """`alive`, `dead` (a mount whose server is gone: ENOTCONN) or `absent` (a plain directory)."""
-    try:
-        if os.stat(mountpoint).st_dev == os.stat(mountpoint.parent).st_dev:
-            return "absent"
-        # stat may be answered from the kernel's attribute cache even after the FUSE server died;
-        # statfs is never cached, so it reaches the server.
-        os.statvfs(mountpoint)
-    except FileNotFoundError:
-        return "absent"
-    except OSError:
-        return "dead"
-    return "alive"
-
-
-def _check_fuse() -> None:
-    """DeclinedError unless this machine can serve FUSE: /dev/fuse exists and libfuse loads."""
-    if not os.path.exists("/dev/fuse"):
-        raise DeclinedError("lazy mount unavailable: no /dev/fuse")
-    try:
-        import fusefs  # noqa: F401 -- loads libfuse, at call time: ordinary layers never need it
-    except (ImportError, OSError) as e:  # mfusepy raises OSError without libfuse
-        raise DeclinedError(f"lazy mount unavailable: {type(e).__name__}: {e}") from None
-
-
-class LayerDaemon:
-    """Serves every layer from one `lazymount layers` daemon (layerfs.py) mounted at ROOT/layers, which
-    survives a restart of the snapshotter and is started again when found dead.  A layer is handed over
-    as a spec file in ROOT/layer-specs after probing the registry: the layer must be eStargz (a TOC digest
-    annotation and an eStargz footer) and its registry must answer Range requests."""
-
-    def __init__(self, root: Path, config_path: str | None) -> None:
-        self.root, self.config_path = root, config_path
-        self.mountpoint, self.spec_dir = root / "layers", root / "layer-specs"
-        self._config: config.Config | None = None
-        self._images: OrderedDict[str, fetch.Image] = OrderedDict()
-        self._lock = threading.Lock()
-        self._daemon_lock = threading.Lock()
-
-    def _image(self, reference: str) -> fetch.Image:
-        with self._lock:
-            image = self._images.get(reference)
-            if image is not None:
-                self._images.move_to_end(reference)
-                return image
-            if self._config is None:
-                self._config = config.load_config(self.config_path)
-            settings = self._config
-        image = fetch.open_image(reference, settings)
-        with self._lock:
-            self._images[reference] = image
-            while len(self._images) > IMAGE_CACHE_SIZE:
-                self._images.popitem(last=False)
-        return image
-
-    def probe(self, reference: str, layer_digest: str) -> fetch.Descriptor:
-        """The layer's descriptor; DeclinedError unless it is eStargz in a registry that answers Range
-        requests."""
-        try:
-            image = self._image(reference)
-            descriptor = next((d for d in image.layers if d.digest == layer_digest), None)
-            if descriptor is None:
-                raise DeclinedError(f"layer {layer_digest} is not in {reference}")
-            if toc.TOC_DIGEST_ANNOTATION not in descriptor.annotations:
-                raise DeclinedError("layer is not eStargz (no TOC digest annotation)")
-            with image.blob(layer_digest) as blob:
-                tail = blob.read_at(max(0, blob.size - toc.FOOTER_SIZE), toc.FOOTER_SIZE)
-                if blob.ranges_supported is False:
-                    raise DeclinedError("registry ignores Range requests")
-            toc.parse_footer(tail, descriptor.size)
-        except toc.FooterError as e:
-            raise DeclinedError(f"layer is not eStargz ({e})") from None
-        except (regclient.RegistryError, config.InvalidInputError, OSError) as e:
-            raise DeclinedError(f"registry unreachable or refused: {e}") from None
-        return descriptor
-
-    def _ensure_daemon(self) -> None:
-        """Start the daemon unless its mount answers (a dead one is unmounted first)."""
-        _check_fuse()
-        with self._daemon_lock:
-            state = _mount_state(self.mountpoint)
-            if state == "alive":
-                return
-            if state == "dead":
-                log.warning("the layer daemon at %s died: starting it again", self.mountpoint)
-                try:
-                    mountctl.unmount(self.mountpoint)
-                except toc.LazymountError as e:
-                    raise DeclinedError(f"cannot unmount the dead layer daemon: {e}") from None
-            self.mountpoint.mkdir(exist_ok=True)
-            logs = self.root / "logs"
-            logs.mkdir(exist_ok=True)
-            command = [sys.executable, "-m", "lazymount", "-v", "layers", "--cache-dir",
-                       str(self.root / "cache"), "-o", "allow_other", "--log-file", str(logs / "layers.log"),
-                       str(self.spec_dir), str(self.mountpoint)]
-            env = dict(os.environ)
-            if self.config_path:
-                env["LAZYMOUNT_CONFIG"] = str(Path(self.config_path).absolute())
-            try:
-                result = subprocess.run(command, capture_output=True, text=True, env=env,
-                                        timeout=MOUNT_TIMEOUT, check=False)
-            except subprocess.TimeoutExpired:
-                raise DeclinedError(f"starting the layer daemon took over {MOUNT_TIMEOUT:.0f} s") from None
-            if result.returncode != 0:
-                message = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
-                raise DeclinedError(f"mount failed: {message[0].removeprefix('lazymount: error: ')}")
-            log.info("layer daemon serving %s", self.mountpoint)
-
-    def _sync(self, name: str) -> dict:
-        """Ask the daemon to load the layer `name` (or forget it, its spec gone): its JSON answer."""
-        try:
-            return json.loads(os.getxattr(self.mountpoint, mountctl.LAYER_XATTR + name))
-        except OSError as e:
-            return {"error": e.strerror or str(e)}
-
-    def mount(self, name: str, reference: str, layer_digest: str) -> None:
-        _check_fuse()
-        descriptor = self.probe(reference, layer_digest)
-        mountctl.write_spec(self.spec_dir, name, reference, layer_digest, descriptor.size,
-                           descriptor.annotations[toc.TOC_DIGEST_ANNOTATION])
-        try:
-            self._ensure_daemon()
-            error = self._sync(name).get("error")
-            if error:
-                raise DeclinedError(f"mount failed: {error}")
-        except DeclinedError:
-            self.unmount(name)
-            raise
-
-    def directory(self, name: str) -> Path:
-        return self.mountpoint / name
-
-    def alive(self, name: str) -> bool:
-        return _mount_state(self.mountpoint) == "alive" and "error" not in self._sync(name)
-
-    def unmount(self, name: str) -> None:
-        if not self.spec_dir.is_dir():
-            return  # no layer was ever handed over
-        try:
-            spec = mountctl.spec_path(self.spec_dir, name)
-            if not spec.exists():
-                return
-            spec.unlink()
-        except (toc.LazymountError, OSError) as e:
-            log.warning("removing the spec of layer %s: %s", name, e)
-            return
-        if _mount_state(self.mountpoint) == "alive":
-            self._sync(name)  # the daemon forgets the layer
-
-
 def _remote_source(labels: Mapping[str, str]) -> tuple[str, str]:
     """(image reference, layer digest) from the labels ctr-remote or the CRI plugin set."""
     reference = next((labels[k] for k in REFERENCE_LABELS if labels.get(k)), "")
     digest = next((labels[k] for k in DIGEST_LABELS if labels.get(k)), "")
     if not reference or not digest:
-        raise DeclinedError("no remote image labels (image reference and layer digest)")
+        raise DeclinedError("no remote image labels (image reference and layer digest)", NO_LABELS)
     try:
         toc.check_digest(digest)
     except toc.LazymountError:
-        raise DeclinedError(f"invalid layer digest {digest[:80]!r}") from None
+        raise DeclinedError(f"invalid layer digest {digest[:80]!r}", NO_LABELS) from None
     return reference, digest
 
 
@@ -358,7 +193,7 @@ class Snapshotter:
             self._try_remote(snapshot, key, target, labels)
         elif key.rpartition("/")[2].startswith(UNPACK_KEY_PREFIX):
             self._log_prepared(False, f"no {TARGET_LABEL} label: the client unpacks the layer itself",
-                               "-", key)
+                               "-", key, CLIENT_UNPACKS)
         return self._mounts(snapshot)
 
     def _committed_target(self, target: str, parent: str) -> bool:
@@ -373,12 +208,12 @@ class Snapshotter:
         try:
             reference, digest = _remote_source(labels)
         except DeclinedError as e:
-            self._log_prepared(False, str(e), "-", key)
+            self._log_prepared(False, str(e), "-", key, e.reason)
             return
         try:
             self.mounter.mount(str(snapshot.id), reference, digest)
         except DeclinedError as e:
-            self._log_prepared(False, str(e), digest, key)
+            self._log_prepared(False, str(e), digest, key, e.reason)
             return
         try:
             with self.store.transaction() as db:
@@ -391,15 +226,18 @@ class Snapshotter:
         except SnapshotError as e:
             # The layer is served under this active snapshot's ID: keep the key unusable rather than hand
             # out a snapshot the lazy file system stands for (as stargz-snapshotter does).
-            self._log_prepared(False, f"commit failed: {e}", digest, key)
+            self._log_prepared(False, f"commit failed: {e}", digest, key, COMMIT_FAILED)
             raise
         REMOTE_MOUNTED.inc()
         self._log_prepared(True, "mounted lazily", digest, key)
         raise AlreadyExistsError(f"target snapshot {target!r}: already exists")
 
     @staticmethod
-    def _log_prepared(prepared: bool, reason: str, digest: str, key: str) -> None:
+    def _log_prepared(prepared: bool, reason: str, digest: str, key: str, fallback: str = "") -> None:
+        """Log and count the outcome of a layer's Prepare; `fallback` classes the reason of a decline."""
         REMOTE_PREPARES.labels(prepared=str(prepared).lower()).inc()
+        if not prepared:
+            FALLBACKS.labels(reason=fallback).inc()
         log.log(logging.INFO if prepared else logging.WARNING, '%s: %s reason="%s" layer=%s key=%s',
                 LOG_KEY, str(prepared).lower(), reason, digest, key)
 
@@ -463,9 +301,30 @@ class Snapshotter:
                 raise UnavailableError(f"layer {info.name!r} unavailable: {e}") from None
             REMOTE_RESTORES.labels(result="restored").inc()
 
+    def recover(self) -> None:
+        """Before serving, after a crash or an upgrade: unmount the per-layer mounts older versions left,
+        drop the layers whose remote Prepare never answered (handed to the layer daemon, but not committed:
+        containerd rolled its side back), remove the directories no snapshot owns, then mount every
+        recorded remote layer again."""
+        unmount_legacy(self.snapshots_dir)
+        with self.store.transaction() as db:
+            snapshots = self.store.kinds(db)
+        for name in self.mounter.names():
+            key, kind = snapshots.get(int(name) if name.isdigit() else -1, ("", 0))
+            if kind == COMMITTED:
+                continue
+            log.warning("recovery: dropping layer %s, whose remote prepare (%s) was cut short", name,
+                        key or "no snapshot")
+            if key:
+                with contextlib.suppress(SnapshotError):
+                    self.remove(key)
+            self.mounter.unmount(name)
+        self.cleanup()
+        self.restore_remote_layers()
+
     def restore_remote_layers(self) -> None:
-        """Before serving: mount again every recorded remote layer that is not mounted (failures are
-        logged; Mounts reports them as UNAVAILABLE until a later attempt succeeds)."""
+        """Mount again every recorded remote layer that is not mounted (failures are logged; Mounts
+        reports them as UNAVAILABLE until a later attempt succeeds)."""
         with self.store.transaction() as db:
             remote = self.store.remote_layers(db)
         REMOTE_MOUNTED.set(len(remote))
@@ -498,7 +357,7 @@ class Snapshotter:
     def _remove_directory(self, directory: Path) -> None:
         fs = directory / "fs"
         self.mounter.unmount(directory.name)
-        if _mount_state(fs) != "absent":
+        if mount_state(fs) != "absent":
             log.error("%s is still mounted: not removing %s", fs, directory)
             return
         try:
@@ -530,7 +389,7 @@ class Snapshotter:
     def cleanup(self) -> None:
         """Remove the directories no snapshot owns (left by a crash between mkdir and commit)."""
         with self.store.transaction() as db:
-            ids = self.store.ids(db)
+            ids = self.store.kinds(db)
         for directory in self.snapshots_dir.iterdir():
             if not (directory.name.isdigit() and int(directory.name) in ids):
                 log.info("cleanup: removing %s", directory)
@@ -663,28 +522,56 @@ def _start_metrics(address: str) -> wsgiref.simple_server.WSGIServer:
     return server
 
 
+def _bind(server: grpc.Server, address: str, root: Path) -> str:
+    """Bind `server` to the socket systemd passed, through the front (socketfront.py) that holds it and
+    relays to ROOT/grpc.sock, or else to `address`; what clients connect to, for the log."""
+    fds = socketfront.listen_fds()
+    if fds:
+        if len(fds) > 1:
+            log.warning("systemd passed %d sockets: serving the first", len(fds))
+        backend = root / "grpc.sock"
+        if len(os.fsencode(backend)) >= UNIX_PATH_MAX:
+            raise SnapshotError(f"{backend}: too long for a unix socket path (use a shorter --root)")
+        (root / "logs").mkdir(exist_ok=True)
+        pid = socketfront.ensure_front(fds[0], str(backend), root / "front.pid", root / "logs" / "front.log")
+        where, address = f"the socket systemd passed (held by the front, PID {pid})", f"unix:{backend}"
+        with contextlib.suppress(FileNotFoundError):
+            backend.unlink()
+    else:
+        where = address = _listen_address(address)
+    if not server.add_insecure_port(address):
+        raise SnapshotError(f"cannot listen on {address}")
+    return where
+
+
 def serve(args: argparse.Namespace) -> None:
-    """Restore remote layers, serve until SIGTERM or SIGINT, then stop gracefully."""
+    """Recover (snapshot_grpc.Snapshotter.recover), serve until SIGTERM or SIGINT, then stop gracefully.
+    The health service answers NOT_SERVING while the layer daemon is down."""
     root = Path(args.root).absolute()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    snapshotter = Snapshotter(root, LayerDaemon(root, args.config))
+    health_servicer = health.HealthServicer()
+
+    def layer_daemon_state(up: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, status)
+
+    layer_daemon_state(True)
+    layers = LayerDaemon(root, args.config, on_state=layer_daemon_state)
+    snapshotter = Snapshotter(root, layers)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     metrics = _start_metrics(args.metrics_address) if args.metrics_address else None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="snapshots"))
-    health_servicer = health.HealthServicer()
     try:
-        snapshotter.restore_remote_layers()
+        layers.watch()  # a daemon that outlived the previous snapshotter
+        snapshotter.recover()
         snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        address = _listen_address(args.address)
-        if not server.add_insecure_port(address):
-            raise SnapshotError(f"cannot listen on {address}")
+        where = _bind(server, args.address, root)
         server.start()
-        for name in ("", SERVICE_NAME):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("lazymount snapshotter serving %s on %s (root %s)", SERVICE_NAME, address, root)
+        log.info("lazymount snapshotter serving %s on %s (root %s)", SERVICE_NAME, where, root)
         stop.wait()
         log.info("stopping: letting in-flight calls finish (up to %.0f s)", GRACE_SECONDS)
         health_servicer.enter_graceful_shutdown()
@@ -693,6 +580,7 @@ def serve(args: argparse.Namespace) -> None:
         server.stop(None)
         if metrics is not None:
             metrics.shutdown()
+        layers.close()
         snapshotter.close()
     log.info("stopped")
 
@@ -700,7 +588,8 @@ def serve(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lazymount snapshotter", description=__doc__.splitlines()[0])
     parser.add_argument("--address", default=DEFAULT_ADDRESS,
-                        help=f"unix socket to serve (default {DEFAULT_ADDRESS})")
+                        help=f"unix socket to serve (default {DEFAULT_ADDRESS}); unused when systemd passes "
+                             "a socket (LISTEN_FDS): then ROOT/grpc.sock, behind a front that holds it")
     parser.add_argument("--root", default=DEFAULT_ROOT,
                         help=f"snapshots and metadata (default {DEFAULT_ROOT})")
     parser.add_argument("--config", metavar="FILE", help="registry config YAML (see config.load_config)")

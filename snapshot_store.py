@@ -349,8 +349,9 @@ class MetaStore:
         wanted = None if ids is None else set(ids)
         return [(sid, self.get(db, name)[1]) for sid, name in rows if wanted is None or sid in wanted]
 
-    def ids(self, db: sqlite3.Connection) -> set[int]:
-        return {r[0] for r in db.execute("SELECT id FROM snapshots")}
+    def kinds(self, db: sqlite3.Connection) -> dict[int, tuple[str, int]]:
+        """{id: (name, kind)} of every snapshot."""
+        return {sid: (name, kind) for sid, name, kind in db.execute("SELECT id, name, kind FROM snapshots")}
 
     # -- writes ------------------------------------------------------------------------------------
 

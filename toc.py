@@ -1,10 +1,11 @@
-"""The eStargz and zstd:chunked layer formats: footer, TOC, chunk verification, and the shared names.
+"""The eStargz and zstd:chunked layer formats: footer, the TOC index, limits, and the shared names.
 
-What belongs here: byte layouts (footers, constants), parsing the TOC into a compact index, decompressing
-and verifying one chunk, digest helpers, the OCI media types and annotation keys, and the error hierarchy
-of the whole project (this is the module every other one imports).  What never does: writing a layer
-(layerwriter.py), I/O of its own (readers are callables handed in), FUSE, HTTP, caching, and any import of
-another project module.
+What belongs here: byte layouts (footers, constants), the compact index of a TOC and the one validation of
+its entries (a reader's and a writer's: `Index.from_entries`), the limits on what an image may make us
+hold (`Limits`), digest helpers, the OCI media types and annotation keys, and the error hierarchy of the
+whole project (this is the module every other one imports).  What never does: reading a blob (its TOC
+stream and its chunks: tocread.py), writing a layer (layerwriter.py), I/O of its own, FUSE, HTTP,
+caching, and any import of another project module.
 """
 
 from __future__ import annotations
@@ -12,20 +13,13 @@ from __future__ import annotations
 import bisect
 import errno
 import hashlib
-import io
-import json
 import re
 import struct
-import sys
-import tarfile
-import zlib
 from array import array
 from base64 import b64decode
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-from isal import isal_zlib
 
 
 class LazymountError(Exception):
@@ -63,7 +57,6 @@ PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENT = b"\x0f"
 DEFAULT_CHUNK_SIZE = 4 << 20
-MAX_TOC_BYTES = 1 << 30  # uncompressed TOC JSON; ~3 KB per entry for a million entries
 
 # eStargz footer, 51 bytes: gzip header with FEXTRA (10) + XLEN (2) + subfield 'S','G' + LEN (2+2)
 # + "%016x" TOC offset + "STARGZ" (22) + empty stored deflate block (5) + CRC32 and ISIZE (8).
@@ -97,8 +90,14 @@ MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"  # sha256 of the uncompressed TOC JSON
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
-# A seek index of an unconverted gzip layer (seekindex.py): checkpoints, span digests and the file table.
-MEDIA_SEEK_INDEX = "application/vnd.lazymount.seekindex.v1"
+CREATED_ANNOTATION = "org.opencontainers.image.created"  # RFC 3339 time a referrer artifact was made
+# Referrer artifacts (OCI 1.1 `subject` + `artifactType`), attached to an image manifest without rewriting it:
+MEDIA_OCI_EMPTY = "application/vnd.oci.empty.v1+json"  # the config of an artifact with none: the blob `{}`
+ARTIFACT_PROFILE = "application/vnd.lazymount.profile.v1"  # a workload profile (the files to prefetch)
+MEDIA_PROFILE = "application/vnd.lazymount.profile.v1+text"  # its one blob, in convert.read_profile's format
+ARTIFACT_SEEK_INDEX = "application/vnd.lazymount.seekindex.v1"  # the seek index of one unconverted layer
+MEDIA_SEEK_INDEX = "application/vnd.lazymount.seekindex.v1"  # its one blob (format: seekindex.py)
+LAYER_ANNOTATION = "io.lazymount.layer.digest"  # on a per-layer artifact: the image layer it describes
 
 _TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo")
 KIND_DIR, KIND_REG, KIND_SYMLINK, KIND_HARDLINK, KIND_CHAR, KIND_BLOCK, KIND_FIFO = range(len(_TYPES))
@@ -185,113 +184,28 @@ def _footer_in_range(fmt: str, toc_offset: int, toc_end: int, size: int) -> Foot
     return Footer(fmt, toc_offset, toc_end, size)
 
 
-# ---------------------------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------------------------- limits
 
 
-def _gunzip_bounded(data: bytes, limit: int, what: str) -> bytes:
-    """Decompress a chain of gzip members, never producing more than `limit` bytes."""
-    out = bytearray()
-    while data:
-        d = zlib.decompressobj(wbits=31)
-        try:
-            piece = d.decompress(data, limit + 1 - len(out))
-        except zlib.error as e:
-            raise FormatError(f"{what}: corrupt gzip data ({e})") from None
-        if len(out) + len(piece) > limit:
-            raise FormatError(f"{what}: inflates past {limit} bytes")
-        if not d.eof:
-            raise TruncatedError(f"{what}: gzip data ends early")
-        data = d.unused_data
-        if not out and not data:
-            return piece  # one member (a TOC's usual case): no copy of a 40 MB TOC
-        out += piece
-    return bytes(out)
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on every size an image decides, each checked before the bytes it covers are read or inflated.
 
-
-def _unzstd(data: bytes, want: int, what: str) -> bytes:
-    """Up to `want` bytes of zstd frames, read in pieces: python-zstandard's read(n) allocates n bytes."""
-    import zstandard  # here, not at the top: gzip images never need it and it costs ~40 ms of start-up
-
-    out = bytearray()
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-        while len(out) < want and (piece := reader.read(min(want - len(out), 1 << 20))):
-            out += piece
-    except zstandard.ZstdError as e:
-        raise FormatError(f"{what}: corrupt zstd data ({e})") from None
-    return bytes(out)
-
-
-def _unzstd_bounded(data: bytes, limit: int, what: str) -> bytes:
-    out = _unzstd(data, limit + 1, what)
-    if len(out) > limit:
-        raise FormatError(f"{what}: inflates past {limit} bytes")
-    return out
-
-
-def toc_json_from_member(member: bytes, fmt: str, limit: int = MAX_TOC_BYTES) -> bytes:
-    """Extract the TOC JSON from its compressed member(s) (a tar entry for gzip, bare JSON for zstd)."""
-    return bytes(_toc_json_view(member, fmt, limit))
-
-
-def _toc_json_view(member: bytes, fmt: str, limit: int) -> memoryview:
-    """The TOC JSON as a view into the decompressed member(s): no copy of it is made."""
-    if fmt == ZSTD:
-        return memoryview(_unzstd_bounded(member, limit, "TOC"))
-    raw = _gunzip_bounded(member, limit + 8192, "TOC")
-    try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-            info = tar.next()
-            if info is None or info.name != TOC_TAR_NAME or not info.isreg() or info.issparse():
-                raise TOCError(f"TOC member holds no {TOC_TAR_NAME} tar entry")
-            if info.size > limit:
-                raise TOCError(f"TOC of {info.size} bytes is larger than {limit}")
-    except tarfile.TarError as e:
-        raise TOCError(f"TOC member is not a tar entry ({e})") from None
-    if info.offset_data + info.size > len(raw):
-        raise TOCError("TOC member is not a tar entry (its data ends early)")
-    return memoryview(raw)[info.offset_data:info.offset_data + info.size]
-
-
-ReadAt = Callable[[int, int], bytes]
-
-
-def read_toc_json(read_at: ReadAt, blob_size: int, expected_digest: str | None = None,
-                  limit: int = MAX_TOC_BYTES) -> tuple[Footer, bytes]:
-    """Read the footer and the TOC JSON of a blob through `read_at(offset, length)`; verify the digest."""
-    footer, view = _read_toc_view(read_at, blob_size, expected_digest, limit)
-    return footer, bytes(view)
-
-
-def _read_toc_view(read_at: ReadAt, blob_size: int, expected_digest: str | None,
-                   limit: int) -> tuple[Footer, memoryview]:
-    tail_len = min(blob_size, FOOTER_SIZE)
-    footer = parse_footer(read_at(blob_size - tail_len, tail_len), blob_size)
-    # Compressed data is at most slightly larger than its input: refuse to read a huge "TOC" whole.
-    if footer.toc_end - footer.toc_offset > limit + (limit >> 8) + 65536:
-        raise TOCError(f"compressed TOC of {footer.toc_end - footer.toc_offset} bytes exceeds the limit")
-    member = read_at(footer.toc_offset, footer.toc_end - footer.toc_offset)
-    if len(member) != footer.toc_end - footer.toc_offset:
-        raise TruncatedError("TOC member ends early")
-    data = _toc_json_view(member, footer.format, limit)
-    if expected_digest is not None and sha256_digest(data) != check_digest(expected_digest):
-        raise DigestError(f"TOC digest {sha256_digest(data)} does not match {expected_digest}")
-    return footer, data
-
-
-def read_index(read_at: ReadAt, blob_size: int, expected_digest: str | None = None) -> Index:
-    """Read, verify and index the TOC of an eStargz or zstd:chunked blob.
-
-    The JSON is decoded to text straight from the decompressed member, which is freed before parsing:
-    at most two copies of a TOC (40 MB for 100k files) are alive at once, never three.
+    The one list of them (README, "Limits"); the config file's `limits:` section changes any of them.
     """
-    footer, view = _read_toc_view(read_at, blob_size, expected_digest, MAX_TOC_BYTES)
-    try:
-        text = str(view, json.detect_encoding(bytes(view[:4])), "surrogatepass")
-    except UnicodeDecodeError as e:
-        raise TOCError(f"TOC is not valid JSON ({str(e)[:200]})") from None
-    del view  # the last reference to the decompressed member
-    return Index.from_json(text, footer)
+
+    toc_compressed: int = 256 << 20  # bytes of a layer's compressed TOC
+    toc_json: int = 1 << 30  # bytes of TOC JSON once inflated (streamed: memory grows with entries only)
+    toc_entries: int = 4_000_000  # entries of one TOC, chunk entries included (~100-200 bytes of memory each)
+    entry_json: int = 1 << 20  # bytes of one entry's JSON (its xattrs included)
+    path_length: int = 4096  # characters of an entry's name or link target (PATH_MAX)
+    path_depth: int = 2048  # components of an entry's name (PATH_MAX allows ~2048)
+    chunk_size: int = 64 << 20  # bytes of one chunk once inflated (writers use 4 MiB); larger ones are EIO
+    manifest_size: int = 4 << 20  # a manifest, an index or a layout's index.json (the OCI spec's 4 MiB)
+    config_size: int = 8 << 20  # an image's config blob
+
+
+DEFAULT_LIMITS = Limits()
 
 
 _BAD_COMPONENTS = frozenset(("", ".", ".."))
@@ -389,25 +303,20 @@ class Index:
         self._order = array("I")
         self._sorted_offsets: array | None = None
         self._owner: array | None = None  # chunk id -> entry id, built on the first chunks_after
+        self.toc_digest = ""  # of the TOC JSON, and its size, when read from a blob
+        self.toc_size = 0
 
     # -- building -----------------------------------------------------------------------------------
 
     @classmethod
-    def from_json(cls, data: bytes | str, footer: Footer) -> Index:
-        """Parse TOC JSON into an index.  Entries are indexed as the parser meets them, so no list of
-        dicts for the whole TOC is ever held."""
-        builder = _IndexBuilder(cls(footer.format, footer.toc_offset))
-        try:
-            doc = json.loads(data, object_hook=builder.hook)
-        except (ValueError, RecursionError) as e:
-            raise TOCError(f"TOC is not valid JSON ({str(e)[:200]})") from None
-        entries = doc.get("entries") if isinstance(doc, dict) else None
-        if (not isinstance(entries, list) or len(entries) != builder.count
-                or any(e is not _ENTRY for e in entries)):
-            raise TOCError("TOC is not an object with an 'entries' list of entries")
-        if doc.get("version", 1) not in (1, 2):
-            raise TOCError(f"unsupported TOC version {doc.get('version')!r}")
-        del doc, entries  # all parse garbage is gone before finish() makes the long-lived name strings
+    def from_entries(cls, entries: Iterable[object], fmt: str, toc_offset: int,
+                     limits: Limits = DEFAULT_LIMITS) -> Index:
+        """Index TOC entries (dicts, as JSON has them; the reader streams them in, a writer hands over
+        what it wrote): the one validation of entries, so that a writer fails with the reason a reader
+        would give, or writes what a reader accepts.  `toc_offset` is where the TOC starts (chunks end)."""
+        builder = _IndexBuilder(cls(fmt, toc_offset), limits)
+        for entry in entries:
+            builder.add(entry)
         return builder.finish()
 
     # -- queries ------------------------------------------------------------------------------------
@@ -567,47 +476,156 @@ class Index:
         return counts
 
 
+_EMPTY, _GONE = 0xFFFFFFFF, 0xFFFFFFFE  # a free slot of _Files, a removed path (probing goes on past it)
+
+
+class _Files:
+    """path -> entry id of the entries that are no directory, while an index is built.
+
+    The first SMALL paths go into a dict (fast, ~140 bytes a path); the rest, in a TOC of millions of
+    entries, into ~30 bytes a path: open addressing on the paths' hashes in typed arrays, a matching hash
+    confirmed exactly and in O(1) (the entry's parent is the path's directory, its base name the path's).
+    """
+
+    SMALL = 1 << 17
+
+    def __init__(self, builder: _IndexBuilder) -> None:
+        self.builder = builder
+        self.small: dict[str, int] = {}
+        self.spilled = False  # once the dict is full, new paths go to the arrays
+        self.hashes, self.ids, self.used = array("q", bytes(8 * 64)), array("I", [_EMPTY]) * 64, 0
+
+    def _slot(self, key: int, parent: int, base: str) -> int:
+        """The slot of the path hashing to `key` (in directory `parent`, named `base`), or the free slot it
+        would take."""
+        ids, hashes = self.ids, self.hashes
+        mask = len(ids) - 1
+        slot = key & mask
+        while (found := ids[slot]) != _EMPTY:
+            if found != _GONE and hashes[slot] == key and self.builder.named(found, parent, base):
+                return slot
+            slot = (slot + 1) & mask
+        return slot
+
+    def get(self, path: str, parent: int) -> int | None:
+        """The entry at `path` (in directory `parent`), or None."""
+        found = self.small.get(path)
+        if found is not None or not self.spilled:
+            return found
+        found = self.ids[self._slot(hash(path), parent, path.rpartition("/")[2])]
+        return None if found == _EMPTY else found
+
+    def put(self, path: str, parent: int, base: str, entry_id: int) -> int | None:
+        """Map `path` to `entry_id`; return the entry it mapped to before, if any."""
+        small = self.small
+        if not self.spilled or path in small:
+            old = small.get(path)
+            small[path] = entry_id
+            self.spilled = self.spilled or len(small) >= self.SMALL
+            return old
+        if 2 * (self.used + 1) > len(self.ids):  # linear probing stays short below half full
+            self._grow()
+        key = hash(path)
+        ids = self.ids
+        slot = key & (len(ids) - 1)
+        if ids[slot] != _EMPTY:  # else the usual case: a new path, and its first slot free
+            slot = self._slot(key, parent, base)
+        old = ids[slot]
+        self.used += old == _EMPTY
+        self.hashes[slot], ids[slot] = key, entry_id
+        return None if old == _EMPTY else old
+
+    def pop(self, path: str, parent: int, base: str) -> int | None:
+        """Forget `path`; return the entry it mapped to, if any."""
+        if path in self.small or not self.spilled:
+            return self.small.pop(path, None)
+        slot = self._slot(hash(path), parent, base)
+        old = self.ids[slot]
+        if old == _EMPTY:
+            return None
+        self.ids[slot] = _GONE
+        return old
+
+    def _grow(self) -> None:
+        old = zip(self.hashes, self.ids, strict=True)
+        size = 2 * len(self.ids)
+        self.hashes, self.ids = array("q", bytes(8 * size)), array("I", [_EMPTY]) * size
+        self.used, mask = 0, size - 1
+        for key, entry_id in old:
+            if entry_id < _GONE:
+                slot = key & mask
+                while self.ids[slot] != _EMPTY:
+                    slot = (slot + 1) & mask
+                self.hashes[slot], self.ids[slot] = key, entry_id
+                self.used += 1
+
+
 class _IndexBuilder:
     """Feeds TOC entries (as the JSON parser produces them) into an Index; checks them as it goes.
 
     Base names are kept as UTF-8 in one buffer while parsing and become str objects only in `finish`,
-    after the parser's garbage is freed: made during the parse, the ~116k long-lived strings of a
-    100k-file TOC would sit between its short-lived objects and pin most of pymalloc's arenas (RSS
-    stayed ~35 MB above the live heap); made afterwards they fill a few arenas of their own.
+    so that they fill arenas of their own instead of pinning the parser's; paths map to entries through
+    a dict for directories and the compact `_Files` for the rest.
     """
 
-    def __init__(self, index: Index) -> None:
-        self.index = index
+    def __init__(self, index: Index, limits: Limits) -> None:
+        self.index, self.limits = index, limits
         self.count = 0
-        self.ids: dict[str, int] = {"": 0}  # path -> entry id, while building only
+        self.dirs: dict[str, int] = {"": 0}  # path -> entry id of directories, while building only
+        self.files = _Files(self)
+        self.name_at = array("Q", [0])  # where each entry's base name starts in `names`
         self.last_reg: int | None = None
         self.last_reg_name = ""
         self.last_chunk_end = 0
         self.mtimes: dict[str, int] = {}
         self.names = bytearray()  # base names after the root's "", each preceded by NUL (never in a name)
 
-    def hook(self, obj: dict) -> object:
-        if "name" not in obj and "type" not in obj:
-            return obj  # the top level or an xattrs map
-        self.add(obj)
-        self.count += 1
-        return _ENTRY
-
     def _dir(self, path: str) -> int:
-        """The id of directory `path`, creating implied directories."""
-        entry_id = self.ids.get(path)
-        if entry_id is None:
-            parent, _, base = path.rpartition("/")
-            entry_id = self._new(base, self._dir(parent))
-            self.ids[path] = entry_id
+        """The id of directory `path`, creating implied directories (without recursion: a name may be
+        thousands of levels deep)."""
+        missing = []
+        while (entry_id := self.dirs.get(path)) is None:
+            if self._file(path) is not None:
+                raise TOCError(f"{path[:200]!r} is used as a directory but is not one")
+            missing.append(path)
+            path = path.rpartition("/")[0]
+        for path in reversed(missing):
+            entry_id = self._new(path.rpartition("/")[2], entry_id)
+            self.dirs[path] = entry_id
             self.index._implicit.add(entry_id)
-        elif self.index._kind[entry_id] != KIND_DIR:
-            raise TOCError(f"{path!r} is used as a directory but is not one")
         return entry_id
+
+    def _file(self, path: str) -> int | None:
+        """The entry at `path` if it is no directory (and its directory is one)."""
+        parent = self.dirs.get(path.rpartition("/")[0])
+        return None if parent is None else self.files.get(path, parent)
+
+    def named(self, entry_id: int, parent: int, base: str) -> bool:
+        """Whether entry `entry_id` is `base` in directory `parent`."""
+        if self.index._parent[entry_id] != parent:
+            return False
+        start = self.name_at[entry_id]
+        end = self.name_at[entry_id + 1] - 1 if entry_id + 1 < len(self.name_at) else len(self.names)
+        return self.names[start:end] == base.encode("utf-8", "surrogatepass")
+
+    def _name(self, obj: dict, key: str) -> str:
+        """Field `key` (an entry name or a link target) as a clean path within the limits."""
+        name = normalize_name(obj.get(key)) if key == "name" else _str(obj, key)
+        limits = self.limits
+        if len(name) > limits.path_length:
+            raise TOCError(f"{key} {name[:80]!r}... is {len(name)} characters long, over "
+                           f"{limits.path_length} "
+                           "(limits.path_length)")
+        if key == "name" and name.count("/") >= limits.path_depth:
+            raise TOCError(f"entry name {name[:80]!r}... is {name.count('/') + 1} levels deep, over "
+                           f"{limits.path_depth} (limits.path_depth)")
+        return name
 
     def _new(self, base: str, parent: int) -> int:
         ix = self.index
-        self.names += b"\0" + base.encode("utf-8", "surrogatepass")
+        self.names += b"\0"
+        self.name_at.append(len(self.names))
+        self.names += base.encode("utf-8", "surrogatepass")
         ix._kind.append(KIND_DIR)
         ix._mode.append(0o755)
         ix._uid.append(0)
@@ -636,13 +654,19 @@ class _IndexBuilder:
         return seconds
 
     def add(self, obj: dict) -> None:
+        """Index one entry of the TOC (a dict as JSON has it), checking it."""
+        if not isinstance(obj, dict):
+            raise TOCError("TOC is not an object with an 'entries' list of entries")
+        self.count += 1
+        if self.count > self.limits.toc_entries:
+            raise TOCError(f"TOC has more than {self.limits.toc_entries} entries (limits.toc_entries)")
         typ = obj.get("type")
         if typ == "chunk":
             self._add_chunk(obj)
             return
         if typ not in _TYPES:
             raise TOCError(f"entry {str(obj.get('name'))[:80]!r} has unknown type {typ!r}")
-        name = normalize_name(obj.get("name"))
+        name = self._name(obj, "name")
         ix = self.index
         kind = _TYPES.index(typ)
         if name in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
@@ -660,12 +684,18 @@ class _IndexBuilder:
         else:
             parent_path, _, base = name.rpartition("/")
             parent = self._dir(parent_path)
-            entry_id = self.ids.get(name)
-            if entry_id is None or (kind != KIND_DIR or ix._kind[entry_id] != KIND_DIR):
+            entry_id = self.dirs.get(name) if kind == KIND_DIR else None  # a directory again: its entry
+            if entry_id is None:
                 entry_id = self._new(base, parent)  # a later duplicate replaces the earlier entry
-                if name in self.ids:
-                    ix._parent[self.ids[name]] = _ORPHAN
-                self.ids[name] = entry_id
+                if kind == KIND_DIR:  # (no directory has this name: it would have been found above)
+                    old = self.files.pop(name, parent, base)
+                    self.dirs[name] = entry_id
+                else:
+                    old = self.dirs.pop(name, None)
+                    replaced = self.files.put(name, parent, base, entry_id)
+                    old = replaced if old is None else old
+                if old is not None:
+                    ix._parent[old] = _ORPHAN
         ix._implicit.discard(entry_id)
         ix._kind[entry_id] = kind
         ix._mode[entry_id] = _int(obj, "mode") & 0o7777
@@ -674,9 +704,9 @@ class _IndexBuilder:
         ix._mtime[entry_id] = self._mtime(obj.get("modtime"))
         self.last_reg = None
         if kind == KIND_SYMLINK:
-            ix._symlink[entry_id] = _str(obj, "linkName")
+            ix._symlink[entry_id] = self._name(obj, "linkName")
         elif kind == KIND_HARDLINK:
-            self._add_hardlink(entry_id, _str(obj, "linkName"))
+            self._add_hardlink(entry_id, self._name(obj, "linkName"))
         elif kind in (KIND_CHAR, KIND_BLOCK):
             ix._dev[entry_id] = (_int(obj, "devMajor"), _int(obj, "devMinor"))
         elif kind == KIND_REG:
@@ -693,7 +723,9 @@ class _IndexBuilder:
                 raise TOCError(f"xattrs of {name!r} are not base64") from None
 
     def _add_hardlink(self, entry_id: int, link_name: str) -> None:
-        target = self.ids.get(normalize_name(link_name))
+        path = normalize_name(link_name)
+        target = self.dirs.get(path)
+        target = target if target is not None else self._file(path)
         if target is None or target == entry_id:
             raise TOCError(f"hardlink target {link_name[:80]!r} is not an earlier entry")
         ix = self.index
@@ -750,18 +782,13 @@ class _IndexBuilder:
 
     def finish(self) -> Index:
         ix = self.index
-        self.ids, self.mtimes = {}, {}
-        # Sort with throw-away name strings, then make the kept ones: the sort's garbage is freed first.
+        self.dirs, self.files, self.name_at, self.mtimes = {}, _Files(self), array("Q"), {}
+        distinct: dict[str, str] = {}  # one str per distinct base name (__init__.py, README, ...), mostly
         names = self.names.decode("utf-8", "surrogatepass").split("\0")
-        live = [i for i in range(len(ix._kind)) if i != 0 and ix._parent[i] != _ORPHAN]
-        live.sort(key=lambda i, names=names: (ix._parent[i], names[i]))
-        ix._order = array("I", live)
-        del live, names
-        distinct: dict[str, str] = {}  # one str per distinct base name (__init__.py, README, ...)
-        names = self.names.decode("utf-8", "surrogatepass").split("\0")
-        ix.names = [distinct.setdefault(n, n) for n in names]
         self.names = bytearray()
+        ix.names = [distinct.setdefault(n, n) if len(distinct) < 65536 else n for n in names]
         del distinct, names
+        ix._order = _children_order(ix)
         for entry_id, target in ix._hardlink_of.items():
             ix._nlink[entry_id] = ix._nlink[target]
         # arrays grow by over-allocating; copies are exact
@@ -779,7 +806,29 @@ class _IndexBuilder:
 
 
 _ORPHAN = 0xFFFFFFFF
-_ENTRY = object()  # what the JSON hook leaves in the entries list for each entry it indexed
+
+
+def _children_order(ix: Index) -> array:
+    """Every live entry but the root, sorted by (parent, name): counted into place by parent, then each
+    directory's slice sorted by name, so that no key is made for all entries at once."""
+    parent, count = ix._parent, len(ix._parent)
+    starts = array("I", bytes(4 * (count + 1)))
+    for i in range(1, count):
+        if parent[i] != _ORPHAN:
+            starts[parent[i] + 1] += 1
+    for i in range(count):
+        starts[i + 1] += starts[i]
+    order, fill = array("I", bytes(4 * starts[count])), array("I", starts)
+    for i in range(1, count):
+        if parent[i] != _ORPHAN:
+            order[fill[parent[i]]] = i
+            fill[parent[i]] += 1
+    del fill
+    by_name = ix.names.__getitem__
+    for i in range(count):
+        if starts[i + 1] - starts[i] > 1:
+            order[starts[i]:starts[i + 1]] = array("I", sorted(order[starts[i]:starts[i + 1]], key=by_name))
+    return order
 
 
 def _int(obj: dict, key: str, maximum: int = (1 << 63) - 1) -> int:
@@ -796,37 +845,3 @@ def _str(obj: dict, key: str) -> str:
     if not isinstance(value, str):
         raise TOCError(f"field {key!r} of {str(obj.get('name'))[:80]!r} is not a string")
     return value
-
-
-def decompress_chunk(data: bytes, chunk: Chunk, fmt: str = GZIP, verify: bool = True) -> bytes:
-    """Decompress a chunk's compressed bytes [comp_offset, comp_end) and verify its digest.
-
-    Never inflates past the chunk's end; raises DigestError or FormatError instead of returning data
-    that does not match the TOC.  `verify=False` is for a caller that verifies the digest itself (the
-    chunk cache does, before it stores or returns anything).
-    """
-    want = chunk.inner_offset + chunk.size
-    what = f"chunk at {chunk.comp_offset}"
-    if want > sys.maxsize:  # a hostile TOC's size or innerOffset; zlib would raise OverflowError
-        raise FormatError(f"{what}: size {chunk.size} at inner offset {chunk.inner_offset} is impossible")
-    if fmt == ZSTD:
-        out = _unzstd(data, want, what)
-    else:
-        parts: list[bytes] = []  # one gzip member per chunk, as a rule: then no copy is made
-        got = 0
-        while got < want and data:
-            d = isal_zlib.decompressobj(wbits=31)
-            try:
-                parts.append(d.decompress(data, want - got))
-            except isal_zlib.error as e:
-                raise FormatError(f"{what}: corrupt gzip data ({e})") from None
-            got += len(parts[-1])
-            data = d.unused_data if d.eof else b""
-        out = parts[0] if len(parts) == 1 else b"".join(parts)
-    if chunk.inner_offset or len(out) > want:
-        out = out[chunk.inner_offset:want]
-    if len(out) != chunk.size:
-        raise TruncatedError(f"{what}: {len(out)} bytes where {chunk.size} were promised")
-    if verify and sha256_digest(out) != chunk.digest:
-        raise DigestError(f"{what}: content does not match {chunk.digest}")
-    return out

@@ -1,4 +1,5 @@
-"""Benchmark "toc-memory": what toc.read_index keeps for a layer of 100k small files, against the reference.
+"""Benchmark "toc-memory": what tocread.read_index keeps for a layer of 100k small files, against the
+reference.
 
 A synthetic layer (inputs.many_files_tar) is converted with `lazymount convert`; then fresh processes
 index its TOC and report:

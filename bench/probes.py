@@ -61,7 +61,7 @@ def _deep_size(value: object, seen: set[int]) -> int:
 
 def toc_memory(mode: str, blob: Path, toc_digest: str) -> dict:
     """Index `blob`'s TOC in this process and measure it (`mode`: tracemalloc or rss)."""
-    import toc  # imported before the baseline so that module code is not counted
+    import tocread  # imported (toc with it) before the baseline so that module code is not counted
 
     size = blob.stat().st_size
     with open(blob, "rb") as f:
@@ -77,7 +77,7 @@ def toc_memory(mode: str, blob: Path, toc_digest: str) -> dict:
             base = _proc_status_kib("VmRSS") * 1024
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         start = time.perf_counter()
-        index = toc.read_index(read_at, size, toc_digest)
+        index = tocread.read_index(read_at, size, toc_digest)
         seconds = time.perf_counter() - start
         gc.collect()
         if mode == "tracemalloc":

@@ -1,13 +1,15 @@
 """The reference implementation (stargz-snapshotter 0.12 as packaged in Debian), driven for comparisons.
 
-What belongs here: a private containerd 1.6 instance, `ctr-remote` conversion and TOC-digest lookup,
-reading OCI image layouts, and our Go verifier (tests/interop/verify.go, built against Debian's
-`estargz` library). What never does: lazymount's own code paths, or building test inputs
-(imagebuild.py). Nothing here uses /run/containerd or the system containerd.
+What belongs here: a private containerd 1.6 instance and its own unpack of an image, `ctr-remote`
+conversion and TOC-digest lookup, reading OCI image layouts, and our Go verifier
+(tests/interop/verify.go, built against Debian's `estargz` library). What never does: lazymount's own
+code paths, or building test inputs (imagebuild.py). Nothing here uses /run/containerd or the system
+containerd.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,6 +18,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from toc import REF_NAME_ANNOTATION
@@ -180,13 +183,8 @@ def ref_convert(containerd: Containerd, oci_layout: Path, tag: str, out_layout: 
     manifest. Raises ToolError with the reference's message when it refuses the input.
     """
     manifest_digest = _index_entry_digest(oci_layout, tag)
-    src = f"localhost/lazymount/import:{tag}"
+    src = _import(containerd, oci_layout, tag, "--no-unpack")
     dst = f"localhost/lazymount/converted:{manifest_digest[7:23]}-{'zstd' if zstd else 'estargz'}"
-    with subprocess.Popen(["tar", "-C", str(oci_layout), "-c", "."], stdout=subprocess.PIPE) as tar:
-        containerd.ctr("images", "import", "--no-unpack", "--base-name", "localhost/lazymount/import",
-                       "-", stdin=tar.stdout)
-    if tar.returncode != 0:
-        raise subprocess.CalledProcessError(tar.returncode, tar.args)
     options = ["--oci", "--zstdchunked" if zstd else "--estargz"]
     if chunk_size is not None:
         options += ["--estargz-chunk-size", str(chunk_size)]
@@ -204,6 +202,29 @@ def ref_convert(containerd: Containerd, oci_layout: Path, tag: str, out_layout: 
     index["manifests"][0].setdefault("annotations", {})[REF_NAME_ANNOTATION] = tag
     index_path.write_text(json.dumps(index))
     return read_layout(out_layout, tag)[0]
+
+
+def _import(containerd: Containerd, oci_layout: Path, tag: str, *options: str) -> str:
+    """Import an OCI layout's image into containerd (as a tar stream); return its name there."""
+    with subprocess.Popen(["tar", "-C", str(oci_layout), "-c", "."], stdout=subprocess.PIPE) as tar:
+        containerd.ctr("images", "import", *options, "--base-name", "localhost/lazymount/import", "-",
+                       stdin=tar.stdout)
+    if tar.returncode != 0:
+        raise subprocess.CalledProcessError(tar.returncode, tar.args)
+    return f"localhost/lazymount/import:{tag}"
+
+
+@contextlib.contextmanager
+def ref_unpacked(containerd: Containerd, oci_layout: Path, tag: str, target: Path) -> Iterator[Path]:
+    """containerd's own unpack of an OCI layout's image (its overlayfs snapshotter applies the layers),
+    mounted read-only at `target` for the block (`ctr images mount`); yields `target`."""
+    name = _import(containerd, oci_layout, tag)
+    target.mkdir(parents=True, exist_ok=True)
+    containerd.ctr("images", "mount", name, str(target))
+    try:
+        yield target
+    finally:
+        containerd.ctr("images", "unmount", "--rm", str(target), check=False)
 
 
 def _index_entry_digest(layout: Path, tag: str) -> str:

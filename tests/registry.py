@@ -345,11 +345,13 @@ class Fault:
     """One misbehaviour of FaultProxy, for requests whose path contains `path` (and method, if set).
 
     kinds: 'status' (answer `status` with `headers`, no body), 'reset' (half the body, then close),
-    'stall' (wait `seconds` before answering; with `partial`, after half the body), 'ignore_range'
+    'stall' (wait `seconds` before answering; with `partial`, after half the body), 'delay' (wait
+    `seconds`, then answer in full), 'ignore_range'
     (forward without Range: the registry answers 200 whole), 'reject_multirange' (400 to multi-range),
     'whole_multirange' (multi-range answered 200 whole), 'bad_content_range' (206 with a shifted
     Content-Range), 'redirect' (307 to `target` + the same path, with a fake signature), 'corrupt'
-    (flip the last byte of the body).
+    (flip the last byte of the body), 'trickle' (the whole answer, status line and headers too, one byte
+    every `seconds`).
     `times` < 0 means forever.
     """
 
@@ -381,13 +383,16 @@ class _ProxyHandler(_Handler):
         if kind == "reject_multirange":
             self.reply(400, b"multi-range not supported")
             return
-        if kind == "stall" and not fault.partial:
+        if kind == "delay" or (kind == "stall" and not fault.partial):
             proxy.stop_event.wait(fault.seconds)
         headers = {k: v for k, v in self.headers.items()
                    if not (kind in ("ignore_range", "whole_multirange") and k.lower() == "range")}
         status, reply_headers, body = proxy.forward(self.command, self.path, headers, data)
         if kind == "corrupt" and body:
             body = body[:-1] + bytes([body[-1] ^ 0xFF])
+        if kind == "trickle":
+            self._trickle(status, reply_headers, body, fault.seconds)
+            return
         if kind == "bad_content_range" and status == 206:
             start, end_total = reply_headers["Content-Range"].split("-", 1)
             end, total = end_total.split("/")
@@ -410,6 +415,21 @@ class _ProxyHandler(_Handler):
         self.wfile.write(body)
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET  # noqa: N815
+
+    def _trickle(self, status: int, headers: dict[str, str], body: bytes, seconds: float) -> None:
+        proxy: FaultProxy = self.server.service  # type: ignore[attr-defined]
+        head = f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        data = head.encode("latin-1") + (b"" if self.command == "HEAD" else body)
+        self.close_connection = True
+        for i in range(len(data)):
+            try:
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                return
+            if proxy.stop_event.wait(seconds):
+                return
 
 
 class FaultProxy(HTTPService):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import toc
+import tocread
 from imagebuild import describe_tar, make_layer_tar, make_oci_image, regular_file_digests, write_oci_layout
 from tests.reference import (
     read_layout,
@@ -34,7 +35,7 @@ _KINDS = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo")
 def describe_blob(blob: Path, toc_digest: str | None) -> dict[str, dict]:
     """describe_tar's view of an eStargz/zstd:chunked blob, read through toc.py alone."""
     data = blob.read_bytes()
-    index = toc.read_index(lambda off, n: data[off:off + n], len(data), toc_digest)
+    index = tocread.read_index(lambda off, n: data[off:off + n], len(data), toc_digest)
     paths = dict((i, p) for p, i in index.walk())
     out = {}
     for path, entry_id in index.walk():
@@ -47,7 +48,7 @@ def describe_blob(blob: Path, toc_digest: str | None) -> dict[str, dict]:
                 "mtime": e.mtime, "linkname": paths[target] if target is not None else e.link_name,
                 "xattrs": e.xattrs, "devmajor": e.dev_major, "devminor": e.dev_minor}
         if e.kind == toc.KIND_REG and target is None:
-            content = b"".join(toc.decompress_chunk(data[c.comp_offset:c.comp_end], c, index.format)
+            content = b"".join(tocread.decompress_chunk(data[c.comp_offset:c.comp_end], c, index.format)
                                for c in index.chunks(entry_id))
             assert len(content) == e.size, path
             info["sha256"] = hashlib.sha256(content).hexdigest()
@@ -155,7 +156,7 @@ def test_prioritized_files_come_first(edge_tree: Path, tmp_path: Path) -> None:
     cmd = [*LAZYMOUNT, "convert", "-q", "--prioritize", str(tmp_path / "list"), str(layer), str(blob)]
     subprocess.run(cmd, check=True)
     data = blob.read_bytes()
-    _, toc_json = toc.read_toc_json(lambda off, n: data[off:off + n], len(data))
+    _, toc_json = tocread.read_toc_json(lambda off, n: data[off:off + n], len(data))
     names = [toc.normalize_name(e["name"]) for e in json.loads(toc_json)["entries"] if e["type"] != "chunk"]
     landmark = names.index(toc.PREFETCH_LANDMARK)
     before = names[:landmark]
@@ -167,7 +168,7 @@ def test_prioritized_files_come_first(edge_tree: Path, tmp_path: Path) -> None:
                       "names/ünïcödé", "names/ünïcödé/日本語.txt"]
     assert toc.NO_PREFETCH_LANDMARK not in names
     assert sorted(names[landmark + 1:] + before) == sorted(source)
-    index = toc.read_index(lambda off, n: data[off:off + n], len(data))
+    index = tocread.read_index(lambda off, n: data[off:off + n], len(data))
     assert index.prefetch_end is not None and 0 < index.prefetch_end < len(data)
 
 

@@ -27,7 +27,7 @@ class LocalBlobs:
         self.files: dict[str, Path] = {}
 
     def read_spans(self, reference: str, digest: str, size: int, spans: list[tuple[int, int]],
-                   on_whole_blob: object) -> list[bytes]:
+                   on_whole_blob: object, urgent: bool = False) -> list[bytes]:
         with open(self.files[digest], "rb") as f:
             return [os.pread(f.fileno(), end - start, start) for start, end in spans]
 

@@ -1,9 +1,9 @@
 """The module layering, checked over the source with `ast` (run by `make lint` and by `make test`).
 
-Layers, from the bottom: the format (toc, then layerwriter and seekindex), the machinery (config,
+Layers, from the bottom: the format (toc, then tocread, layerwriter and seekindex), the machinery (config,
 regclient, fetch, cache, tree, engine, convert), the adapters (mountctl, fusefs, layerfs, sandbox on the
-FUSE side; snapshot_store, snapshot_grpc on the gRPC side) and the command line (lazymount), which alone
-may import everything and which nothing imports.
+FUSE side; snapshot_store, snapshot_layers, snapshot_grpc on the gRPC side) and the command line
+(lazymount), which alone may import everything and which nothing imports.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 GENERATED = frozenset({"snapshots_pb2", "snapshots_pb2_grpc", "mount_pb2"})
 FUSE_SIDE = frozenset({"mfusepy", "mountctl", "fusefs", "layerfs", "sandbox", "tree", "engine"})
-GRPC_SIDE = frozenset({"grpc", "grpc_health", "snapshot_grpc", "snapshot_store"}) | GENERATED
-REGISTRY_CLIENT = ("config", "regclient", "fetch")
+GRPC_SIDE = frozenset({"grpc", "grpc_health", "snapshot_grpc", "snapshot_store", "snapshot_layers",
+                       *GENERATED})
+REGISTRY_CLIENT = ("config", "regclient", "fetch", "referrers", "download")
 # (importer, what it must not import, why)
 RULES: list[tuple[str, frozenset[str], str]] = [
     ("cache", frozenset({"fetch", "regclient"}), "the cache is handed a loader, never the registry client"),

@@ -24,6 +24,7 @@ import mountctl
 import regclient
 import sandbox
 import toc
+import tocread
 from imagebuild import append_layers, debian_python_rootfs, describe_tree, make_layer_tar, make_oci_image
 from tests.registry import Registry, push_layout
 from tests.test_mount import MISSING, _assert_same_tree, lazymount, mounted, stats, umoci_unpack
@@ -59,8 +60,8 @@ def _layers(ref: str) -> list[tuple[str, bytes, toc.Index]]:
     out = []
     for descriptor in image.layers:
         with image.blob(descriptor.digest) as reader:
-            footer, toc_json = toc.read_toc_json(reader.read_at, reader.size)
-            out.append((descriptor.digest, toc_json, toc.Index.from_json(toc_json, footer)))
+            footer, toc_json = tocread.read_toc_json(reader.read_at, reader.size)
+            out.append((descriptor.digest, toc_json, tocread.index_from_json(toc_json, footer)))
     return out
 
 
@@ -110,8 +111,8 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
         assert [layer["bytes_fetched"] for layer in at_start["layers"]] == [prefetch_end, 0]
         assert at_start["layers"][0]["prefetched_bytes"] == prefetch_end
         info = json.loads(os.getxattr(mnt, mountctl.IMAGE_XATTR))
-        result = subprocess.run(sandbox.bwrap_command(mnt, info["config"], WORKLOAD, []), check=True,
-                                capture_output=True, text=True)
+        argv = sandbox.bwrap_command(mnt, info["config"], WORKLOAD, sandbox.IMAGE_ONLY)
+        result = subprocess.run(argv, check=True, capture_output=True, text=True)
         assert result.stdout == out
         after = stats(mnt)
         assert [layer["bytes_fetched"] for layer in after["layers"]] == [prefetch_end, 0]
@@ -124,8 +125,8 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
     (tmp_path / "c3" / "layers").write_text("not a directory")
     with mounted(optimized, mnt, "--cache-dir", str(tmp_path / "c3"), "--no-background-fetch"):
         assert [layer["bytes_fetched"] for layer in stats(mnt)["layers"]] == [0, 0]
-        result = subprocess.run(sandbox.bwrap_command(mnt, info["config"], WORKLOAD, []), check=True,
-                                capture_output=True, text=True)
+        argv = sandbox.bwrap_command(mnt, info["config"], WORKLOAD, sandbox.IMAGE_ONLY)
+        result = subprocess.run(argv, check=True, capture_output=True, text=True)
         assert result.stdout == out
         assert stats(mnt)["totals"]["chunks_fetched"] > 0
 
@@ -150,3 +151,50 @@ def test_optimize_workload_from_gzip_layout(images: dict, tmp_path: Path) -> Non
     mnt = tmp_path / "mnt"
     with mounted(f"oci:{dst}:v1", mnt, "--cache-dir", str(tmp_path / "c2"), "--no-background-fetch"):
         _assert_same_tree(describe_tree(mnt), images["expected"])
+
+
+def _profiled_bytes(ref: str, profile: dict[str, list[str]]) -> int:
+    """Compressed bytes of the chunks of the profiled files (each chunk once)."""
+    chunks = {}
+    for digest, _, index in _layers(ref):
+        for path in profile.get(digest, []):
+            entry = index.lookup(path)
+            target = index.hardlink_target(entry)
+            chunks.update((c.digest, c.comp_end - c.comp_offset)
+                          for c in index.chunks(entry if target is None else target))
+    return sum(chunks.values())
+
+
+def test_record_push_prefetches_the_plain_image(images: dict, registry: Registry, tmp_path: Path) -> None:
+    """`record --push` attaches the profile to the plain eStargz image (no `optimize`, nothing pushed
+    again); a later mount of that image fetches the profiled files' chunks before it answers (multi-range
+    requests), and `run` of the workload then fetches no chunk; `--no-prefetch` does not prefetch."""
+    push_layout(images["work"] / "plain", "v1", registry, "profiled")
+    ref = images["plain"].replace("/debian:", "/profiled:")
+    result = lazymount("record", ref, "--cache-dir", str(tmp_path / "c1"), "-o", str(tmp_path / "profile"),
+                       "--push", "--", *WORKLOAD)
+    assert "attached the profile" in result.stderr
+    out = result.stdout
+    profile = convert.read_profile(tmp_path / "profile")
+    assert convert.attached_profile(fetch.open_image(ref, client=regclient.RegistryClient())) == profile
+    profiled = _profiled_bytes(ref, profile)
+
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, "--cache-dir", str(tmp_path / "c2"), "--no-background-fetch"):
+        before = stats(mnt)  # nothing read yet
+        assert before["fetch_state"] == "prefetched"
+        assert profiled <= before["totals"]["prefetched_bytes"] == before["totals"]["bytes_fetched"]
+        assert before["totals"]["requests"] < len(profile[next(iter(profile))]) // 4  # many ranges a request
+
+    stats_file = tmp_path / "stats.json"
+    result = lazymount("run", ref, "--cache-dir", str(tmp_path / "c3"), "--no-background-fetch",
+                       "--stats-file", str(stats_file), "--", *WORKLOAD)
+    after = json.loads(stats_file.read_text())
+    assert result.stdout == out
+    assert after["totals"]["prefetched_bytes"] >= profiled
+    assert after["totals"]["chunks_fetched"] == 0 and after["totals"]["chunk_hits"] > 0
+
+    lazymount("run", ref, "--cache-dir", str(tmp_path / "c4"), "--no-background-fetch", "--no-prefetch",
+              "--stats-file", str(stats_file), "--", *WORKLOAD)
+    unprefetched = json.loads(stats_file.read_text())
+    assert unprefetched["totals"]["prefetched_bytes"] == 0 and unprefetched["totals"]["chunks_fetched"] > 0

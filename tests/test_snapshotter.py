@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import snapshot_grpc
 import snapshots_pb2 as pb
 import snapshots_pb2_grpc
+import socketfront
 from imagebuild import make_oci_image
 from tests.reference import Containerd, read_layout
 from tests.registry import Fault, FaultProxy, Registry, free_port, push_layout
@@ -48,12 +50,22 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts bind and overl
 # --------------------------------------------------------------------------------------------- helpers
 
 
+# Started with a listening socket, the snapshotter gets it as systemd passes one: as descriptor 3, with
+# LISTEN_FDS=1 and LISTEN_PID set to its own PID (this launcher execs it, keeping its PID).
+ACTIVATE = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd == 3 or os.close(fd); "
+            "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+            "os.execv(sys.argv[2], sys.argv[2:])")
+Listener = socket.socket  # a listening socket (the parameter `socket` of Snapshotter is its path)
+
+
 class Snapshotter:
-    """A `python -m snapshot_grpc` process and a client for it."""
+    """A `python -m snapshot_grpc` process and a client for it; with `listener` (a listening unix socket
+    bound at `socket`, held by the test as systemd would hold it), socket-activated."""
 
     def __init__(self, root: Path, socket: Path, metrics_port: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, listener: Listener | None = None) -> None:
         self.root, self.socket, self.metrics_port, self.env = root, socket, metrics_port, env
+        self.listener = listener
         self.log_path = root.parent / f"{root.name}.log"
         self.proc: subprocess.Popen | None = None
         self.channel: grpc.Channel | None = None
@@ -63,8 +75,13 @@ class Snapshotter:
                 "--root", str(self.root)]
         if self.metrics_port:
             args += ["--metrics-address", f"127.0.0.1:{self.metrics_port}"]
+        passed: tuple[int, ...] = ()
+        if self.listener is not None:
+            passed = (self.listener.fileno(),)
+            args = [sys.executable, "-c", ACTIVATE, str(passed[0]), *args]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         pass_fds=passed)
         self.channel = grpc.insecure_channel(f"unix:{self.socket}")
         health = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -72,7 +89,8 @@ class Snapshotter:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"snapshotter exited {self.proc.returncode}: {self.log()[-3000:]}")
             with contextlib.suppress(grpc.RpcError):
-                answer = health.Check(health_pb2.HealthCheckRequest(service=snapshot_grpc.SERVICE_NAME))
+                answer = health.Check(health_pb2.HealthCheckRequest(service=snapshot_grpc.SERVICE_NAME),
+                                      timeout=5)
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
                     return self
             if time.monotonic() > deadline:
@@ -98,6 +116,15 @@ class Snapshotter:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop_front(self) -> None:
+        """Stop the front a socket-activated snapshotter started (it outlives the snapshotter by design)."""
+        pid = socketfront.front_pid(self.root / "front.pid", str(self.root / "grpc.sock"))
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def unmount_layers(self) -> None:
         """Unmount the layer daemon's file system (the daemon then exits), if it is mounted."""
@@ -680,11 +707,13 @@ def shell_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def snapshotter_stack(base: Path) -> Iterator[tuple[Containerd, Snapshotter]]:
+def snapshotter_stack(base: Path, listener: Listener | None = None,
+                      metrics_port: int | None = None) -> Iterator[tuple[Containerd, Snapshotter]]:
     """A private containerd whose proxy plugin `lazymount` (contrib/containerd-config.toml) is a
-    snapshotter process under `base`; both stopped on exit."""
+    snapshotter process under `base` (socket-activated on `listener`, bound at BASE/sn.sock, if given);
+    both stopped on exit."""
     base.mkdir(parents=True, exist_ok=True)
-    daemon = Snapshotter(base / "sn-root", base / "sn.sock")
+    daemon = Snapshotter(base / "sn-root", base / "sn.sock", metrics_port=metrics_port, listener=listener)
     config = (Path(REPO / "contrib" / "containerd-config.toml").read_text()
               .replace("/run/lazymount/snapshotter.sock", str(daemon.socket)))
     containerd = Containerd(base, extra_config=config)
@@ -695,6 +724,7 @@ def snapshotter_stack(base: Path) -> Iterator[tuple[Containerd, Snapshotter]]:
     finally:
         containerd.stop()  # also unmounts everything under base, the snapshotter's layers included
         daemon.stop()
+        daemon.stop_front()
 
 
 @pytest.fixture(scope="module")
@@ -850,9 +880,9 @@ def test_containerd_rpull_estargz_is_lazy(stack: tuple[Containerd, Snapshotter],
 @needs_containerd
 def test_containerd_dead_layer_mount_is_restored(stack: tuple[Containerd, Snapshotter],
                                                  lazy_image: tuple[str, list]) -> None:
-    """The layer daemon killed: the next container start starts it again and serves every layer; a
-    snapshotter killed and restarted adopts the live daemon; started with none mounted, it mounts the
-    layers before serving."""
+    """The layer daemon killed: it is started again (by the snapshotter watching it, or at the latest by
+    the next container start) and serves every layer; a snapshotter killed and restarted adopts the live
+    daemon; started with none mounted, it mounts the layers before serving."""
     containerd, daemon = stack
     image, _ = lazy_image
     containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", image)
@@ -862,7 +892,7 @@ def test_containerd_dead_layer_mount_is_restored(stack: tuple[Containerd, Snapsh
     assert _ctr_run(containerd, image, "restored-run", "echo ok") == "ok\n"
     after = served_layers(daemon)
     assert set(after) == set(before) and len(set(after.values())) == 1 and pid not in after.values()
-    assert "is not mounted: mounting it again" in daemon.log()
+    assert "died: starting it again" in daemon.log()  # by its watcher, or by the next Mounts
 
     daemon.stop(signal.SIGKILL)
     daemon.start()
@@ -947,7 +977,8 @@ def test_remote_layer_from_cri_labels(sn: Snapshotter, lazy_image: tuple[str, li
 @needs_containerd
 def test_remote_layers_share_one_daemon(sn: Snapshotter, lazy_image: tuple[str, list]) -> None:
     """Every lazily prepared layer is served by one daemon process from one FUSE mount; that daemon
-    killed, the next Mounts call starts it again and serves every layer (never a hung mount)."""
+    killed, it is started again (at the latest by the next Mounts call) and serves every layer (never a
+    hung mount)."""
     image, layers = lazy_image
     parent = ""
     for i, digest in enumerate(layers):

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 import layerwriter
 import toc
+import tocread
 from imagebuild import make_edge_tree, make_layer_tar
 from toc import (
     GZIP,
@@ -62,12 +63,12 @@ def reader(blob: bytes):
 
 
 def index_of(blob: bytes, expected_digest: str | None = None) -> toc.Index:
-    return toc.read_index(reader(blob), len(blob), expected_digest)
+    return tocread.read_index(reader(blob), len(blob), expected_digest)
 
 
 def read_file(index: toc.Index, blob: bytes, entry_id: int) -> bytes:
     """A regular file's content, every chunk decompressed and verified by toc.decompress_chunk."""
-    out = b"".join(toc.decompress_chunk(blob[c.comp_offset:c.comp_end], c, index.format)
+    out = b"".join(tocread.decompress_chunk(blob[c.comp_offset:c.comp_end], c, index.format)
                    for c in index.chunks(entry_id))
     assert len(out) == index.entry(entry_id).size
     return out
@@ -146,7 +147,7 @@ def replace_toc(blob: bytes, doc: object) -> bytes:
 
 
 def toc_doc(blob: bytes) -> dict:
-    return json.loads(toc.read_toc_json(reader(blob), len(blob))[1])
+    return json.loads(tocread.read_toc_json(reader(blob), len(blob))[1])
 
 
 def legacy_footer(toc_offset: int) -> bytes:
@@ -199,7 +200,7 @@ def check_blob_matches(blob: bytes, info: layerwriter.LayerInfo, source: dict[st
                        chunk_size: int) -> toc.Index:
     """Every assertion of a round trip: digests, TOC, index metadata and content against `source`."""
     assert info.digest == digest_of(blob) and info.size == len(blob)
-    footer, toc_json = toc.read_toc_json(reader(blob), len(blob), info.toc_digest)
+    footer, toc_json = tocread.read_toc_json(reader(blob), len(blob), info.toc_digest)
     assert footer.format == fmt
     assert info.toc_digest == digest_of(toc_json)
     assert info.annotations["containerd.io/snapshot/stargz/toc.digest"] == info.toc_digest
@@ -220,7 +221,7 @@ def check_blob_matches(blob: bytes, info: layerwriter.LayerInfo, source: dict[st
     assert info.uncompressed_size == len(plain)
     assert info.annotations["io.containers.estargz.uncompressed-size"] == str(len(plain))
 
-    index = toc.Index.from_json(toc_json, footer)
+    index = tocread.index_from_json(toc_json, footer)
     walked = dict(index.walk())
     assert set(walked) == set(source), "the index holds exactly the source's entries"
     groups: dict[str, int] = {}
@@ -453,7 +454,7 @@ def test_legacy_footer_blob_reads(small_blob):
     blob, info = small_blob
     footer = toc.parse_footer(blob[-51:], len(blob))
     legacy = blob[:-51] + legacy_footer(footer.toc_offset)
-    index = toc.read_index(reader(legacy), len(legacy), info.toc_digest)
+    index = tocread.read_index(reader(legacy), len(legacy), info.toc_digest)
     assert read_file(index, legacy, index.lookup("b/big")) == SMALL_FILES["b/big"]
 
 
@@ -511,7 +512,7 @@ def test_truncated_blob_at_every_cut(small_blob):
         with pytest.raises(LazymountError):
             index_of(blob[:cut])
     with pytest.raises(TruncatedError):  # the reader returns less than the blob size promises
-        toc.read_index(lambda o, n: blob[o:o + n][:n // 2] if o < len(blob) - 51 else blob[o:o + n],
+        tocread.read_index(lambda o, n: blob[o:o + n][:n // 2] if o < len(blob) - 51 else blob[o:o + n],
                        len(blob))
 
 
@@ -625,7 +626,7 @@ def test_toc_member_problems(small_blob):
         with pytest.raises(error):
             index_of(bad)
     with pytest.raises(FormatError, match="larger than 100|inflates past"):
-        toc.read_toc_json(reader(blob), len(blob), limit=100)
+        tocread.read_toc_json(reader(blob), len(blob), limits=toc.Limits(toc_json=100))
     assert replace_toc(blob, doc) == payload + toc_member(data) + toc.footer_bytes(footer.toc_offset)
     index_of(replace_toc(blob, doc))
 
@@ -634,8 +635,8 @@ def test_zstd_toc_bounded(small_blob):
     data = json.dumps({"version": 1, "entries": []}).encode() + b" " * 5000
     blob = hostile_blob(data, fmt=ZSTD)
     with pytest.raises(FormatError, match="inflates past"):
-        toc.read_toc_json(reader(blob), len(blob), limit=1000)
-    assert toc.read_toc_json(reader(blob), len(blob))[1] == data
+        tocread.read_toc_json(reader(blob), len(blob), limits=toc.Limits(toc_json=1000))
+    assert tocread.read_toc_json(reader(blob), len(blob))[1] == data
 
 
 def test_flipped_chunk_bytes_never_yield_wrong_data(small_blob):
@@ -647,21 +648,21 @@ def test_flipped_chunk_bytes_never_yield_wrong_data(small_blob):
             for chunk in index.chunks(entry_id):
                 data = blob[chunk.comp_offset:chunk.comp_end]
                 want = SMALL_FILES[name][chunk.file_offset:chunk.file_offset + chunk.size]
-                assert toc.decompress_chunk(data, chunk, fmt) == want
+                assert tocread.decompress_chunk(data, chunk, fmt) == want
                 for pos in range(len(data)):
                     for flip in (0x01, 0x80):
                         bad = bytearray(data)
                         bad[pos] ^= flip
                         try:
-                            got = toc.decompress_chunk(bytes(bad), chunk, fmt)
+                            got = tocread.decompress_chunk(bytes(bad), chunk, fmt)
                         except (DigestError, FormatError):
                             continue
                         assert got == want, (fmt, name, pos)
                 for cut in range(0, len(data), 7):  # the member may go on past the chunk's bytes
                     with contextlib.suppress(FormatError):
-                        assert toc.decompress_chunk(data[:cut], chunk, fmt) == want
+                        assert tocread.decompress_chunk(data[:cut], chunk, fmt) == want
                 with pytest.raises(FormatError):
-                    toc.decompress_chunk(data[:len(data) // 4], chunk, fmt)
+                    tocread.decompress_chunk(data[:len(data) // 4], chunk, fmt)
 
 
 @pytest.mark.parametrize("fmt", [GZIP, ZSTD])
@@ -671,13 +672,13 @@ def test_decompression_is_bounded(fmt):
     chunk = toc.Chunk(0, 10, 0, len(data), 0, digest_of(b"\0" * 10))
     tracemalloc.start()
     try:
-        assert toc.decompress_chunk(data, chunk, fmt) == b"\0" * 10
+        assert tocread.decompress_chunk(data, chunk, fmt) == b"\0" * 10
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 4 * MIB, f"inflating a 10-byte chunk used {peak} bytes"
     with pytest.raises(DigestError):
-        toc.decompress_chunk(data, toc.Chunk(0, 10, 0, len(data), 0, digest_of(b"\1" * 10)), fmt)
+        tocread.decompress_chunk(data, toc.Chunk(0, 10, 0, len(data), 0, digest_of(b"\1" * 10)), fmt)
 
 
 @pytest.mark.parametrize("fmt", [GZIP, ZSTD])
@@ -697,7 +698,7 @@ def test_zstd_toc_read_allocates_what_it_reads():
     blob = hostile_blob({"version": 1, "entries": []}, fmt=ZSTD)
     tracemalloc.start()
     try:
-        toc.read_toc_json(reader(blob), len(blob))
+        tocread.read_toc_json(reader(blob), len(blob))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -726,7 +727,7 @@ def test_toc_member_size_is_checked_before_reading():
         raise AssertionError(f"asked for {length} bytes at {offset}")
 
     with pytest.raises(FormatError):
-        toc.read_toc_json(read_at, size, limit=1 << 20)
+        tocread.read_toc_json(read_at, size, limits=toc.Limits(toc_compressed=1 << 20))
     assert max(asked) <= 51
 
 
@@ -818,7 +819,7 @@ def exercise(index: toc.Index, blob: bytes | None = None) -> None:
             assert chunk.size >= 0 and chunk.comp_offset <= chunk.comp_end
             if blob is not None:
                 with contextlib.suppress(LazymountError):
-                    toc.decompress_chunk(blob[chunk.comp_offset:chunk.comp_end], chunk, index.format)
+                    tocread.decompress_chunk(blob[chunk.comp_offset:chunk.comp_end], chunk, index.format)
     index.stats()
 
 
@@ -929,7 +930,7 @@ def test_index_memory_per_entry():
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        index = toc.Index.from_json(data, footer)
+        index = tocread.index_from_json(data, footer)
         gc.collect()
         retained = tracemalloc.get_traced_memory()[0] - before
     finally:

@@ -26,6 +26,7 @@ import cache
 import engine
 import layerwriter
 import toc
+import tocread
 import tree
 
 CHUNK = 1024  # small chunks: a file of a few KiB spans several
@@ -71,7 +72,7 @@ class Blob:
         self.forge: bytes | None = None  # if set: the answer to every read, padded to the length asked
         self._lock = threading.Lock()
 
-    def read_at(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes:
         with self._lock:
             self.reads.append((offset, length))
         if self.error is not None:
@@ -84,7 +85,7 @@ class Blob:
         Path(path).write_bytes(self.data)
 
     def index(self) -> toc.Index:
-        return toc.read_index(self.read_at, self.size, self.toc_digest)
+        return tocread.read_index(self.read_at, self.size, self.toc_digest)
 
 
 def layer_blob(*members: Member) -> Blob:

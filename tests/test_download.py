@@ -21,8 +21,8 @@ import download
 import engine
 import fetch
 import regclient
+import seekindex
 import toc
-import tocread
 from tests.registry import Registry, TestImage, make_test_image, push_layout
 
 SIZE = 6_000_000  # incompressible: a 6 MB gzip layer, six 1 MiB parts
@@ -144,20 +144,20 @@ def test_read_at_waits_for_its_bytes(pushed: Pushed, tmp_path: Path) -> None:
 
 def test_a_plain_layer_is_downloaded_by_concurrent_ranges(pushed: Pushed, tmp_path: Path) -> None:
     """engine.Layer.localize of a gzip layer: the blob comes in parallel range requests, then the layer is
-    served from its local eStargz conversion; the downloaded blob is dropped."""
+    served from the downloaded blob through the seek index built from it (kept in the cache directory), not
+    converted."""
     image, opened = pushed
     source = Source(opened.blob(image.layer_digest))
     layer = engine.Layer(image.layer_digest, source)
-    layer.localize(tmp_path)
-    assert layer.state == "local" and layer.index is not None
+    layer.localize(tmp_path, cache_dir=tmp_path / "cache")
+    assert layer.state == "local" and layer.index is not None and layer.spans is not None
     assert source.calls == -(-len(image.layer) // download.MIN_PART)
     assert source.most_in_flight == download.DOWNLOAD_CONNECTIONS
     assert layer.stats.bytes_fetched == len(image.layer)
-    assert [p.name for p in (tmp_path / "converted").iterdir()] == [f"{image.layer_digest[7:]}.estargz"]
-    assert list((tmp_path / "blobs").iterdir()) == []
-    blob = layer.blob
-    assert isinstance(blob, engine.FileBlob)
+    assert list((tmp_path / "converted").iterdir()) == []
+    assert [p.name for p in (tmp_path / "blobs").iterdir()] == [image.layer_digest[7:]]
+    assert seekindex.index_path(tmp_path / "cache", image.layer_digest).is_file()
+    assert isinstance(layer.blob, engine.FileBlob)
     hello = layer.index.chunks(layer.index.lookup("hello.txt"))[0]
-    compressed = blob.read_at(hello.comp_offset, hello.comp_end - hello.comp_offset)
-    data = tocread.decompress_chunk(compressed, hello)
+    data = layer.spans.chunk(hello)[0]
     assert data == b"hello from lazymount\n" and hashlib.sha256(data).hexdigest() == hello.digest[7:]

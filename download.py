@@ -1,6 +1,8 @@
 """Whole-blob downloads by concurrent range requests, with the bytes handed on in order as they arrive.
 
-What belongs here: `RangedDownload` (a blob fetched as parts over several connections into a temp file
+What belongs here: the local sources of a layer's bytes (`BlobSource`, the interface a layer reads its blob
+through; `FileBlob`, a blob file on this node; `StagedRanges`, fetched ranges kept until used), and
+`RangedDownload` (a blob fetched as parts over several connections into a temp file
 beside its destination, hashed in blob order as the contiguous prefix grows, renamed into place once its
 size and sha256 match), reading it while it downloads (an in-order stream, or `read_at` waiting for the
 bytes asked), and `whole_blob` (a download, with a consumer — converting or indexing the layer — reading
@@ -23,7 +25,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -199,3 +201,72 @@ def whole_blob(source: RangeSource, digest: str, path: str | os.PathLike[str],
     if failure:
         raise failure[0]
     return result[0] if result else None
+
+
+class BlobSource(Protocol):
+    """What a layer needs of its blob: random reads (`fetch.BlobReader` or a local file); `urgent` ones
+    are waited on by a reader and end sooner (fetch.BlobReader.read_at)."""
+
+    size: int
+
+    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes: ...
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
+
+    def download(self, path: str | os.PathLike[str]) -> None: ...
+
+
+class FileBlob:
+    """A local blob file read with pread: a layer downloaded and verified here, or one given to inspect."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = os.fstat(self._fd).st_size
+
+    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return [self.read_at(offset, length) for offset, length in ranges]
+
+    def download(self, path: str | os.PathLike[str]) -> None:
+        raise NotImplementedError("a local blob is never downloaded")
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> FileBlob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StagedRanges:
+    """Compressed bytes of a blob fetched ahead of use (the landmark prefetch), kept in an unlinked
+    scratch file until their chunks are decompressed into the cache: the mount is ready once the bytes are
+    here, and decompressing them does not hold up the command that reads them."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 -- closed by close()
+        self._ranges: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+        self.chunks: list[toc.Chunk] = []  # the chunks whose bytes are staged, in the order they arrived
+
+    def put(self, start: int, data: bytes, chunks: list[toc.Chunk]) -> None:
+        os.pwrite(self._file.fileno(), data, start)
+        with self._lock:
+            self._ranges.append((start, start + len(data)))
+            self.chunks.extend(chunks)
+
+    def read(self, offset: int, length: int) -> bytes | None:
+        """The staged bytes [offset, offset + length), or None if they are not (or no longer) here."""
+        with self._lock:
+            if self._file.closed or not any(a <= offset and offset + length <= b for a, b in self._ranges):
+                return None
+            return os.pread(self._file.fileno(), length, offset)
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()

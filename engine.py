@@ -6,11 +6,12 @@ read by span, or downloaded whole, verified and indexed or converted locally), r
 chunk through the cache (verified bytes or EIO), sequential read-ahead, fetching a miss's neighbours
 along, the landmark prefetch (a few large requests over parallel connections, staged and then
 decompressed), a low-priority background fetch (which checks a seek-indexed layer's digest once it has
-every byte), per-layer stats, recording which files a workload opens; ImageView ties these to the merged
-tree of tree.py once every layer is indexed.
+every byte), per-layer stats, handing the files a workload opens to a profiles.AccessRecorder; ImageView
+ties these to the merged tree of tree.py once every layer is indexed.
 What never does: overlay rules, inode numbers or attributes (tree.py), FUSE or any kernel interface
-(lazymount.py adapts this to FUSE), HTTP (a layer is handed a `fetch.BlobReader` as its BlobSource), TOC
-parsing (toc.py), seek index formats and decompression (seekindex.py) or keeping chunks (cache.py).
+(fusefs.py adapts this to FUSE), HTTP (a layer is handed a `fetch.BlobReader` as its
+download.BlobSource), local blob files and downloads (download.py), TOC parsing (toc.py, tocread.py),
+seek index formats and decompression (seekindex.py) or keeping chunks (cache.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import cache
 import download
@@ -35,6 +36,9 @@ import seekindex
 import toc
 import tocread
 import tree
+
+if TYPE_CHECKING:
+    from profiles import AccessRecorder
 
 log = logging.getLogger(__name__)
 
@@ -55,75 +59,6 @@ class NotReadyError(toc.LazymountError):
     """A layer of the image is still being downloaded."""
 
     errno = errno.EAGAIN
-
-
-class BlobSource(Protocol):
-    """What a layer needs of its blob: random reads (`fetch.BlobReader` or a local file); `urgent` ones
-    are waited on by a reader and end sooner (fetch.BlobReader.read_at)."""
-
-    size: int
-
-    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes: ...
-
-    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
-
-    def download(self, path: str | os.PathLike[str]) -> None: ...
-
-
-class FileBlob:
-    """A local blob file read with pread: a layer downloaded and verified here, or one given to inspect."""
-
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.size = os.fstat(self._fd).st_size
-
-    def read_at(self, offset: int, length: int, urgent: bool = False) -> bytes:
-        return os.pread(self._fd, length, offset)
-
-    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        return [self.read_at(offset, length) for offset, length in ranges]
-
-    def download(self, path: str | os.PathLike[str]) -> None:
-        raise NotImplementedError("a local blob is never downloaded")
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-    def __enter__(self) -> FileBlob:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class StagedRanges:
-    """Compressed bytes of a blob fetched ahead of use (the landmark prefetch), kept in an unlinked
-    scratch file until their chunks are decompressed into the cache: the mount is ready once the bytes are
-    here, and decompressing them does not hold up the command that reads them."""
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 -- closed by close()
-        self._ranges: list[tuple[int, int]] = []
-        self._lock = threading.Lock()
-        self.chunks: list[toc.Chunk] = []  # the chunks whose bytes are staged, in the order they arrived
-
-    def put(self, start: int, data: bytes, chunks: list[toc.Chunk]) -> None:
-        os.pwrite(self._file.fileno(), data, start)
-        with self._lock:
-            self._ranges.append((start, start + len(data)))
-            self.chunks.extend(chunks)
-
-    def read(self, offset: int, length: int) -> bytes | None:
-        """The staged bytes [offset, offset + length), or None if they are not (or no longer) here."""
-        with self._lock:
-            if self._file.closed or not any(a <= offset and offset + length <= b for a, b in self._ranges):
-                return None
-            return os.pread(self._file.fileno(), length, offset)
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.close()
 
 
 @dataclass
@@ -148,7 +83,7 @@ class Layer:
     A plain gzip layer with a seek index has `spans` to read it by, and its index's file table."""
 
     digest: str
-    blob: BlobSource
+    blob: download.BlobSource
     toc_digest: str | None = None
     index: toc.Index | None = None
     spans: seekindex.SpanReader | None = None
@@ -156,7 +91,7 @@ class Layer:
     limits: toc.Limits = toc.DEFAULT_LIMITS
     error: str | None = None  # why the last download (or conversion) attempt failed
     permanent: bool = False  # the error is in the layer's verified bytes: it is not tried again
-    staged: StagedRanges | None = None
+    staged: download.StagedRanges | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -165,7 +100,7 @@ class Layer:
         (downloaded, then indexed or converted), `pending` or `failed`."""
         if self.index is None or self.permanent:
             return "failed" if self.error else "pending"
-        if isinstance(self.blob, FileBlob):
+        if isinstance(self.blob, download.FileBlob):
             return "local"
         return "indexed" if self.spans is not None else "lazy"
 
@@ -240,7 +175,7 @@ class Layer:
         if not converted.exists():
             if not blob_path.exists():
                 download.whole_blob(self.blob, self.digest, blob_path)  # by concurrent range requests
-            local = FileBlob(blob_path)
+            local = download.FileBlob(blob_path)
             try:
                 self.index = tocread.read_index(local.read_at, local.size, limits=self.limits)
                 self.blob = local
@@ -265,51 +200,10 @@ class Layer:
                 raise
             self.count("bytes_fetched", blob_path.stat().st_size)
             blob_path.unlink(missing_ok=True)
-        local = FileBlob(converted)
+        local = download.FileBlob(converted)
         self.index = tocread.read_index(local.read_at, local.size, limits=self.limits)
         self.blob = local
 
-
-
-class AccessRecorder:
-    """Logs the first open of every regular file, in order, as `LAYER-DIGEST<TAB>PATH` lines appended and
-    flushed to a file one by one, so the log is complete however the mount ends (see read_access_log)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- open as long as the mount
-        self._seen: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
-
-    def record(self, digest: str, path: str) -> None:
-        """Log `path` of layer `digest` unless it was logged before."""
-        if "\n" in path or "\t" in path:
-            log.debug("not recorded (a tab or newline in the name): %r", path)
-            return
-        with self._lock:
-            if (digest, path) in self._seen:
-                return
-            self._seen.add((digest, path))
-            try:
-                self._file.write(f"{digest}\t{path}\n")
-                self._file.flush()
-            except UnicodeEncodeError:
-                log.debug("not recorded (not UTF-8): %r", path)
-
-    def close(self) -> None:
-        """Close the log file."""
-        with self._lock:
-            self._file.close()
-
-
-def read_access_log(path: str | os.PathLike[str]) -> dict[str, list[str]]:
-    """An AccessRecorder's log as {layer digest: paths in the order first opened}."""
-    by_layer: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            digest, sep, name = line.rstrip("\n").partition("\t")
-            if sep:
-                by_layer.setdefault(digest, []).append(name)
-    return by_layer
 
 
 @dataclass
@@ -570,7 +464,7 @@ class ImageView:
             progress(done, total)
         try:
             for layer in {id(layer): layer for layer, _ in requests}.values():
-                layer.staged = StagedRanges(self.work_dir)
+                layer.staged = download.StagedRanges(self.work_dir)
         except OSError as e:  # e.g. a read-only cache directory: reads fetch on demand instead
             log.warning("landmark prefetch skipped: cannot stage %d bytes in %s: %s", total, self.work_dir, e)
             return

@@ -28,9 +28,9 @@ import cachetools
 
 import cache
 import config
-import convert
 import engine
 import fetch
+import profiles
 import regclient
 import seekindex
 import toc
@@ -310,7 +310,7 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
         elif not is_lazy:
             log.warning("layer %s (%s) is not eStargz with a TOC digest: downloading it whole in the "
                         "background", layer.digest, descriptor.media_type or "no media type")
-    recorder = engine.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
+    recorder = profiles.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
     view = engine.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
                           opaque_xattr=OPAQUE_XATTR, prefetch=args.prefetch, background=args.background_fetch,
                           recorder=recorder, profile=profile.result() if profile else None,
@@ -325,7 +325,7 @@ def _attached_profile(image: fetch.Image) -> dict[str, list[str]]:
     """The profiles attached to the image (`record --push`), merged; {} if there are none or they cannot
     be had (the mount goes on without them)."""
     try:
-        profile = convert.attached_profile(image)
+        profile = profiles.attached_profile(image)
     except toc.LazymountError as e:
         log.warning("%s: the profiles attached to the image are not used: %s", image.reference, e)
         return {}

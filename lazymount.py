@@ -23,11 +23,12 @@ from pathlib import Path
 import cache
 import config
 import convert
-import engine
+import download
 import fetch
 import fusefs
 import layerfs
 import mountctl
+import profiles
 import sandbox
 import seekindex
 import toc
@@ -72,7 +73,7 @@ def _print_manifest_layers(manifest: dict) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     options = _layout_options(args)
     if args.prioritize:
-        options.prioritize_all = convert.read_path_list(args.prioritize)
+        options.prioritize_all = profiles.read_path_list(args.prioritize)
     if _is_local_file(args.src):
         info = convert.convert_layer_file(Path(args.src), Path(args.dst), options, options.prioritize_all)
         print(json.dumps({"digest": info.digest, "size": info.size, "diffID": info.diff_id,
@@ -106,7 +107,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     image = None
     limits = config.load_config(args.config).limits
     if _is_local_file(args.src):
-        blobs = [(args.src, engine.FileBlob(Path(args.src)), None)]
+        blobs = [(args.src, download.FileBlob(Path(args.src)), None)]
     else:
         ref = config.parse_reference(args.src)
         image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
@@ -266,8 +267,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     code, recorded = outcome.status, outcome.profile
     profile = recorded
     if args.append and args.output.exists():
-        profile = convert.merge_profiles([convert.read_profile(args.output), recorded])
-    convert.write_profile(args.output, profile)
+        profile = profiles.merge_profiles([profiles.read_profile(args.output), recorded])
+    profiles.write_profile(args.output, profile)
     print(f"lazymount: recorded {sum(map(len, recorded.values()))} files of {len(recorded)} layers in "
           f"{args.output}" + (f" (the command exited with status {code})" if code else ""), file=sys.stderr)
     if args.push and code:
@@ -275,7 +276,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     elif args.push:
         ref = config.parse_reference(args.image)
         image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
-        digest = convert.push_profile(image, recorded)
+        digest = profiles.push_profile(image, recorded)
         print(f"lazymount: attached the profile to {ref} ({image.digest}) as {digest}", file=sys.stderr)
     return code
 
@@ -293,7 +294,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                              "optimized")
         profile = outcome.profile
     else:
-        profile = convert.merge_profiles([convert.read_profile(path) for path in args.profile])
+        profile = profiles.merge_profiles([profiles.read_profile(path) for path in args.profile])
     options = _layout_options(args)
     options.prioritized, options.optimize = profile, True
     manifest = convert.convert_image(args.src, args.dst, options, registry_client(args, *refs), args.platform)

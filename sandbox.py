@@ -31,8 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-import engine
 import fusefs
+import profiles
 from mountctl import IMAGE_XATTR, STATS_XATTR, MountError, mount_at, start_daemon, unmount
 
 log = logging.getLogger("lazymount")
@@ -468,7 +468,7 @@ def run_in_image(args: argparse.Namespace, command: list[str], options: Options,
             if getattr(args, "stats_file", None):
                 Path(args.stats_file).write_bytes(os.getxattr(args.mountpoint, STATS_XATTR))
             outcome = Outcome(code if code >= 0 else 128 - code, reason,
-                              engine.read_access_log(args.record_log) if record else None)
+                              profiles.read_access_log(args.record_log) if record else None)
         finally:
             if work is not None:
                 try:

@@ -157,7 +157,7 @@ def test_a_plain_layer_is_downloaded_by_concurrent_ranges(pushed: Pushed, tmp_pa
     assert list((tmp_path / "converted").iterdir()) == []
     assert [p.name for p in (tmp_path / "blobs").iterdir()] == [image.layer_digest[7:]]
     assert seekindex.index_path(tmp_path / "cache", image.layer_digest).is_file()
-    assert isinstance(layer.blob, engine.FileBlob)
+    assert isinstance(layer.blob, download.FileBlob)
     hello = layer.index.chunks(layer.index.lookup("hello.txt"))[0]
     data = layer.spans.chunk(hello)[0]
     assert data == b"hello from lazymount\n" and hashlib.sha256(data).hexdigest() == hello.digest[7:]

@@ -21,6 +21,7 @@ import pytest
 import convert
 import fetch
 import mountctl
+import profiles
 import regclient
 import sandbox
 import toc
@@ -78,7 +79,7 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
     then fetches nothing more."""
     profile_path = tmp_path / "profile"
     out = _record(images["plain"], profile_path, tmp_path / "c1", WORKLOAD)
-    profile = convert.read_profile(profile_path)
+    profile = profiles.read_profile(profile_path)
     plain_layers = _layers(images["plain"])
     base_digest, data_digest = (digest for digest, _, _ in plain_layers)
     assert list(profile) == [base_digest]  # the time zone layer was never opened
@@ -92,7 +93,7 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
     # --append merges in order of first appearance.
     shutil.copy(profile_path, tmp_path / "merged")
     _record(images["plain"], tmp_path / "merged", tmp_path / "c1", OTHER_WORKLOAD, "--append")
-    merged = convert.read_profile(tmp_path / "merged")[base_digest]
+    merged = profiles.read_profile(tmp_path / "merged")[base_digest]
     assert merged[:len(paths)] == paths and "usr/lib/python3.11/csv.py" in merged[len(paths):]
 
     # registry eStargz -> registry, the profile keyed by the source's (eStargz) layer digests
@@ -132,7 +133,7 @@ def test_record_optimize_and_prefetch(images: dict, tmp_path: Path) -> None:
 
     # Optimizing an image already laid out for the profile keeps every layer.
     renamed = {opt_layers[0][0]: paths}
-    convert.write_profile(tmp_path / "renamed", renamed)
+    profiles.write_profile(tmp_path / "renamed", renamed)
     again = images["plain"].replace(":v1", ":again")
     lazymount("optimize", "-q", "--profile", str(tmp_path / "renamed"), optimized, again)
     assert [layer[0] for layer in _layers(again)] == [layer[0] for layer in opt_layers]
@@ -175,8 +176,8 @@ def test_record_push_prefetches_the_plain_image(images: dict, registry: Registry
                        "--push", "--", *WORKLOAD)
     assert "attached the profile" in result.stderr
     out = result.stdout
-    profile = convert.read_profile(tmp_path / "profile")
-    assert convert.attached_profile(fetch.open_image(ref, client=regclient.RegistryClient())) == profile
+    profile = profiles.read_profile(tmp_path / "profile")
+    assert profiles.attached_profile(fetch.open_image(ref, client=regclient.RegistryClient())) == profile
     profiled = _profiled_bytes(ref, profile)
 
     mnt = tmp_path / "mnt"

@@ -1,6 +1,6 @@
 """Referrer artifacts (referrers.py) against Debian's docker-registry 2.8, which has no referrers API: push
 and discovery through the referrers tag schema, the checks that bind an artifact to its image, and
-profiles attached to an image (convert.push_profile / attached_profile).
+profiles attached to an image (profiles.push_profile / attached_profile).
 
 Seek index blobs are opaque here (their format and checks are seekindex.py's); each test pushes its own
 images (small one-layer layouts, distinct seeds) so that their referrers do not mix.
@@ -15,6 +15,7 @@ import pytest
 
 import convert
 import fetch
+import profiles
 import referrers
 import regclient
 import toc
@@ -69,7 +70,7 @@ def test_seek_index_pushed_and_found_through_the_referrers_tag(registry: Registr
     assert referrers.seek_index(_open(ref), built.layer_digest) == index
 
     # A newer index of the layer wins; a profile attached meanwhile is another artifact type.
-    convert.push_profile(image, {built.layer_digest: ["hello.txt"]})
+    profiles.push_profile(image, {built.layer_digest: ["hello.txt"]})
     newer = b"newer seek index" * 100
     referrers.push_seek_index(image, built.layer_digest, newer)
     assert referrers.seek_index(_open(ref), built.layer_digest) == newer
@@ -122,20 +123,20 @@ def test_profiles_attached_to_an_image(registry: Registry, tmp_path: Path) -> No
     image = _open(ref)
     client = image.client
     assert client is not None
-    assert convert.attached_profile(image) == {}
+    assert profiles.attached_profile(image) == {}
     layer = built.layer_digest
-    convert.push_profile(image, {layer: ["data.bin", "hello.txt"]})
-    convert.push_profile(image, {layer: ["hello.txt", "etc/other"]})
-    assert convert.attached_profile(_open(ref)) == {layer: ["data.bin", "hello.txt", "etc/other"]}
+    profiles.push_profile(image, {layer: ["data.bin", "hello.txt"]})
+    profiles.push_profile(image, {layer: ["hello.txt", "etc/other"]})
+    assert profiles.attached_profile(_open(ref)) == {layer: ["data.bin", "hello.txt", "etc/other"]}
 
     stranger = "sha256:" + "ab" * 32
     with pytest.raises(convert.ImageError) as error:
-        convert.push_profile(image, {stranger: ["x"]})
+        profiles.push_profile(image, {stranger: ["x"]})
     assert stranger in _one_line(error)
     assert len(referrers.referrers(client, ref, image.digest, toc.ARTIFACT_PROFILE)) == 2
 
     # An OCI layout has no referrers: nothing is found, nothing can be attached.
     layout = fetch.open_image(f"oci:{built.layout}:p")
-    assert convert.attached_profile(layout) == {} and referrers.seek_index(layout, layer) is None
+    assert profiles.attached_profile(layout) == {} and referrers.seek_index(layout, layer) is None
     with pytest.raises(convert.ImageError):
-        convert.push_profile(layout, {layer: ["hello.txt"]})
+        profiles.push_profile(layout, {layer: ["hello.txt"]})

@@ -25,6 +25,7 @@ import pytest
 import cache
 import engine
 import layerwriter
+import profiles
 import toc
 import tocread
 import tree
@@ -369,7 +370,7 @@ def test_corrupt_chunk_is_eio_never_wrong_bytes(big: Blob, caplog: pytest.LogCap
 def test_stats_and_access_log(big: Blob, tmp_path: Path) -> None:
     layers = [engine.Layer(big.digest, big, big.toc_digest)]
     assert layers[0].open_index()
-    recorder = engine.AccessRecorder(tmp_path / "access.log")
+    recorder = profiles.AccessRecorder(tmp_path / "access.log")
     v = engine.ImageView(layers, cache.ChunkCache(None), tmp_path, prefetch=False, background=False,
                          recorder=recorder)
     for path in ("/data/small", "/other", "/data/small"):
@@ -378,7 +379,7 @@ def test_stats_and_access_log(big: Blob, tmp_path: Path) -> None:
         v.opened(node)
     assert read(v, "/data/small") == b"small"
     v.close()
-    assert engine.read_access_log(tmp_path / "access.log") == {big.digest: ["data/small", "other"]}
+    assert profiles.read_access_log(tmp_path / "access.log") == {big.digest: ["data/small", "other"]}
     stats = v.stats()
     assert stats["layers"][0]["state"] == "lazy" and stats["totals"]["bytes_served"] == 5
     assert stats["layers"][0]["index_bytes"] > 0 and stats["fetch_state"] == "off"

@@ -19,7 +19,6 @@ import base64
 import bisect
 import contextlib
 import dataclasses
-import email.utils
 import errno
 import hashlib
 import ipaddress
@@ -40,7 +39,7 @@ import requests
 import requests.adapters
 import requests.utils
 
-import deadlines
+import transport
 from config import (
     COMPONENT_RE,
     TAG_RE,
@@ -65,9 +64,7 @@ MAX_REDIRECTS = 5
 MIRROR_BACKOFF_SECONDS = 30.0  # a mirror that failed at the transport level is skipped this long
 _READ_CHUNK = 256 << 10
 
-_CHALLENGE_PARAM_RE = re.compile(r'([A-Za-z_][\w-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 _MEDIA_TYPE_RE = re.compile(r"[\w.+-]+/[\w.+-]+")
-_CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -101,19 +98,6 @@ class _Retry(Exception):  # noqa: N818 -- control flow inside the retry loop, ne
     def __init__(self, detail: str, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.detail, self.retry_after = detail, retry_after
-
-
-def _parse_challenge(header: str) -> tuple[str, dict[str, str]] | None:
-    """`Bearer realm="...",service="...",scope="..."` -> ("bearer", {...}); None if unusable."""
-    scheme, _, rest = header.strip().partition(" ")
-    scheme = scheme.lower()
-    if scheme not in ("bearer", "basic"):
-        return None
-    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-              for m in _CHALLENGE_PARAM_RE.finditer(rest)}
-    if scheme == "bearer" and not params.get("realm", "").startswith(("http://", "https://")):
-        return None
-    return scheme, params
 
 
 class BlobSink(Protocol):
@@ -182,65 +166,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value.strip())
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
-    """`bytes a-b/total` -> (a, b + 1, total or None)."""
-    match = _CONTENT_RANGE_RE.fullmatch((value or "").strip())
-    if match is None or int(match.group(2)) < int(match.group(1)):
-        return None
-    total = None if match.group(3) == "*" else int(match.group(3))
-    return int(match.group(1)), int(match.group(2)) + 1, total
-
-
-def _parse_multipart(body: bytes, boundary: bytes) -> dict[int, bytes]:
-    """The parts of a `multipart/byteranges` body as {start: bytes}; ValueError if malformed."""
-    delimiter = b"--" + boundary
-    parts: dict[int, bytes] = {}
-    pos = body.find(delimiter)
-    while pos >= 0:
-        pos += len(delimiter)
-        if body.startswith(b"--", pos):
-            return parts
-        head_end = body.find(b"\r\n\r\n", pos)
-        if head_end < 0:
-            raise ValueError("part without a header end")
-        content_range = None
-        for line in body[pos:head_end].decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-range":
-                content_range = _parse_content_range(value)
-        if content_range is None:
-            raise ValueError("part without a valid Content-Range")
-        start, end, _ = content_range
-        data = body[head_end + 4:head_end + 4 + end - start]
-        if len(data) != end - start:
-            raise ValueError("truncated part")
-        parts[start] = data
-        pos = body.find(delimiter, head_end + 4 + len(data))
-    raise ValueError("no closing boundary")
-
-
-def _boundary(content_type: str) -> bytes | None:
-    kind, _, params = content_type.partition(";")
-    if kind.strip().lower() != "multipart/byteranges":
-        return None
-    for param in params.split(";"):
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary" and value:
-            return value.strip('"').encode("latin-1")
-    return None
-
-
 class RegistryClient:
     """Speaks the OCI distribution API to any number of registries; one per process, thread-safe.
 
@@ -257,7 +182,7 @@ class RegistryClient:
         self._session = requests.Session()
         # No ~/.netrc credentials added to requests or redirects; proxies come from `_request`.
         self._session.trust_env = False
-        adapter = deadlines.Adapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+        adapter = transport.Adapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._lock = threading.Lock()
@@ -385,7 +310,7 @@ class RegistryClient:
                                AuthError)
             if resp.status_code == 429 or resp.status_code >= 500:
                 raise _Retry(f"token service {realm_parts.netloc}: HTTP {resp.status_code}",
-                             _retry_after(resp.headers.get("Retry-After")))
+                             transport.retry_after(resp.headers.get("Retry-After")))
             if resp.status_code != 200:
                 raise op.error(f"token service {realm_parts.netloc}: HTTP {resp.status_code}", AuthError)
             try:
@@ -418,7 +343,7 @@ class RegistryClient:
             resp = self._request(method, url, headers=sent, data=data, stream=True, allow_redirects=False,
                                  timeout=self._timeout(op), verify=ep.verify)
             if resp.status_code == 401 and not refreshed:
-                challenge = _parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+                challenge = transport.parse_challenge(resp.headers.get("WWW-Authenticate", ""))
                 resp.close()
                 if challenge is None:
                     raise op.error("HTTP 401 without a usable WWW-Authenticate challenge", AuthError)
@@ -516,13 +441,13 @@ class RegistryClient:
         attempt = 0
         while True:
             try:
-                with deadlines.until(op.deadline) as watch:
+                with transport.until(op.deadline) as watch:
                     resp = self._send(ep, method, url, repository, scopes, headers, data, op)
                     with resp:
                         if resp.status_code in ok:
                             return consume(resp, op)
                         if resp.status_code == 429 or resp.status_code >= 500:
-                            retry_after = _retry_after(resp.headers.get("Retry-After"))
+                            retry_after = transport.retry_after(resp.headers.get("Retry-After"))
                             raise _Retry(f"HTTP {resp.status_code}", retry_after)
                         raise self._status_error(resp, op)
             except requests.exceptions.SSLError:
@@ -674,7 +599,7 @@ class RegistryClient:
                                 op.registry, op.repository)
                 on_whole_blob(lambda sink: self._download(ref, digest, size, sink, resp, op))
                 return None
-            got = _parse_content_range(resp.headers.get("Content-Range"))
+            got = transport.parse_content_range(resp.headers.get("Content-Range"))
             if got is None or got[:2] != (start, end) or got[2] not in (None, size):
                 raise op.error(f"206 answer's Content-Range {resp.headers.get('Content-Range', '')[:60]!r} "
                                f"does not match the requested bytes {start}-{end - 1}/{size}")
@@ -697,12 +622,12 @@ class RegistryClient:
             if resp.status_code != 206 or declared.isdigit() and int(declared) > limit:
                 return None
             body = self._read_body(resp, limit, op)
-            boundary = _boundary(resp.headers.get("Content-Type", ""))
+            boundary = transport.multipart_boundary(resp.headers.get("Content-Type", ""))
             try:
                 if boundary is not None:
-                    parts = _parse_multipart(body, boundary)
+                    parts = transport.parse_multipart(body, boundary)
                 else:  # a single part: the server merged the ranges
-                    got = _parse_content_range(resp.headers.get("Content-Range"))
+                    got = transport.parse_content_range(resp.headers.get("Content-Range"))
                     parts = {got[0]: body} if got and len(body) == got[1] - got[0] else {}
             except ValueError:
                 return None

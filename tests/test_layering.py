@@ -18,7 +18,7 @@ GENERATED = frozenset({"snapshots_pb2", "snapshots_pb2_grpc", "mount_pb2"})
 FUSE_SIDE = frozenset({"mfusepy", "mountctl", "fusefs", "layerfs", "sandbox", "tree", "engine"})
 GRPC_SIDE = frozenset({"grpc", "grpc_health", "snapshot_grpc", "snapshot_store", "snapshot_layers",
                        *GENERATED})
-REGISTRY_CLIENT = ("config", "regclient", "fetch", "referrers", "download", "profiles")
+REGISTRY_CLIENT = ("config", "transport", "regclient", "fetch", "referrers", "download", "profiles")
 # (importer, what it must not import, why)
 RULES: list[tuple[str, frozenset[str], str]] = [
     ("cache", frozenset({"fetch", "regclient"}), "the cache is handed a loader, never the registry client"),

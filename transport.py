@@ -1,14 +1,18 @@
-"""HTTP requests that end by a deadline, however slowly a server answers.
+"""The HTTP transport under the registry client: requests that end by a deadline, however slowly a
+server answers, and the parsing of the protocol's headers and bodies.
 
-What belongs here: a requests adapter whose connections register their sockets, and one watchdog thread
-that shuts down the sockets of a block of requests once its deadline passes.  What never does: anything
-about registries (regclient.py), retries, or any project module.
+What belongs here: a requests adapter whose connections register their sockets, one watchdog thread that
+shuts down the sockets of a block of requests once its deadline passes, and pure parsers (auth
+challenges, Retry-After, Content-Range, multipart/byteranges).  What never does: registry operations,
+auth flows and retries (regclient.py), or any project module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import os
+import re
 import socket
 import threading
 import time
@@ -147,3 +151,79 @@ def until(deadline: float) -> contextlib.AbstractContextManager[_Watch]:
     """A block whose requests (made through an `Adapter`, in this thread) end by `deadline` (monotonic
     time): their sockets are shut down then, and the block's watch is `expired`."""
     return _WATCHDOG.until(deadline)
+
+
+_CHALLENGE_PARAM_RE = re.compile(r'([A-Za-z_][\w-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+_CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]] | None:
+    """`Bearer realm="...",service="...",scope="..."` -> ("bearer", {...}); None if unusable."""
+    scheme, _, rest = header.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme not in ("bearer", "basic"):
+        return None
+    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+              for m in _CHALLENGE_PARAM_RE.finditer(rest)}
+    if scheme == "bearer" and not params.get("realm", "").startswith(("http://", "https://")):
+        return None
+    return scheme, params
+
+
+def retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """`bytes a-b/total` -> (a, b + 1, total or None)."""
+    match = _CONTENT_RANGE_RE.fullmatch((value or "").strip())
+    if match is None or int(match.group(2)) < int(match.group(1)):
+        return None
+    total = None if match.group(3) == "*" else int(match.group(3))
+    return int(match.group(1)), int(match.group(2)) + 1, total
+
+
+def parse_multipart(body: bytes, boundary: bytes) -> dict[int, bytes]:
+    """The parts of a `multipart/byteranges` body as {start: bytes}; ValueError if malformed."""
+    delimiter = b"--" + boundary
+    parts: dict[int, bytes] = {}
+    pos = body.find(delimiter)
+    while pos >= 0:
+        pos += len(delimiter)
+        if body.startswith(b"--", pos):
+            return parts
+        head_end = body.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            raise ValueError("part without a header end")
+        content_range = None
+        for line in body[pos:head_end].decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-range":
+                content_range = parse_content_range(value)
+        if content_range is None:
+            raise ValueError("part without a valid Content-Range")
+        start, end, _ = content_range
+        data = body[head_end + 4:head_end + 4 + end - start]
+        if len(data) != end - start:
+            raise ValueError("truncated part")
+        parts[start] = data
+        pos = body.find(delimiter, head_end + 4 + len(data))
+    raise ValueError("no closing boundary")
+
+
+def multipart_boundary(content_type: str) -> bytes | None:
+    kind, _, params = content_type.partition(";")
+    if kind.strip().lower() != "multipart/byteranges":
+        return None
+    for param in params.split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary" and value:
+            return value.strip('"').encode("latin-1")
+    return None

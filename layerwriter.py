@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from isal import igzip_threaded, isal_zlib
 
+import tocread
 from toc import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LIMITS,
@@ -45,7 +46,6 @@ from toc import (
     Index,
     Limits,
     TruncatedError,
-    footer_bytes,
     normalize_name,
     sha256_digest,
 )
@@ -468,7 +468,7 @@ def _write_toc(writer: _BlobWriter, entries: list[dict], fmt: str, level: int, p
         member = header.tobuf(tarfile.USTAR_FORMAT) + toc_json + _tar_padding(len(toc_json)) + end_of_archive
         toc_offset = writer.offset
         writer.write_compressed(isal_zlib.compress(member, level, wbits=31), member)
-        writer.write_compressed(footer_bytes(toc_offset))
+        writer.write_compressed(tocread.footer_bytes(toc_offset))
     annotations.update({
         TOC_DIGEST_ANNOTATION: toc_digest,
         UNCOMPRESSED_SIZE_ANNOTATION: str(writer.uncompressed),

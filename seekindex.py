@@ -412,7 +412,7 @@ def load(data: bytes, layer_digest: str, layer_size: int) -> SeekIndex:
     toc_start = expected - toc_bytes
     toc_json = _inflate_toc(data[toc_start:], toc_size)
     toc.verify_digest(toc_json, str(header.get("tocDigest")), "seek index TOC")
-    index = tocread.index_from_json(toc_json, toc.Footer(FORMAT, total, total, 0))
+    index = tocread.index_from_json(toc_json, tocread.Footer(FORMAT, total, total, 0))
     for chunk in index.blob_chunks():  # a reader holds a chunk whole: a huge one would exhaust memory
         if chunk.size > CHUNK_SIZE or (chunk.comp_offset != HOLE and chunk.comp_offset + chunk.size > total):
             raise SeekIndexError(f"seek index chunk at {chunk.comp_offset} ({chunk.size} bytes) is larger "

@@ -32,6 +32,7 @@ import fetch
 import mountctl
 import regclient
 import toc
+import tocread
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class LayerDaemon:
                 tail = blob.read_at(max(0, blob.size - toc.FOOTER_SIZE), toc.FOOTER_SIZE)
                 if blob.ranges_supported is False:
                     raise DeclinedError("registry ignores Range requests", NO_RANGE)
-            toc.parse_footer(tail, descriptor.size)
+            tocread.parse_footer(tail, descriptor.size)
         except toc.FooterError as e:
             raise DeclinedError(f"layer is not eStargz ({e})", NOT_ESTARGZ) from None
         except (regclient.RegistryError, config.InvalidInputError, OSError) as e:

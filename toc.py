@@ -1,11 +1,12 @@
-"""The eStargz and zstd:chunked layer formats: footer, the TOC index, limits, and the shared names.
+"""The eStargz and zstd:chunked layer formats: byte layouts, the TOC index, limits, and the shared names.
 
-What belongs here: byte layouts (footers, constants), the compact index of a TOC and the one validation of
-its entries (a reader's and a writer's: `Index.from_entries`), the limits on what an image may make us
-hold (`Limits`), digest helpers, the OCI media types and annotation keys, and the error hierarchy of the
-whole project (this is the module every other one imports).  What never does: reading a blob (its TOC
-stream and its chunks: tocread.py), writing a layer (layerwriter.py), I/O of its own, FUSE, HTTP,
-caching, and any import of another project module.
+What belongs here: byte layouts (footer and format constants; footers are parsed and built in tocread.py),
+the compact index of a TOC and the one validation of its entries (a reader's and a writer's:
+`Index.from_entries`), the limits on what an image may make us hold (`Limits`), digest helpers, the OCI
+media types and annotation keys, and the error hierarchy of the whole project (this is the module every
+other one imports). What never does: reading a blob (its TOC footer, TOC stream and chunks: tocread.py),
+writing a layer (layerwriter.py), I/O of its own, FUSE, HTTP, caching, and any import of another project
+module.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import bisect
 import errno
 import hashlib
 import re
-import struct
 from array import array
 from base64 import b64decode
 from collections.abc import Iterable, Iterator
@@ -63,8 +63,8 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 FOOTER_SIZE = 51
 # Legacy stargz footer, 47 bytes: the same without the subfield header (XLEN = 22).
 LEGACY_FOOTER_SIZE = 47
-_GZIP_EXTRA_HEADER = b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
-_EMPTY_DEFLATE_TAIL = b"\x01\x00\x00\xff\xff" + b"\x00" * 8
+GZIP_EXTRA_HEADER = b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
+EMPTY_DEFLATE_TAIL = b"\x01\x00\x00\xff\xff" + b"\x00" * 8
 # zstd:chunked (stargz-snapshotter flavour), the last 40 bytes: u64 LE TOC offset, compressed TOC length,
 # uncompressed TOC length, manifest type (1), magic "GnUlInUx"; the whole footer sits in a skippable frame
 # (magic 50 2a 4d 18 + u32 length = 8 bytes before it), as does the zstd-compressed TOC JSON.
@@ -121,67 +121,6 @@ def verify_digest(data: bytes | memoryview, digest: str, what: str) -> None:
     actual = sha256_digest(data)
     if actual != digest:
         raise DigestError(f"{what} does not match its digest {digest} ({len(data)} bytes, {actual})")
-
-
-# ---------------------------------------------------------------------------------------------- footers
-
-
-def footer_bytes(toc_offset: int) -> bytes:
-    """The 51-byte eStargz footer pointing at the TOC's gzip member."""
-    payload = b"%016xSTARGZ" % toc_offset
-    return (_GZIP_EXTRA_HEADER + struct.pack("<H", 4 + len(payload)) + b"SG"
-            + struct.pack("<H", len(payload)) + payload + _EMPTY_DEFLATE_TAIL)
-
-
-def _parse_toc_offset(hex_and_magic: bytes) -> int:
-    if hex_and_magic[16:] != b"STARGZ" or not re.fullmatch(rb"[0-9a-fA-F]{16}", hex_and_magic[:16]):
-        raise FooterError("footer has no STARGZ magic and hex TOC offset")
-    return int(hex_and_magic[:16], 16)
-
-
-@dataclass(frozen=True, slots=True)
-class Footer:
-    """Where a blob's TOC lives: `format` is GZIP or ZSTD, the TOC spans [toc_offset, toc_end)."""
-
-    format: str
-    toc_offset: int
-    toc_end: int
-    footer_size: int
-
-
-def parse_footer(tail: bytes, blob_size: int) -> Footer:
-    """Parse the footer from `tail`, the last bytes (at least 51 if the blob has them) of a blob."""
-    if blob_size < LEGACY_FOOTER_SIZE or len(tail) < min(blob_size, FOOTER_SIZE):
-        raise TruncatedError(f"blob of {blob_size} bytes is too small for a footer")
-    footer = tail[-FOOTER_SIZE:]
-    # gzip magic, deflate, FEXTRA; XLEN 26; subfield 'S','G' of LEN 22 (mtime, XFL and OS not checked)
-    if len(footer) == FOOTER_SIZE and footer[:4] == _GZIP_EXTRA_HEADER[:4] \
-            and footer[10:16] == b"\x1a\x00SG\x16\x00":
-        if footer[-13:] != _EMPTY_DEFLATE_TAIL:
-            raise FooterError("eStargz footer is not an empty gzip member")
-        return _footer_in_range(GZIP, _parse_toc_offset(footer[16:38]), blob_size - FOOTER_SIZE, FOOTER_SIZE)
-    legacy = tail[-LEGACY_FOOTER_SIZE:]
-    if legacy[:4] == _GZIP_EXTRA_HEADER[:4] and legacy[10:12] == b"\x16\x00":
-        if legacy[-13:] != _EMPTY_DEFLATE_TAIL:
-            raise FooterError("stargz footer is not an empty gzip member")
-        return _footer_in_range(GZIP, _parse_toc_offset(legacy[12:34]), blob_size - LEGACY_FOOTER_SIZE,
-                                LEGACY_FOOTER_SIZE)
-    zfooter = tail[-ZSTD_FOOTER_SIZE:]
-    if zfooter[32:] == ZSTD_CHUNKED_MAGIC:
-        offset, length, _raw_length, kind = struct.unpack("<QQQQ", zfooter[:32])
-        if kind != ZSTD_MANIFEST_TYPE:
-            raise FooterError(f"zstd:chunked footer has manifest type {kind}, want {ZSTD_MANIFEST_TYPE}")
-        end = offset + length
-        if end > blob_size - ZSTD_FOOTER_SIZE - 8:
-            raise TruncatedError(f"zstd:chunked TOC [{offset}, {end}) lies outside the blob")
-        return _footer_in_range(ZSTD, offset, end, ZSTD_FOOTER_SIZE + 8)
-    raise FooterError("blob ends in no eStargz, stargz or zstd:chunked footer (not an eStargz layer)")
-
-
-def _footer_in_range(fmt: str, toc_offset: int, toc_end: int, size: int) -> Footer:
-    if not 0 <= toc_offset < toc_end:
-        raise TruncatedError(f"TOC offset {toc_offset} lies outside the blob")
-    return Footer(fmt, toc_offset, toc_end, size)
 
 
 # ----------------------------------------------------------------------------------------------- limits

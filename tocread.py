@@ -1,12 +1,12 @@
-"""Reading a layer blob: its TOC streamed into a toc.Index within toc.Limits, and its chunks inflated
-and verified.
+"""Reading a layer blob: its footer, its TOC streamed into a toc.Index within toc.Limits, and its chunks
+inflated and verified.
 
-What belongs here: the TOC member read in pieces, inflated (gzip or zstd) a piece at a time, taken out of
-its tar entry, hashed as it goes and parsed as a stream of entries (the json module decodes one entry at a
-time, so memory grows with the entries and never with the bytes of the TOC), and a chunk's bytes
-inflated no further than the chunk.  What never does: what entries mean and how they are checked (the
-index and its builder, toc.py), writing (layerwriter.py), I/O of its own (readers are callables handed
-in), FUSE, HTTP, caching.  It imports toc only.
+What belongs here: the footer (parsed, and built for the writer), the TOC member read in pieces, inflated
+(gzip or zstd) a piece at a time, taken out of its tar entry, hashed as it goes and parsed as a stream of
+entries (the json module decodes one entry at a time, so memory grows with the entries and never with the
+bytes of the TOC), and a chunk's bytes inflated no further than the chunk. What never does: what entries
+mean and how they are checked (the index and its builder, toc.py), writing (layerwriter.py), I/O of its
+own (readers are callables handed in), FUSE, HTTP, caching. It imports toc only.
 """
 
 from __future__ import annotations
@@ -17,22 +17,30 @@ import io
 import itertools
 import json
 import re
+import struct
 import sys
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from isal import isal_zlib
 
 from toc import (
     DEFAULT_LIMITS,
+    EMPTY_DEFLATE_TAIL,
     FOOTER_SIZE,
     GZIP,
+    GZIP_EXTRA_HEADER,
+    LEGACY_FOOTER_SIZE,
     TOC_TAR_NAME,
     ZSTD,
+    ZSTD_CHUNKED_MAGIC,
+    ZSTD_FOOTER_SIZE,
+    ZSTD_MANIFEST_TYPE,
     Chunk,
     DigestError,
-    Footer,
+    FooterError,
     FormatError,
     Index,
     LazymountError,
@@ -40,7 +48,6 @@ from toc import (
     TOCError,
     TruncatedError,
     check_digest,
-    parse_footer,
     sha256_digest,
 )
 
@@ -72,6 +79,68 @@ def _gunzip_pieces(pieces: Iterable[bytes], what: str) -> Iterator[bytes]:
                     break
     if started:
         raise TruncatedError(f"{what}: gzip data ends early")
+
+
+
+# ---------------------------------------------------------------------------------------------- footers
+
+
+def footer_bytes(toc_offset: int) -> bytes:
+    """The 51-byte eStargz footer pointing at the TOC's gzip member."""
+    payload = b"%016xSTARGZ" % toc_offset
+    return (GZIP_EXTRA_HEADER + struct.pack("<H", 4 + len(payload)) + b"SG"
+            + struct.pack("<H", len(payload)) + payload + EMPTY_DEFLATE_TAIL)
+
+
+def _parse_toc_offset(hex_and_magic: bytes) -> int:
+    if hex_and_magic[16:] != b"STARGZ" or not re.fullmatch(rb"[0-9a-fA-F]{16}", hex_and_magic[:16]):
+        raise FooterError("footer has no STARGZ magic and hex TOC offset")
+    return int(hex_and_magic[:16], 16)
+
+
+@dataclass(frozen=True, slots=True)
+class Footer:
+    """Where a blob's TOC lives: `format` is GZIP or ZSTD, the TOC spans [toc_offset, toc_end)."""
+
+    format: str
+    toc_offset: int
+    toc_end: int
+    footer_size: int
+
+
+def parse_footer(tail: bytes, blob_size: int) -> Footer:
+    """Parse the footer from `tail`, the last bytes (at least 51 if the blob has them) of a blob."""
+    if blob_size < LEGACY_FOOTER_SIZE or len(tail) < min(blob_size, FOOTER_SIZE):
+        raise TruncatedError(f"blob of {blob_size} bytes is too small for a footer")
+    footer = tail[-FOOTER_SIZE:]
+    # gzip magic, deflate, FEXTRA; XLEN 26; subfield 'S','G' of LEN 22 (mtime, XFL and OS not checked)
+    if len(footer) == FOOTER_SIZE and footer[:4] == GZIP_EXTRA_HEADER[:4] \
+            and footer[10:16] == b"\x1a\x00SG\x16\x00":
+        if footer[-13:] != EMPTY_DEFLATE_TAIL:
+            raise FooterError("eStargz footer is not an empty gzip member")
+        return _footer_in_range(GZIP, _parse_toc_offset(footer[16:38]), blob_size - FOOTER_SIZE, FOOTER_SIZE)
+    legacy = tail[-LEGACY_FOOTER_SIZE:]
+    if legacy[:4] == GZIP_EXTRA_HEADER[:4] and legacy[10:12] == b"\x16\x00":
+        if legacy[-13:] != EMPTY_DEFLATE_TAIL:
+            raise FooterError("stargz footer is not an empty gzip member")
+        return _footer_in_range(GZIP, _parse_toc_offset(legacy[12:34]), blob_size - LEGACY_FOOTER_SIZE,
+                                LEGACY_FOOTER_SIZE)
+    zfooter = tail[-ZSTD_FOOTER_SIZE:]
+    if zfooter[32:] == ZSTD_CHUNKED_MAGIC:
+        offset, length, _raw_length, kind = struct.unpack("<QQQQ", zfooter[:32])
+        if kind != ZSTD_MANIFEST_TYPE:
+            raise FooterError(f"zstd:chunked footer has manifest type {kind}, want {ZSTD_MANIFEST_TYPE}")
+        end = offset + length
+        if end > blob_size - ZSTD_FOOTER_SIZE - 8:
+            raise TruncatedError(f"zstd:chunked TOC [{offset}, {end}) lies outside the blob")
+        return _footer_in_range(ZSTD, offset, end, ZSTD_FOOTER_SIZE + 8)
+    raise FooterError("blob ends in no eStargz, stargz or zstd:chunked footer (not an eStargz layer)")
+
+
+def _footer_in_range(fmt: str, toc_offset: int, toc_end: int, size: int) -> Footer:
+    if not 0 <= toc_offset < toc_end:
+        raise TruncatedError(f"TOC offset {toc_offset} lies outside the blob")
+    return Footer(fmt, toc_offset, toc_end, size)
 
 
 class _PieceReader:

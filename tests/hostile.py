@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 
 import toc
+import tocread
 
 MIB = 1 << 20
 BLOCK = 16 * MIB  # what one repeated gzip member inflates to
@@ -57,7 +58,7 @@ def _hello_payload() -> tuple[bytes, dict]:
 
 
 def _blob(payload: bytes, toc_members: bytes) -> bytes:
-    return payload + toc_members + toc.footer_bytes(len(payload))
+    return payload + toc_members + tocread.footer_bytes(len(payload))
 
 
 def _doc(entries: list[dict]) -> bytes:

@@ -136,12 +136,12 @@ def hostile_blob(doc: object, payload: bytes = b"", fmt: str = GZIP) -> bytes:
         offset = len(payload) + 8
         footer = struct.pack("<QQQQ", offset, len(frame), len(data), 1) + toc.ZSTD_CHUNKED_MAGIC
         return (payload + layerwriter._skippable_frame(frame) + layerwriter._skippable_frame(footer))
-    return payload + toc_member(data) + toc.footer_bytes(len(payload))
+    return payload + toc_member(data) + tocread.footer_bytes(len(payload))
 
 
 def replace_toc(blob: bytes, doc: object) -> bytes:
     """`blob` with its TOC replaced by `doc` (the chunks stay where they are)."""
-    footer = toc.parse_footer(blob[-toc.FOOTER_SIZE:], len(blob))
+    footer = tocread.parse_footer(blob[-toc.FOOTER_SIZE:], len(blob))
     payload = blob[:footer.toc_offset - (8 if footer.format == ZSTD else 0)]
     return hostile_blob(doc, payload, footer.format)
 
@@ -438,59 +438,61 @@ def test_prioritized_absolute_paths_are_accepted(small_blob):
 
 
 def test_footer_layouts():
-    footer = toc.footer_bytes(0x1234)
+    footer = tocread.footer_bytes(0x1234)
     assert len(footer) == toc.FOOTER_SIZE == 51
     assert gzip.decompress(footer) == b"", "the footer is an empty gzip member"
-    assert toc.parse_footer(footer, 0x1234 + 100 + 51) == toc.Footer(GZIP, 0x1234, 0x1234 + 100, 51)
+    assert tocread.parse_footer(footer, 0x1234 + 100 + 51) == tocread.Footer(GZIP, 0x1234, 0x1234 + 100, 51)
     legacy = legacy_footer(0x1234)
     assert len(legacy) == toc.LEGACY_FOOTER_SIZE == 47
     assert gzip.decompress(legacy) == b""
-    assert toc.parse_footer(b"junk" + legacy, 0x1234 + 100 + 47) == toc.Footer(GZIP, 0x1234, 0x1234 + 100, 47)
+    expected = tocread.Footer(GZIP, 0x1234, 0x1234 + 100, 47)
+    assert tocread.parse_footer(b"junk" + legacy, 0x1234 + 100 + 47) == expected
     upper = footer.replace(b"0000000000001234", b"000000000000ABCD")
-    assert toc.parse_footer(upper, 1 << 20).toc_offset == 0xABCD
+    assert tocread.parse_footer(upper, 1 << 20).toc_offset == 0xABCD
 
 
 def test_legacy_footer_blob_reads(small_blob):
     blob, info = small_blob
-    footer = toc.parse_footer(blob[-51:], len(blob))
+    footer = tocread.parse_footer(blob[-51:], len(blob))
     legacy = blob[:-51] + legacy_footer(footer.toc_offset)
     index = tocread.read_index(reader(legacy), len(legacy), info.toc_digest)
     assert read_file(index, legacy, index.lookup("b/big")) == SMALL_FILES["b/big"]
 
 
 @pytest.mark.parametrize("tail", [
-    b"\0" * 51, b"x" * 51, b"\x1f\x8b" + b"\0" * 49, toc.footer_bytes(5)[:-1] + b"\x01",
-    toc.footer_bytes(5).replace(b"STARGZ", b"STARGX"),
-    toc.footer_bytes(5).replace(b"0000000000000005", b"000000000000000g"),
+    b"\0" * 51, b"x" * 51, b"\x1f\x8b" + b"\0" * 49, tocread.footer_bytes(5)[:-1] + b"\x01",
+    tocread.footer_bytes(5).replace(b"STARGZ", b"STARGX"),
+    tocread.footer_bytes(5).replace(b"0000000000000005", b"000000000000000g"),
     b"\0" * 4 + legacy_footer(5).replace(b"STARGZ", b"stargz"), b"\0" * 4 + legacy_footer(5)[:-2] + b"\1\1",
     b"\0" * 11 + struct.pack("<QQQQ", 0, 1, 1, 2) + toc.ZSTD_CHUNKED_MAGIC,
 ])
 def test_garbage_footers(tail):
     with pytest.raises(FooterError):
-        toc.parse_footer(tail, 1000)
+        tocread.parse_footer(tail, 1000)
 
 
 @pytest.mark.parametrize(("tail", "size"), [
-    (toc.footer_bytes(1000 - 51), 1000), (toc.footer_bytes(5000), 1000), (toc.footer_bytes(0), 51),
-    (legacy_footer(1000 - 47), 1000), (toc.footer_bytes(5), 40), (toc.footer_bytes(5)[-20:], 100),
+    (tocread.footer_bytes(1000 - 51), 1000), (tocread.footer_bytes(5000), 1000),
+    (tocread.footer_bytes(0), 51),
+    (legacy_footer(1000 - 47), 1000), (tocread.footer_bytes(5), 40), (tocread.footer_bytes(5)[-20:], 100),
     (b"\0" * 11 + struct.pack("<QQQQ", 900, 100, 1, 1) + toc.ZSTD_CHUNKED_MAGIC, 1000),
     (b"\0" * 11 + struct.pack("<QQQQ", 1 << 63, 1 << 63, 1, 1) + toc.ZSTD_CHUNKED_MAGIC, 1000),
     (b"\0" * 11 + struct.pack("<QQQQ", 10, 0, 1, 1) + toc.ZSTD_CHUNKED_MAGIC, 1000),
 ])
 def test_footer_offsets_out_of_range(tail, size):
     with pytest.raises(TruncatedError):
-        toc.parse_footer(tail, size)
+        tocread.parse_footer(tail, size)
 
 
 @FUZZ
 @given(st.one_of(st.binary(min_size=51, max_size=51), st.binary(min_size=47, max_size=47),
-                 st.tuples(st.sampled_from([toc.footer_bytes(77), b"\0" * 4 + legacy_footer(77)]),
+                 st.tuples(st.sampled_from([tocread.footer_bytes(77), b"\0" * 4 + legacy_footer(77)]),
                            st.lists(st.tuples(st.integers(0, 50), st.integers(0, 255)), min_size=1,
                                     max_size=4)).map(lambda t: bytes(_mutate(t[0], t[1])))),
        st.integers(0, 1 << 40))
 def test_fuzz_footer(tail, blob_size):
     try:
-        footer = toc.parse_footer(tail, blob_size)
+        footer = tocread.parse_footer(tail, blob_size)
     except LazymountError:
         return
     assert 0 <= footer.toc_offset < footer.toc_end <= blob_size - footer.footer_size
@@ -605,29 +607,29 @@ def test_toc_member_problems(small_blob):
     blob, _ = small_blob
     doc = toc_doc(blob)
     data = json.dumps(doc).encode()
-    footer = toc.parse_footer(blob[-51:], len(blob))
+    footer = tocread.parse_footer(blob[-51:], len(blob))
     payload = blob[:footer.toc_offset]
     cases = [
-        (payload + toc_member(data, name="other.json") + toc.footer_bytes(len(payload)), TOCError),
-        (payload + gzip.compress(b"not a tar" * 100) + toc.footer_bytes(len(payload)), TOCError),
-        (payload + b"not gzip at all" + toc.footer_bytes(len(payload)), FormatError),
-        (payload + toc_member(data)[:-30] + toc.footer_bytes(len(payload)), TruncatedError),
-        (payload + zlib.compress(data) + toc.footer_bytes(len(payload)), FormatError),
+        (payload + toc_member(data, name="other.json") + tocread.footer_bytes(len(payload)), TOCError),
+        (payload + gzip.compress(b"not a tar" * 100) + tocread.footer_bytes(len(payload)), TOCError),
+        (payload + b"not gzip at all" + tocread.footer_bytes(len(payload)), FormatError),
+        (payload + toc_member(data)[:-30] + tocread.footer_bytes(len(payload)), TruncatedError),
+        (payload + zlib.compress(data) + tocread.footer_bytes(len(payload)), FormatError),
     ]
     dir_info = tarfile.TarInfo(TOC_TAR_NAME)
     dir_info.type = tarfile.DIRTYPE
-    cases.append((payload + gzip.compress(dir_info.tobuf() + b"\0" * 1024) + toc.footer_bytes(len(payload)),
-                  TOCError))
+    dir_blob = payload + gzip.compress(dir_info.tobuf() + b"\0" * 1024) + tocread.footer_bytes(len(payload))
+    cases.append((dir_blob, TOCError))
     short = toc_member(data)
     raw = bytearray(gzip.decompress(short))
     raw[512 + len(data) - 10:] = b""  # the tar entry promises more JSON than there is
-    cases.append((payload + gzip.compress(bytes(raw)) + toc.footer_bytes(len(payload)), TOCError))
+    cases.append((payload + gzip.compress(bytes(raw)) + tocread.footer_bytes(len(payload)), TOCError))
     for bad, error in cases:
         with pytest.raises(error):
             index_of(bad)
     with pytest.raises(FormatError, match="larger than 100|inflates past"):
         tocread.read_toc_json(reader(blob), len(blob), limits=toc.Limits(toc_json=100))
-    assert replace_toc(blob, doc) == payload + toc_member(data) + toc.footer_bytes(footer.toc_offset)
+    assert replace_toc(blob, doc) == payload + toc_member(data) + tocread.footer_bytes(footer.toc_offset)
     index_of(replace_toc(blob, doc))
 
 
@@ -717,7 +719,7 @@ def test_deep_tree():
 def test_toc_member_size_is_checked_before_reading():
     """A footer that points the TOC at the start of a huge blob must not make us read the blob whole."""
     size = 1 << 40
-    tail = toc.footer_bytes(0)
+    tail = tocread.footer_bytes(0)
     asked = []
 
     def read_at(offset: int, length: int) -> bytes:
@@ -853,7 +855,7 @@ def test_fuzz_toc_any_json(doc):
 def test_fuzz_toc_member_bytes(small_blob, data):
     """Mutate the TOC's JSON text, its tar header (checksum fixed up) or its compressed bytes."""
     blob, _ = small_blob
-    footer = toc.parse_footer(blob[-51:], len(blob))
+    footer = tocread.parse_footer(blob[-51:], len(blob))
     payload = blob[:footer.toc_offset]
     raw = bytearray(gzip.decompress(blob[footer.toc_offset:]))
     where = data.draw(st.sampled_from(["json", "header", "compressed"]))
@@ -871,7 +873,7 @@ def test_fuzz_toc_member_bytes(small_blob, data):
         member = gzip.compress(bytes(raw))
     else:
         member = bytes(_mutate(blob[footer.toc_offset:-51], edits))
-    mutated = payload + member + toc.footer_bytes(len(payload))
+    mutated = payload + member + tocread.footer_bytes(len(payload))
     try:
         index = index_of(mutated)
     except LazymountError:
@@ -925,7 +927,7 @@ def test_index_memory_per_entry():
             offset += 600
     data = json.dumps({"version": 1, "entries": entries}).encode()
     del entries
-    footer = toc.Footer(GZIP, offset, offset + 1000, 51)
+    footer = tocread.Footer(GZIP, offset, offset + 1000, 51)
     gc.collect()
     tracemalloc.start()
     try:

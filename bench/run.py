@@ -29,6 +29,7 @@ from pathlib import Path
 
 from bench import (
     bench_convert,
+    bench_first_result,
     bench_lazy,
     bench_registry,
     bench_snapshotter,
@@ -42,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], Report]] = {
     "convert-small-files": bench_convert.run_small_files,
     "toc-memory": bench_toc_memory.run,
     "registry": bench_registry.run,
+    "first-result": bench_first_result.run,
     "lazy": bench_lazy.run,
     "workloads": bench_workloads.run,
     "snapshotter": bench_snapshotter.run,

@@ -51,7 +51,7 @@ from bench.inputs import (
     pushed,
     standard_image,
 )
-from bench.regimes import ONE_WAY_MS, RATE, ROOT, RunAs, far_registry, unprivileged_user
+from bench.regimes import ONE_WAY_MS, RATE_LABEL, ROOT, RunAs, far_registry, unprivileged_user
 from tests.reference import read_layout
 from tests.registry import Registry
 
@@ -74,7 +74,7 @@ CASES = [Case("esgz", "plain eStargz", "esgz"),
          Case("indexed", "unconverted + seek index + pushed profile", "indexed"),
          Case("esgz-nobg", f"plain eStargz, `{NO_BACKGROUND}`", "esgz", (NO_BACKGROUND,))]
 GOAL_CASES = CASES[:3]
-REGIMES = {"loopback": "loopback", "far": f"far: {RATE}/s, {2 * ONE_WAY_MS} ms RTT"}
+REGIMES = {"loopback": "loopback", "far": f"far: {RATE_LABEL}, {2 * ONE_WAY_MS} ms RTT"}
 GOALS = {"loopback": {"esgz": 0.35, "optimized": 0.20, "indexed": 0.25},
          "far": {"esgz": 0.30, "optimized": 0.15, "indexed": 0.20}}
 
@@ -163,16 +163,17 @@ def _detail_table(results: Results, image_bytes: int) -> Table:
         steps = {k: t for k, t in pull.items() if k != "total"}
         rows.append([REGIMES[regime], who, f"full pull: {' + '.join(steps)}", runs_label(len(runs["pull"])),
                      f"{pull['total'].wall:.1f} ({', '.join(f'{t.wall:.1f}' for t in steps.values())})",
-                     f"{pull['total'].cpu:.1f}", "1.00x", f"{mb(image_bytes)} (all layers)"])
+                     f"{pull['total'].cpu:.1f}", "1.00x", f"{mb(image_bytes)} (all layers)", ""])
         for case in CASES:
             if case.key in runs:
                 timing, stats = _median_run(runs[case.key])
                 fetched = stats["totals"]["bytes_fetched"] + stats["totals"]["index_bytes"]
                 rows.append([REGIMES[regime], who, f"`lazymount run`, {case.label}",
                              runs_label(len(runs[case.key])), f"{timing.wall:.1f}", f"{timing.cpu:.1f}",
-                             ratio(timing.wall, pull["total"].wall), mb(fetched)])
+                             ratio(timing.wall, pull["total"].wall), mb(fetched),
+                             f"{stats['totals']['requests']:,}"])
     return Table(["registry", "as", "`python3 -c \"import torch\"`, cold", "runs", "seconds", "CPU s",
-                  "ratio to full pull", "MB fetched"], rows)
+                  "ratio to full pull", "MB fetched", "range requests"], rows)
 
 
 def _workload_bytes(image: str, rootfs: Path, scratch: Path) -> tuple[int, int, int]:
@@ -248,8 +249,8 @@ def run(workdir: Path, quick: bool) -> Report:
         "Ratios are to the full pull of the same user in the same regime (the seconds in brackets are the "
         "`lazymount run`'s).  The goals (issue 16) are about the unprivileged rows.",
         "Registry on loopback: Debian's docker-registry 2.8 on 127.0.0.1 of the host.  Far: the same "
-        f"registry storage served inside a network namespace whose loopback is limited to {RATE}/s by `tc "
-        f"qdisc ... tbf`, behind bench/delayproxy.py (each chunk held {ONE_WAY_MS} ms each way: "
+        f"registry storage served inside a network namespace whose loopback is limited to {RATE_LABEL} by "
+        f"`tc qdisc ... tbf`, behind bench/delayproxy.py (each chunk held {ONE_WAY_MS} ms each way: "
         f"{2 * ONE_WAY_MS} ms per request/response turn, one more round trip per new connection); the full "
         "pull and `lazymount run` run inside it (`ip netns exec`).  README, Benchmarks, shows how to set it "
         "up by hand.",

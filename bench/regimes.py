@@ -40,7 +40,8 @@ from bench.common import log
 
 USER = "lazybench"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-RATE = "1gbit"
+RATE = "1gbit"  # as tc writes it
+RATE_LABEL = "1 Gbit/s"
 ONE_WAY_MS = 10
 PROXY_PORT = 5000
 DELAYPROXY = Path(__file__).with_name("delayproxy.py")  # run as a script: see its docstring
@@ -82,8 +83,11 @@ class RunAs:
 
     def workspace(self, scratch: Path) -> Path:
         """Where this user's files go under `scratch`: `scratch` itself for root, else a subdirectory the
-        user owns."""
-        return self.user.own(scratch / self.user.name) if self.user else scratch
+        user owns (and `scratch` made traversable)."""
+        if not self.user:
+            return scratch
+        scratch.chmod(scratch.stat().st_mode | 0o111)
+        return self.user.own(scratch / self.user.name)
 
     def command(self, args: list[str]) -> list[str]:
         """`args` prefixed to run as this user, in this namespace."""
@@ -177,7 +181,7 @@ def far_registry(storage: Path, workdir: Path) -> Iterator[FarRegistry]:
     try:
         for command in far.setup_commands():
             subprocess.run(command, check=True)
-        log(f"far registry: namespace {far.netns}, lo at {RATE}, {2 * ONE_WAY_MS} ms round trip")
+        log(f"far registry: namespace {far.netns}, lo at {RATE_LABEL}, {2 * ONE_WAY_MS} ms round trip")
         with open(scratch / "registry.log", "ab") as out:
             processes.append(subprocess.Popen([*inside, "docker-registry", "serve", str(config)], stdout=out,
                                               stderr=subprocess.STDOUT))

@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,10 @@ READ_AHEAD_THREADS = 2
 NEIGHBOUR_SPAN = 512 << 10  # on a miss, chunks stored after it within this many compressed bytes come along
 NEIGHBOUR_AFTER_MISSES = 2  # ... once a layer has had this many misses
 READY_TIMEOUT = 600.0  # how long a file system call waits for a layer still being downloaded
+# The background fetch sends a request only once reads have paused this long: a workload's reads come in
+# bursts, and a span fetched and stored between two of them competes with the next for the cores (and
+# the GIL) at the moment the workload waits on it.
+BACKGROUND_QUIET = 0.1
 
 
 class NotReadyError(toc.LazymountError):
@@ -281,6 +286,7 @@ class ReadActivity:
 
     def __init__(self) -> None:
         self._busy = 0
+        self._ended = float("-inf")  # time.monotonic() when the last read finished
         self._idle = threading.Condition()
 
     @contextlib.contextmanager
@@ -293,13 +299,17 @@ class ReadActivity:
         finally:
             with self._idle:
                 self._busy -= 1
+                self._ended = time.monotonic()
                 self._idle.notify_all()
 
-    def wait_idle(self, stop: threading.Event) -> None:
-        """Return once no read is in flight, or `stop` is set."""
+    def wait_idle(self, stop: threading.Event, quiet: float = 0.0) -> None:
+        """Return once no read is in flight and none has finished for `quiet` seconds, or `stop` is set."""
         with self._idle:
-            while self._busy and not stop.is_set():
-                self._idle.wait(1.0)
+            while not stop.is_set():
+                left = 1.0 if self._busy else self._ended + quiet - time.monotonic()
+                if left <= 0:
+                    return
+                self._idle.wait(min(left, 1.0))
 
 
 class ImageView:
@@ -427,7 +437,7 @@ class ImageView:
             for span in _spans(missing, BACKGROUND_SPAN):
                 if self._stop.is_set():
                     return
-                self.activity.wait_idle(self._stop)
+                self.activity.wait_idle(self._stop, BACKGROUND_QUIET)
                 self._fetch_span(layer, span[0].comp_offset, span[-1].comp_end, span, "background_bytes")
         self.fetch_state = "done"
         log.info("background fetch complete")

@@ -331,6 +331,28 @@ def test_random_reader_gets_no_read_ahead(big: Blob) -> None:
     assert cached == [2, 7]
 
 
+def test_background_work_waits_for_reads_to_pause() -> None:
+    """ReadActivity.wait_idle (what the background fetch calls before each request) returns at once when
+    nothing was read, waits while a read is in flight, and after a read until reads have paused for
+    `quiet` seconds, or until stopped."""
+    activity, stop = engine.ReadActivity(), threading.Event()
+    activity.wait_idle(stop, 3600)  # nothing read yet
+    with activity.reading():
+        waiter = threading.Thread(target=activity.wait_idle, args=(stop,))
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive(), "returned while a read was in flight"
+    waiter.join(30)
+    assert not waiter.is_alive(), "no pause asked for: returns once the read has finished"
+    pausing = threading.Thread(target=activity.wait_idle, args=(stop, 3600))
+    pausing.start()
+    pausing.join(0.2)
+    assert pausing.is_alive(), "returned although the last read finished less than an hour ago"
+    stop.set()
+    pausing.join(30)
+    assert not pausing.is_alive(), "a stop ends the wait"
+
+
 @pytest.mark.parametrize("error", [OSError(errno.ECONNRESET, "connection reset"),
                                    toc.LazymountError("registry answered 500")])
 def test_failing_source_is_eio(big: Blob, error: Exception) -> None:

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,8 @@ from pathlib import Path
 import yaml
 
 from bench.common import log
+from tests.registry import stop_process
+from tests.users import fuse_user
 
 USER = "lazybench"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -104,24 +104,10 @@ ROOT = RunAs()
 @contextlib.contextmanager
 def unprivileged_user(workdir: Path) -> Iterator[User]:
     """The user `lazybench` with a fresh home directory under `workdir`, allowed /dev/fuse meanwhile."""
-    created = subprocess.run(["id", USER], capture_output=True).returncode != 0
-    if created:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-                       check=True)
-    entry = pwd.getpwnam(USER)
-    fuse_mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-    home = Path(tempfile.mkdtemp(prefix="user-", dir=workdir))
-    user = User(USER, entry.pw_uid, entry.pw_gid, home)
-    try:
-        user.own(home)
+    with fuse_user(USER, workdir) as (entry, home):
+        user = User(USER, entry.pw_uid, entry.pw_gid, home)
         user.own(home / "tmp")
-        os.chmod("/dev/fuse", 0o666)
         yield user
-    finally:
-        os.chmod("/dev/fuse", fuse_mode)
-        shutil.rmtree(home, ignore_errors=True)
-        if created:
-            subprocess.run(["userdel", USER], check=False)
 
 
 @dataclass(frozen=True)
@@ -160,15 +146,6 @@ def _answers(sock: Path) -> bool:
     return False
 
 
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @contextlib.contextmanager
 def far_registry(storage: Path, workdir: Path) -> Iterator[FarRegistry]:
     """docker-registry serving `storage`, behind the delaying proxy in a rate-limited network namespace."""
@@ -199,6 +176,6 @@ def far_registry(storage: Path, workdir: Path) -> Iterator[FarRegistry]:
         yield far
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop_process(process)
         subprocess.run(["ip", "netns", "del", far.netns], check=False, capture_output=True)
         shutil.rmtree(scratch, ignore_errors=True)

@@ -353,6 +353,24 @@ def test_background_work_waits_for_reads_to_pause() -> None:
     assert not pausing.is_alive(), "a stop ends the wait"
 
 
+def test_background_fetch_waits_for_a_busy_reader(big: Blob, tmp_path: Path) -> None:
+    """While a read is in flight the background fetch neither requests nor stores anything; once reads
+    pause it fetches every chunk."""
+    layers = [engine.Layer(big.digest, big, big.toc_digest)]
+    assert layers[0].open_index()
+    v = engine.ImageView(layers, cache.ChunkCache(None), tmp_path, prefetch=False)
+    _, chunks = chunked(v, "/data/big")
+    big.reads.clear()  # the index's
+    with v.activity.reading():
+        v.start()
+        wait_for(lambda: v.fetch_state == "background")
+        time.sleep(0.3)
+        assert big.reads == [] and not any(v.cache.contains(c.digest) for c in chunks)
+    wait_for(lambda: v.fetch_state == "done")
+    assert all(v.cache.contains(c.digest) for c in chunks) and v.layers[0].stats.background_bytes > 0
+    v.close()
+
+
 @pytest.mark.parametrize("error", [OSError(errno.ECONNRESET, "connection reset"),
                                    toc.LazymountError("registry answered 500")])
 def test_failing_source_is_eio(big: Blob, error: Exception) -> None:

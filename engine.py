@@ -24,6 +24,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,11 @@ READ_AHEAD_THREADS = 2
 NEIGHBOUR_SPAN = 512 << 10  # on a miss, chunks stored after it within this many compressed bytes come along
 NEIGHBOUR_AFTER_MISSES = 2  # ... once a layer has had this many misses
 READY_TIMEOUT = 600.0  # how long a file system call waits for a layer still being downloaded
+# The background fetch sends a request, and stores each chunk of it, only once reads have paused this
+# long: a workload's reads come in bursts, and background work done between two of them holds the GIL
+# (and a core) when the next read arrives, which then waits for it.
+BACKGROUND_QUIET = 0.1
+IDLE_POLL = 0.05
 
 
 class NotReadyError(toc.LazymountError):
@@ -215,31 +221,37 @@ class ReadState:
 
 
 class ReadActivity:
-    """Reads in flight, so that background fetches wait while anyone reads.  One may be shared by several
-    views (the snapshotter's layer daemon serves many layers in one process): then no layer's background
-    fetch competes with another layer's readers."""
+    """Reads in flight and when the last one ended, so that background fetches wait while anyone reads.
+    One may be shared by several views (the snapshotter's layer daemon serves many layers in one
+    process): then no layer's background fetch competes with another layer's readers.  A read only
+    counts itself (it never wakes a waiter): the waiter looks again after the time it still has to wait."""
 
     def __init__(self) -> None:
         self._busy = 0
-        self._idle = threading.Condition()
+        self._ended = float("-inf")  # time.monotonic() when the last read finished
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
         """Count a read for the duration of the block."""
-        with self._idle:
+        with self._lock:
             self._busy += 1
         try:
             yield
         finally:
-            with self._idle:
+            with self._lock:
                 self._busy -= 1
-                self._idle.notify_all()
+                self._ended = time.monotonic()
 
-    def wait_idle(self, stop: threading.Event) -> None:
-        """Return once no read is in flight, or `stop` is set."""
-        with self._idle:
-            while self._busy and not stop.is_set():
-                self._idle.wait(1.0)
+    def wait_idle(self, stop: threading.Event, quiet: float = 0.0) -> None:
+        """Return once no read is in flight and none has finished for `quiet` seconds, or `stop` is set
+        (while reads are in flight, it looks every IDLE_POLL seconds)."""
+        while not stop.is_set():
+            with self._lock:
+                left = IDLE_POLL if self._busy else self._ended + quiet - time.monotonic()
+            if left <= 0:
+                return
+            stop.wait(left)
 
 
 class ImageView:
@@ -375,7 +387,7 @@ class ImageView:
             for span in _spans(missing, BACKGROUND_SPAN):
                 if self._stop.is_set():
                     return
-                self.activity.wait_idle(self._stop)
+                self.activity.wait_idle(self._stop, BACKGROUND_QUIET)
                 self._fetch_span(layer, span[0].comp_offset, span[-1].comp_end, span, "background_bytes")
         self.fetch_state = "done"
         log.info("background fetch complete")
@@ -540,7 +552,8 @@ class ImageView:
             log.debug("layer %s: prefetched chunk at %d not stored: %s", layer.digest, c.comp_offset, e)
 
     def _fetch_span(self, layer: Layer, start: int, end: int, chunks: list[toc.Chunk], counter: str) -> None:
-        """Fetch the compressed bytes [start, end) in one request and put the chunks in it in the cache."""
+        """Fetch the compressed bytes [start, end) in one request and put the chunks in it in the cache, each
+        once reads have paused (the background fetch's work yields to any reader)."""
         assert layer.index is not None
         fmt = layer.index.format
         if self._stop.is_set():
@@ -548,6 +561,9 @@ class ImageView:
         try:
             data = layer.fetch(start, end - start)
             for c in chunks:
+                self.activity.wait_idle(self._stop, BACKGROUND_QUIET)
+                if self._stop.is_set():
+                    return
                 part = data[c.comp_offset - start:c.comp_end - start]
                 # the cache verifies the digest before it stores anything
                 self.cache.store(c.digest, lambda c=c, part=part: tocread.decompress_chunk(part, c, fmt,

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_lazy import WORKLOAD, drop_caches
+from bench.cold import WORKLOAD, drop_caches
 from bench.common import Report, Table, Timing, log, mb, median, ratio, runs_label, timed
 from bench.inputs import STANDARD_TAG, converted, local_registry, pushed, standard_image
 from tests.reference import Containerd

@@ -8,7 +8,7 @@ in a Debian image with gcc (inputs.gcc_image); a shell loop reading 2,000 files 
 convert`); `lazymount run` of the image `lazymount optimize --workload COMMAND` made from it.
 
 What belongs here: the workloads and their table.  What never does: building or pushing images
-(inputs.py), the measured runs themselves (bench_lazy.full_pull and lazy_run, shared with "lazy").
+(inputs.py), the measured runs themselves (cold.full_pull and lazy_run, shared with "first-result").
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.bench_lazy import WORKLOAD, full_pull, lazy_run
+from bench.cold import WORKLOAD, full_pull, lazy_run
 from bench.common import Report, Table, Timing, log, median, ratio, runs_label
 from bench.inputs import GCC_TAG, STANDARD_TAG, converted, gcc_image, local_registry, pushed, standard_image
 from tests.registry import Registry
@@ -64,7 +64,7 @@ def _measure(registry: Registry, workdir: Path, scratch: Path, workload: Workloa
     esgz = converted(registry, plain, workload.repository, "esgz")
     optimized = converted(registry, esgz, workload.repository, workload.optimized_tag,
                           shlex.join(workload.command))
-    pulls = [full_pull(registry, plain, scratch, workload.command) for _ in range(runs)]
+    pulls = [full_pull(plain, scratch, workload.command) for _ in range(runs)]
     pull = next(p for p in pulls if p["total"] == median([p["total"] for p in pulls]))
     lazy = median([lazy_run(esgz, scratch, command=workload.command)[0] for _ in range(runs)])
     best = median([lazy_run(optimized, scratch, command=workload.command)[0] for _ in range(runs)])

@@ -11,6 +11,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -112,6 +113,19 @@ def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     return (f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {model}, {memory:.0f} GiB RAM, "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+
+
+def measured_revision() -> str:
+    """The short git revision of the code measured: the `git archive` PYTHONPATH points to (run.py --rev
+    exports it to src-COMMIT), else the repository's HEAD (`+` when .py files have uncommitted changes)."""
+    source = Path(os.environ.get("PYTHONPATH", REPO))
+    if source.name.startswith("src-"):
+        return source.name.removeprefix("src-")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", ":(glob)*.py"], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+" if dirty else "")
 
 
 def mb(n: float) -> str:

@@ -173,15 +173,27 @@ def local_registry(workdir: Path) -> Registry:
     return Registry(workdir / "registry").start()
 
 
-def has_image(registry: Registry, repository: str, tag: str) -> bool:
-    """Whether the registry has a manifest for repository:tag."""
+def _head_manifest(registry: Registry, repository: str, tag: str) -> http.client.HTTPResponse:
     conn = http.client.HTTPConnection(registry.host, timeout=30)
     try:
         conn.request("HEAD", f"/v2/{repository}/manifests/{tag}",
                      headers={"Accept": ", ".join(INDEX_TYPES + MANIFEST_TYPES)})
-        return conn.getresponse().status == 200
+        return conn.getresponse()
     finally:
         conn.close()
+
+
+def has_image(registry: Registry, repository: str, tag: str) -> bool:
+    """Whether the registry has a manifest for repository:tag."""
+    return _head_manifest(registry, repository, tag).status == 200
+
+
+def manifest_digest(registry: Registry, repository: str, tag: str) -> str:
+    """The digest of repository:tag's manifest in the registry."""
+    response = _head_manifest(registry, repository, tag)
+    if response.status != 200:
+        raise RuntimeError(f"{registry.host}/{repository}:{tag}: HTTP {response.status}")
+    return response.headers["Docker-Content-Digest"]
 
 
 def pushed(registry: Registry, layout: Path, tag: str, repository: str, remote_tag: str) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from bench import (
     bench_convert,
+    bench_first_result,
     bench_lazy,
     bench_registry,
     bench_snapshotter,
@@ -42,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], Report]] = {
     "convert-small-files": bench_convert.run_small_files,
     "toc-memory": bench_toc_memory.run,
     "registry": bench_registry.run,
+    "first-result": bench_first_result.run,
     "lazy": bench_lazy.run,
     "workloads": bench_workloads.run,
     "snapshotter": bench_snapshotter.run,
@@ -101,15 +103,15 @@ def use_source(rev: str | None, workdir: Path) -> str:
     return described
 
 
-def section(report: Report, started: float, load: float, measured: str) -> str:
+def section(report: Report, started: float, loads: tuple[float, float], measured: str) -> str:
     """The BENCHMARKS.md section of one report, markers included."""
     lines = [
         _begin(report.name),
         f"## {report.name}: {report.title}",
         "",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}",
-        f"- Machine: {machine()}; load average {load:.2f} when the benchmark started (other work on the "
-        "machine slows the numbers down)",
+        f"- Machine: {machine()}; load average {loads[0]:.2f} when the benchmark started and {loads[1]:.2f} "
+        "when it ended (1-minute averages; other work on the machine slows the numbers down)",
         f"- Command: `{_command()}` (from the repository root)",
         f"- Code measured: {measured}",
         "",
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         report = BENCHMARKS[name](args.workdir, args.quick)
         print(f"\n## {report.name}: {report.title}\n\n{report.markdown()}\n", flush=True)
         if not args.quick:
-            write_section(BENCHMARKS_MD, name, section(report, started, load, measured))
+            write_section(BENCHMARKS_MD, name, section(report, started, (load, os.getloadavg()[0]), measured))
             log(f"{name}: section written to {BENCHMARKS_MD}")
     return 0
 

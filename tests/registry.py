@@ -57,6 +57,16 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
                "proxy-authorization", "proxy-authenticate", "content-length"}
 
 
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate a child process by its PID and reap it (killed if it lingers for 10 s)."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -318,12 +328,7 @@ class Registry:
     def stop(self) -> None:
         """Stop the registry process (by its PID), leaving the token issuer running."""
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            stop_process(self.process)
             self.process = None
 
     def close(self) -> None:

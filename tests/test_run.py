@@ -32,6 +32,7 @@ from imagebuild import debian_python_rootfs, make_oci_image
 from tests.reference import Containerd, mounts_under, ref_convert
 from tests.registry import Registry, push_layout
 from tests.test_mount import MISSING, REPO, convert, force_unmount, mounted
+from tests.users import fuse_user
 
 USER = "lazytest"
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: one static binary
@@ -48,22 +49,8 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def user_home() -> Iterator[Path]:
     """A home directory owned by the unprivileged test user, who may use /dev/fuse meanwhile."""
-    created = subprocess.run(["id", USER], capture_output=True).returncode != 0
-    if created:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-                       check=True)
-    entry = pwd.getpwnam(USER)
-    fuse_mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-    home = Path(tempfile.mkdtemp(prefix="lazymount-user-", dir="/tmp"))
-    try:
-        os.chown(home, entry.pw_uid, entry.pw_gid)
-        os.chmod("/dev/fuse", 0o666)
+    with fuse_user(USER, Path("/tmp")) as (_, home):
         yield home
-    finally:
-        os.chmod("/dev/fuse", fuse_mode)
-        shutil.rmtree(home, ignore_errors=True)
-        if created:
-            subprocess.run(["userdel", USER], check=False)
 
 
 def _debian_rootfs(rootfs: Path) -> Path:

@@ -333,6 +333,46 @@ def test_random_reader_gets_no_read_ahead(big: Blob) -> None:
     assert cached == [2, 7]
 
 
+def test_background_work_waits_for_reads_to_pause() -> None:
+    """ReadActivity.wait_idle (what the background fetch calls before each request) returns at once when
+    nothing was read, waits while a read is in flight, and after a read until reads have paused for
+    `quiet` seconds, or until stopped."""
+    activity, stop = engine.ReadActivity(), threading.Event()
+    activity.wait_idle(stop, 3600)  # nothing read yet
+    with activity.reading():
+        waiter = threading.Thread(target=activity.wait_idle, args=(stop,))
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive(), "returned while a read was in flight"
+    waiter.join(30)
+    assert not waiter.is_alive(), "no pause asked for: returns once the read has finished"
+    pausing = threading.Thread(target=activity.wait_idle, args=(stop, 3600))
+    pausing.start()
+    pausing.join(0.2)
+    assert pausing.is_alive(), "returned although the last read finished less than an hour ago"
+    stop.set()
+    pausing.join(30)
+    assert not pausing.is_alive(), "a stop ends the wait"
+
+
+def test_background_fetch_waits_for_a_busy_reader(big: Blob, tmp_path: Path) -> None:
+    """While a read is in flight the background fetch neither requests nor stores anything; once reads
+    pause it fetches every chunk."""
+    layers = [engine.Layer(big.digest, big, big.toc_digest)]
+    assert layers[0].open_index()
+    v = engine.ImageView(layers, cache.ChunkCache(None), tmp_path, prefetch=False)
+    _, chunks = chunked(v, "/data/big")
+    big.reads.clear()  # the index's
+    with v.activity.reading():
+        v.start()
+        wait_for(lambda: v.fetch_state == "background")
+        time.sleep(0.3)
+        assert big.reads == [] and not any(v.cache.contains(c.digest) for c in chunks)
+    wait_for(lambda: v.fetch_state == "done")
+    assert all(v.cache.contains(c.digest) for c in chunks) and v.layers[0].stats.background_bytes > 0
+    v.close()
+
+
 @pytest.mark.parametrize("error", [OSError(errno.ECONNRESET, "connection reset"),
                                    toc.LazymountError("registry answered 500")])
 def test_failing_source_is_eio(big: Blob, error: Exception) -> None:

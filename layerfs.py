@@ -2,8 +2,8 @@
 
 What belongs here: reading the spec files through which snapshot_grpc.py hands a layer over (mountctl.py
 writes them; one per layer, read when the layer is first used, so they outlive both processes), loading a
-layer into a raw engine.ImageView
-that shares the daemon's one registry client and one chunk cache, keeping the layers' inode numbers apart,
+layer (eStargz, or plain gzip through its seek index) into a raw engine.ImageView that shares the daemon's
+one registry client and one chunk cache, keeping the layers' inode numbers apart,
 and the FUSE operations that hand each path to its layer's fusefs.LazyFS.  What never does: the file
 system of one layer (fusefs.LazyFS over engine.py), snapshots (snapshot_grpc.py), HTTP (regclient.py).
 

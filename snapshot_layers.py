@@ -3,10 +3,10 @@ keeping that daemon alive.
 
 What belongs here: the LayerMounter interface the snapshotter uses, the registry probe that decides
 whether a layer can be served lazily (eStargz, or a plain gzip layer with a seek index; DeclinedError and
-its reason otherwise), starting and adopting the
-layer daemon (layerfs.py, mounted at ROOT/layers), watching it so that a daemon that dies is started
-again at once (its state reported to a callback: the health service, and to /metrics), and unmounting the
-per-layer mounts older versions left under ROOT/snapshots.  What never does: snapshots and their metadata
+its reason otherwise), starting and adopting the layer daemon (layerfs.py, mounted at ROOT/layers),
+watching it so that a daemon that dies is started again at once (its state reported to a callback: the
+health service, and to /metrics), and unmounting the per-layer mounts older versions left under
+ROOT/snapshots.  What never does: snapshots and their metadata
 (snapshot_grpc.py, snapshot_store.py), gRPC, FUSE operations (layerfs.py, over a mount this module only
 starts, asks and unmounts through mountctl.py).
 """

@@ -319,17 +319,23 @@ def _cache_with_index(tmp_path: Path, image: BigPlain) -> Path:
 @needs_stack
 def test_small_read_fetches_one_span(big_plain: BigPlain, tmp_path: Path) -> None:
     """Reading one small file of a large indexed layer fetches one span (one request) plus the index."""
-    index, mnt = big_plain.index, tmp_path / "mnt"
+    mnt = tmp_path / "mnt"
     with mounted(big_plain.ref, mnt, "--cache-dir", str(_cache_with_index(tmp_path, big_plain)),
                  "--no-background-fetch"):
-        (layer,) = stats(mnt)["layers"]
-        assert layer["state"] == "indexed" and layer["index_bytes"] == index.stored_size
-        assert layer["bytes_fetched"] == 0
-        assert (mnt / "z" / "small07").read_bytes() == b"small file 7 7\n" * 8
-        (layer,) = stats(mnt)["layers"]
-        biggest = max(b - a for a, b in (index.span_range(k) for k in range(index.span_count)))
-        assert layer["requests"] == 1 and 0 < layer["bytes_fetched"] <= biggest, layer
-        assert layer["bytes_fetched"] < index.layer_size / 4
+        _assert_small_read_fetches_one_span(mnt, big_plain.index)
+
+
+def _assert_small_read_fetches_one_span(mnt: Path, index: seekindex.SeekIndex) -> None:
+    """The big plain layer mounted at `mnt` through `index`: nothing is fetched before a read, and reading
+    one small file fetches one span (one request)."""
+    (layer,) = stats(mnt)["layers"]
+    assert layer["state"] == "indexed" and layer["index_bytes"] == index.stored_size
+    assert layer["bytes_fetched"] == 0
+    assert (mnt / "z" / "small07").read_bytes() == b"small file 7 7\n" * 8
+    (layer,) = stats(mnt)["layers"]
+    biggest = max(b - a for a, b in (index.span_range(k) for k in range(index.span_count)))
+    assert layer["requests"] == 1 and 0 < layer["bytes_fetched"] <= biggest, layer
+    assert layer["bytes_fetched"] < index.layer_size / 4
 
 
 def _registry_blob(registry: Registry, digest: str) -> Path:
@@ -447,15 +453,9 @@ def test_pushed_index_reads_lazily_and_a_bad_one_is_rejected(big_plain: BigPlain
     span.  A newer index attached for the layer that is truncated, or another layer's, is rejected in
     one line, and the layer is one that is downloaded whole."""
     ref = _push_indexes(big_plain.layout, "v1", registry, "big-plain-referred", tmp_path / "a")
-    index, mnt = big_plain.index, tmp_path / "mnt"
+    mnt = tmp_path / "mnt"
     with mounted(ref, mnt, "--cache-dir", str(tmp_path / "b"), "--no-background-fetch"):
-        (layer,) = stats(mnt)["layers"]
-        assert layer["state"] == "indexed" and layer["bytes_fetched"] == 0
-        assert (mnt / "z" / "small07").read_bytes() == b"small file 7 7\n" * 8
-        (layer,) = stats(mnt)["layers"]
-        biggest = max(b - a for a, b in (index.span_range(k) for k in range(index.span_count)))
-        assert layer["requests"] == 1 and 0 < layer["bytes_fetched"] <= biggest, layer
-        assert layer["bytes_fetched"] < index.layer_size / 4
+        _assert_small_read_fetches_one_span(mnt, big_plain.index)
 
     good = seekindex.index_path(tmp_path / "a", big_plain.digest).read_bytes()
     image = fetch.open_image(ref, client=regclient.RegistryClient())

@@ -40,7 +40,7 @@ _HASH_READ = 1 << 20
 
 
 class RangeSource(Protocol):
-    """What a blob is read from: its size and random reads (a fetch.BlobReader, an engine.FileBlob)."""
+    """What a blob is read from: its size and random reads (a fetch.BlobReader, a FileBlob)."""
 
     size: int
 

@@ -31,6 +31,7 @@ import config
 import engine
 import fetch
 import profiles
+import referrers
 import regclient
 import seekindex
 import toc
@@ -298,12 +299,16 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
             raise MountError(f"{args.image} has no layer {args.layer}")
     layers = [engine.Layer(d.digest, image.blob(d.digest), d.annotations.get(toc.TOC_DIGEST_ANNOTATION),
                            limits=client.config.limits) for d in descriptors]
+    cache_dir, chunk_cache = open_chunk_cache(args)
+
+    def seek_index(is_lazy: bool, descriptor: fetch.Descriptor) -> seekindex.SeekIndex | None:
+        return None if is_lazy else referrers.find_seek_index(image, descriptor, cache_dir)
+
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         profile = pool.submit(_attached_profile, image) if args.prefetch else None
         lazy = list(pool.map(engine.Layer.open_index, layers))
-    cache_dir, chunk_cache = open_chunk_cache(args)
-    for layer, is_lazy, descriptor in zip(layers, lazy, descriptors, strict=True):
-        seek = None if is_lazy else seekindex.find_index(descriptor, cache_dir, image)
+        seeks = list(pool.map(seek_index, lazy, descriptors))
+    for layer, is_lazy, descriptor, seek in zip(layers, lazy, descriptors, seeks, strict=True):
         if seek is not None:
             layer.use_seek_index(seek)
             log.info("layer %s: reading it through its %s", layer.digest, seek.describe())

@@ -2,8 +2,8 @@
 
 What belongs here: reading the spec files through which snapshot_grpc.py hands a layer over (mountctl.py
 writes them; one per layer, read when the layer is first used, so they outlive both processes), loading a
-layer into a raw engine.ImageView
-that shares the daemon's one registry client and one chunk cache, keeping the layers' inode numbers apart,
+layer (eStargz, or plain gzip through its seek index) into a raw engine.ImageView that shares the daemon's
+one registry client and one chunk cache, keeping the layers' inode numbers apart,
 and the FUSE operations that hand each path to its layer's fusefs.LazyFS.  What never does: the file
 system of one layer (fusefs.LazyFS over engine.py), snapshots (snapshot_grpc.py), HTTP (regclient.py).
 
@@ -30,7 +30,9 @@ import cache
 import engine
 import fetch
 import fusefs
+import referrers
 import regclient
+import seekindex
 import toc
 import tree
 from mountctl import LAYER_NAME, LAYER_XATTR, STATS_XATTR, MountError, spec_path
@@ -52,10 +54,10 @@ class LayersFS(mfusepy.Operations):
     use_ns = True
 
     def __init__(self, spec_dir: Path, mountpoint: Path, client: regclient.RegistryClient,
-                 chunk_cache: cache.ChunkCache, work_dir: Path, on_ready: Callable[[], None], *,
+                 chunk_cache: cache.ChunkCache, cache_dir: Path, on_ready: Callable[[], None], *,
                  prefetch: bool = True, background: bool = True) -> None:
         self.spec_dir, self.mountpoint, self.client, self.cache = spec_dir, mountpoint, client, chunk_cache
-        self.work_dir, self._on_ready = work_dir, on_ready
+        self.cache_dir, self._on_ready = cache_dir, on_ready
         self.prefetch, self.background = prefetch, background
         self._layers: dict[str, _Served] = {}
         self._loading: dict[str, threading.Lock] = {}
@@ -88,15 +90,16 @@ class LayersFS(mfusepy.Operations):
 
     def _load(self, name: str) -> _Served:
         spec = json.loads(spec_path(self.spec_dir, name).read_text())
-        digest, toc_digest = toc.check_digest(spec["digest"]), toc.check_digest(spec["toc_digest"])
-        blob = fetch.RegistryBlobReader(self.client, spec["reference"], digest, int(spec["size"]))
+        digest, size = toc.check_digest(spec["digest"]), int(spec["size"])
+        toc_digest = spec.get("toc_digest") and toc.check_digest(spec["toc_digest"])
+        blob = fetch.RegistryBlobReader(self.client, spec["reference"], digest, size)
         layer = engine.Layer(digest, blob, toc_digest)
         if not layer.open_index():
-            raise MountError(f"layer {digest} is not eStargz")
+            layer.use_seek_index(self._seek_index(spec["reference"], fetch.Descriptor("", digest, size)))
         assert layer.index is not None
-        view = engine.ImageView([layer], self.cache, self.work_dir, raw=True,
+        view = engine.ImageView([layer], self.cache, self.cache_dir / "layers", raw=True,
                               opaque_xattr=fusefs.OPAQUE_XATTR, prefetch=self.prefetch,
-                              background=self.background, activity=self.activity)
+                              background=self.background, activity=self.activity, cache_dir=self.cache_dir)
         prefetched = threading.Event()
         view.start(prefetched.set)
         prefetched.wait()  # like `lazymount mount`: the landmark range is in the cache before first use
@@ -109,6 +112,17 @@ class LayersFS(mfusepy.Operations):
             self._layers[name] = served
         log.info("layer %s: serving %s of %s (%d entries)", name, digest, spec["reference"], len(layer.index))
         return served
+
+    def _seek_index(self, reference: str, layer: fetch.Descriptor) -> seekindex.SeekIndex:
+        """The seek index of a layer that is not eStargz: the one kept in the cache directory (where the
+        snapshotter's probe put it), else the one attached to the image; MountError if it has none."""
+        found = seekindex.find_index(layer, self.cache_dir)
+        if found is None:
+            image = fetch.open_image(reference, client=self.client)
+            found = referrers.find_seek_index(image, layer, self.cache_dir)
+        if found is None:
+            raise MountError(f"layer {layer.digest} is neither eStargz nor indexed")
+        return found
 
     def sync(self, name: str) -> dict:
         """Load layer `name` (answer `{"error": ...}` if it cannot be), or forget it if its spec is gone
@@ -244,7 +258,7 @@ def serve_layers(args: argparse.Namespace, notify: Callable[[], None],
     mountpoint = Path(args.mountpoint)
     cache_dir, chunk_cache = fusefs.open_chunk_cache(args)
     client = fusefs.registry_client(args)
-    fs = LayersFS(Path(args.specs), mountpoint, client, chunk_cache, cache_dir / "layers",
+    fs = LayersFS(Path(args.specs), mountpoint, client, chunk_cache, cache_dir,
                   fusefs.announce(mountpoint, f"the layers of {args.specs}", notify),
                   prefetch=args.prefetch, background=args.background_fetch)
     try:

@@ -29,6 +29,7 @@ import fusefs
 import layerfs
 import mountctl
 import profiles
+import referrers
 import sandbox
 import seekindex
 import toc
@@ -95,11 +96,12 @@ def _cache_dir(args: argparse.Namespace) -> Path:
     return Path(args.cache_dir) if args.cache_dir else cache.default_cache_dir()
 
 
-def _laziness(report: dict, layer: fetch.Descriptor, cache_dir: Path) -> str:
-    """How `mount` would read a layer: eStargz, through a seek index, or downloaded whole."""
+def _laziness(report: dict, image: fetch.Image, layer: fetch.Descriptor, cache_dir: Path) -> str:
+    """How `mount` would read a layer: eStargz, through a seek index (kept or attached), or downloaded
+    whole."""
     if report["format"] in (toc.GZIP, toc.ZSTD):
         return "eStargz" if report["format"] == toc.GZIP else "zstd:chunked"
-    index = seekindex.find_index(layer, cache_dir)
+    index = referrers.find_seek_index(image, layer, cache_dir)
     return f"indexed ({index.describe()})" if index else "neither: downloaded whole before use"
 
 
@@ -128,7 +130,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             report = {"layer": name,
                       **convert.describe_layer(reader.read_at, reader.size, toc_digest, limits)}
             if name in descriptors:
-                report["lazy"] = _laziness(report, descriptors[name], _cache_dir(args))
+                report["lazy"] = _laziness(report, image, descriptors[name], _cache_dir(args))
             reports.append(report)
     if args.json:
         print(json.dumps(reports, indent=2))
@@ -151,35 +153,44 @@ def _print_layer_report(report: dict) -> None:
 
 def cmd_index(args: argparse.Namespace) -> int:
     ref = config.parse_reference(args.image)
+    if args.push and ref.layout is not None:
+        raise config.InvalidInputError(f"{args.image}: an OCI layout has no referrers: --push attaches seek "
+                                       "indexes to an image in a registry")
     image = fetch.open_image(ref, platform=args.platform, client=registry_client(args, ref))
     cache_dir = _cache_dir(args)
     for layer in image.layers:
-        print(f"{layer.digest}  {index_layer(image, layer, cache_dir)}")
+        done, data = index_layer(image, layer, cache_dir)
+        if args.push and data is not None:
+            pushed = referrers.push_seek_index(image, layer.digest, data)
+            done += f"; attached to the image as {pushed.digest}"
+        print(f"{layer.digest}  {done}", flush=True)
     return 0
 
 
-def index_layer(image: fetch.Image, layer: fetch.Descriptor, cache_dir: Path) -> str:
-    """Build and keep the seek index of one layer unless it needs none or has one; what was done."""
+def index_layer(image: fetch.Image, layer: fetch.Descriptor, cache_dir: Path) -> tuple[str, bytes | None]:
+    """Build and keep the seek index of one layer unless it needs none or has one; what was done, and the
+    layer's index (None if it has none)."""
     if layer.annotations.get(toc.TOC_DIGEST_ANNOTATION):
-        return "eStargz: needs no index"
+        return "eStargz: needs no index", None
     if layer.media_type.endswith("zstd"):
-        return "zstd: not indexed (gzip layers only)"
+        return "zstd: not indexed (gzip layers only)", None
     found = seekindex.find_index(layer, cache_dir)
+    kept = seekindex.index_path(cache_dir, layer.digest)
     if found is not None:
-        return f"already indexed: {found.describe()}"
+        return f"already indexed: {found.describe()}", kept.read_bytes()
     started = time.monotonic()
-    spool_dir = seekindex.index_path(cache_dir, layer.digest).parent
+    spool_dir = kept.parent
     spool_dir.mkdir(parents=True, exist_ok=True)
     with image.blob(layer.digest) as reader:
         try:
             built = seekindex.build(reader.read_at, reader.size, layer.digest,
                                     local=isinstance(reader, fetch.LayoutBlobReader), spool_dir=spool_dir)
         except seekindex.NotGzipError:
-            return f"not gzip ({layer.media_type or 'no media type'}): not indexed"
+            return f"not gzip ({layer.media_type or 'no media type'}): not indexed", None
     seekindex.store_index(cache_dir, layer.digest, built.data)
     seconds = time.monotonic() - started
     return (f"indexed: {built.index.describe()}, {built.entries} entries, {built.uncompressed_size} bytes "
-            f"uncompressed, in {seconds:.1f} s")
+            f"uncompressed, in {seconds:.1f} s"), built.data
 
 
 # --------------------------------------------------------------------------------------------- mounting
@@ -344,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="build seek indexes of an image's plain gzip layers, so they mount lazily")
     p.add_argument("image", help="REGISTRY/NAME[:TAG|@DIGEST] or oci:DIR[:TAG]")
     p.add_argument("--cache-dir", metavar="D", help="where indexes are kept (default ~/.cache/lazymount)")
+    p.add_argument("--push", action="store_true",
+                   help="attach each layer's index to the image in its registry (an OCI referrer artifact): "
+                        "a mount on any node then finds it")
     p.set_defaults(func=cmd_index)
 
     mounting = argparse.ArgumentParser(add_help=False)

@@ -231,12 +231,13 @@ def spec_path(spec_dir: Path, name: str) -> Path:
     return spec_dir / f"{name}{SPEC_SUFFIX}"
 
 
-def write_spec(spec_dir: Path, name: str, reference: str, digest: str, size: int, toc_digest: str) -> None:
-    """Hand layer `digest` of image `reference` (blob `size` bytes, TOC digest `toc_digest`) to the daemon
-    under `name` (written whole: temp file, then rename)."""
+def write_spec(spec_dir: Path, name: str, reference: str, digest: str, size: int,
+               toc_digest: str | None) -> None:
+    """Hand layer `digest` of image `reference` (blob `size` bytes, TOC digest `toc_digest`, None for a
+    layer read through its seek index) to the daemon under `name` (written whole: temp file, then rename)."""
     path = spec_path(spec_dir, name)
     spec_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"reference": reference, "digest": toc.check_digest(digest), "size": size,
-                               "toc_digest": toc.check_digest(toc_digest)}))
+                               "toc_digest": toc_digest and toc.check_digest(toc_digest)}))
     os.replace(tmp, path)

@@ -5,8 +5,10 @@ blobs); listing a manifest's referrers through the OCI 1.1 referrers API or, on 
 (Debian's docker-registry 2.8), through the referrers tag schema: the tag `sha256-<hex>` of the subject
 holds an OCI index of the referrers' descriptors, read, extended and written again on every push; and
 fetching an artifact's blobs by digest, verified, with the checks that bind an artifact to an image (its
-subject, the layer it names, bounded sizes).  What never does: HTTP, auth or retries (regclient.py), what
-an artifact means (profiles: convert.py; seek indexes: seekindex.py), FUSE or gRPC.
+subject, the layer it names, bounded sizes); finding a layer's seek index in the cache directory or else
+among the image's referrers (`find_seek_index`, used wherever an image is opened).  What never does:
+HTTP, auth or retries (regclient.py), what an artifact means (profiles: convert.py; seek indexes:
+seekindex.py, which validates one), FUSE or gRPC.
 
 Media types and annotation keys are toc.py's: ARTIFACT_PROFILE / MEDIA_PROFILE for workload profiles (one
 per `record --push`, all of them used), ARTIFACT_SEEK_INDEX / MEDIA_SEEK_INDEX for seek indexes (one
@@ -21,8 +23,10 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import seekindex
 from config import InvalidInputError, Reference, as_reference, valid_digest
 from fetch import Descriptor, Image, RegistryBlobReader
 from regclient import NotFoundError, RegistryClient, RegistryError
@@ -254,3 +258,10 @@ def seek_index(image: Image, layer_digest: str) -> bytes | None:
     digest its artifact manifest gives (its content is seekindex.py's to check); None if there is none."""
     limit = MAX_SEEK_INDEX_FLOOR + _layer(image, layer_digest).size // 8  # seekindex's bound for its cache
     return layer_artifact(image, layer_digest, ARTIFACT_SEEK_INDEX, limit)
+
+
+def find_seek_index(image: Image, layer: Descriptor, cache_dir: Path) -> seekindex.SeekIndex | None:
+    """The seek index of the image's layer: the one kept in `cache_dir`, else the newest one attached to
+    the image (then kept in `cache_dir`); None if there is none.  One that is not this image's, not this
+    layer's, or not valid is logged in one line and not used (seekindex.find_index)."""
+    return seekindex.find_index(layer, cache_dir, [lambda layer: seek_index(image, layer.digest)])

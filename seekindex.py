@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -30,7 +31,7 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -731,12 +732,12 @@ class Layer(Protocol):
     size: int
 
 
-# Where indexes come from, tried in order: (layer, cache_dir, image) -> serialized index or None.  The
-# local cache directory is the first; a registry lookup (OCI referrers) may be appended.
-IndexSource = Callable[[Layer, Path, object], bytes | None]
+# Where an index may come from besides the cache directory: (layer) -> serialized index or None, e.g. the
+# image's referrers in its registry (referrers.find_seek_index).
+IndexSource = Callable[[Layer], bytes | None]
 
 
-def _from_cache_dir(layer: Layer, cache_dir: Path, image: object) -> bytes | None:
+def _from_cache_dir(layer: Layer, cache_dir: Path) -> bytes | None:
     path = index_path(cache_dir, layer.digest)
     try:
         if path.stat().st_size > layer.size // 8 + (64 << 20):
@@ -746,25 +747,23 @@ def _from_cache_dir(layer: Layer, cache_dir: Path, image: object) -> bytes | Non
         return None
 
 
-SOURCES: list[IndexSource] = [_from_cache_dir]
-
-
-def find_index(layer: Layer, cache_dir: Path, image: object = None) -> SeekIndex | None:
-    """The seek index of a layer, from the first source that has a valid one, or None.
-
-    An index that fails validation is logged (one line) and skipped.  One found elsewhere than the
-    cache directory is stored there, so the next mount on this node needs no lookup.
+def find_index(layer: Layer, cache_dir: Path, elsewhere: Sequence[IndexSource] = ()) -> SeekIndex | None:
+    """The seek index of a layer: the one kept in the cache directory, else the first valid one of
+    `elsewhere` (then kept in the cache directory, so the next mount on this node needs no lookup); None
+    if there is none.  An index that fails validation (or cannot be had) is logged in one line and skipped.
     """
-    for source in SOURCES:
+    cache_dir = Path(cache_dir)
+    sources = [functools.partial(_from_cache_dir, cache_dir=cache_dir), *elsewhere]
+    for k, source in enumerate(sources):
         try:
-            data = source(layer, Path(cache_dir), image)
+            data = source(layer)
             if data is None:
                 continue
             index = load(data, layer.digest, layer.size)
         except (toc.LazymountError, OSError) as e:
             log.warning("layer %s: seek index rejected: %s", layer.digest, e)
             continue
-        if source is not _from_cache_dir:
+        if k:
             with contextlib.suppress(OSError):
                 store_index(cache_dir, layer.digest, data)
         return index

@@ -2,10 +2,11 @@
 keeping that daemon alive.
 
 What belongs here: the LayerMounter interface the snapshotter uses, the registry probe that decides
-whether a layer can be served lazily (DeclinedError and its reason otherwise), starting and adopting the
-layer daemon (layerfs.py, mounted at ROOT/layers), watching it so that a daemon that dies is started
-again at once (its state reported to a callback: the health service, and to /metrics), and unmounting the
-per-layer mounts older versions left under ROOT/snapshots.  What never does: snapshots and their metadata
+whether a layer can be served lazily (eStargz, or a plain gzip layer with a seek index; DeclinedError and
+its reason otherwise), starting and adopting the layer daemon (layerfs.py, mounted at ROOT/layers),
+watching it so that a daemon that dies is started again at once (its state reported to a callback: the
+health service, and to /metrics), and unmounting the per-layer mounts older versions left under
+ROOT/snapshots.  What never does: snapshots and their metadata
 (snapshot_grpc.py, snapshot_store.py), gRPC, FUSE operations (layerfs.py, over a mount this module only
 starts, asks and unmounts through mountctl.py).
 """
@@ -30,6 +31,7 @@ import prometheus_client
 import config
 import fetch
 import mountctl
+import referrers
 import regclient
 import toc
 import tocread
@@ -143,6 +145,7 @@ class LayerDaemon:
                  on_state: Callable[[bool], None] = lambda up: None) -> None:
         self.root, self.config_path, self.on_state = root, config_path, on_state
         self.mountpoint, self.spec_dir = root / "layers", root / "layer-specs"
+        self.cache_dir = root / "cache"  # the layer daemon's: chunks, and the seek indexes probes find
         self._config: config.Config | None = None
         self._images: OrderedDict[str, fetch.Image] = OrderedDict()
         self._lock = threading.Lock()
@@ -174,20 +177,24 @@ class LayerDaemon:
         return image
 
     def probe(self, reference: str, layer_digest: str) -> fetch.Descriptor:
-        """The layer's descriptor; DeclinedError unless it is eStargz in a registry that answers Range
-        requests."""
+        """The layer's descriptor; DeclinedError unless it is eStargz, or has a seek index (kept in the
+        daemon's cache directory, else attached to the image: then kept there), in a registry that
+        answers Range requests."""
         try:
             image = self._image(reference)
             descriptor = next((d for d in image.layers if d.digest == layer_digest), None)
             if descriptor is None:
                 raise DeclinedError(f"layer {layer_digest} is not in {reference}", REGISTRY)
-            if toc.TOC_DIGEST_ANNOTATION not in descriptor.annotations:
-                raise DeclinedError("layer is not eStargz (no TOC digest annotation)", NOT_ESTARGZ)
+            estargz = toc.TOC_DIGEST_ANNOTATION in descriptor.annotations
+            if not estargz and referrers.find_seek_index(image, descriptor, self.cache_dir) is None:
+                raise DeclinedError("layer is not eStargz (no TOC digest annotation) and has no seek index",
+                                    NOT_ESTARGZ)
             with image.blob(layer_digest) as blob:
                 tail = blob.read_at(max(0, blob.size - toc.FOOTER_SIZE), toc.FOOTER_SIZE)
                 if blob.ranges_supported is False:
                     raise DeclinedError("registry ignores Range requests", NO_RANGE)
-            tocread.parse_footer(tail, descriptor.size)
+            if estargz:
+                tocread.parse_footer(tail, descriptor.size)
         except toc.FooterError as e:
             raise DeclinedError(f"layer is not eStargz ({e})", NOT_ESTARGZ) from None
         except (regclient.RegistryError, config.InvalidInputError, OSError) as e:
@@ -221,7 +228,7 @@ class LayerDaemon:
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
         command = [sys.executable, "-m", "lazymount", "-v", "layers", "--cache-dir",
-                   str(self.root / "cache"), "-o", "allow_other", "--log-file", str(logs / "layers.log"),
+                   str(self.cache_dir), "-o", "allow_other", "--log-file", str(logs / "layers.log"),
                    str(self.spec_dir), str(self.mountpoint)]
         env = dict(os.environ)
         if self.config_path:
@@ -303,7 +310,7 @@ class LayerDaemon:
         _check_fuse()
         descriptor = self.probe(reference, layer_digest)
         mountctl.write_spec(self.spec_dir, name, reference, layer_digest, descriptor.size,
-                            descriptor.annotations[toc.TOC_DIGEST_ANNOTATION])
+                            descriptor.annotations.get(toc.TOC_DIGEST_ANNOTATION))
         try:
             self._ensure_daemon()
             error = self._sync(name).get("error")

@@ -94,7 +94,7 @@ CREATED_ANNOTATION = "org.opencontainers.image.created"  # RFC 3339 time a refer
 # Referrer artifacts (OCI 1.1 `subject` + `artifactType`), attached to an image manifest without rewriting it:
 MEDIA_OCI_EMPTY = "application/vnd.oci.empty.v1+json"  # the config of an artifact with none: the blob `{}`
 ARTIFACT_PROFILE = "application/vnd.lazymount.profile.v1"  # a workload profile (the files to prefetch)
-MEDIA_PROFILE = "application/vnd.lazymount.profile.v1+text"  # its one blob, in convert.read_profile's format
+MEDIA_PROFILE = "application/vnd.lazymount.profile.v1+text"  # its one blob, in profiles.read_profile's format
 ARTIFACT_SEEK_INDEX = "application/vnd.lazymount.seekindex.v1"  # the seek index of one unconverted layer
 MEDIA_SEEK_INDEX = "application/vnd.lazymount.seekindex.v1"  # its one blob (format: seekindex.py)
 LAYER_ANNOTATION = "io.lazymount.layer.digest"  # on a per-layer artifact: the image layer it describes

@@ -51,7 +51,7 @@ def setup(tmp_path: Path) -> tuple[layerfs.LayersFS, Path, list[tuple[str, int, 
               _layer(tmp_path / "b", {"etc/.wh.os-release": b"", "hello.txt": b"hello\n"}, blobs)]
     specs = tmp_path / "specs"
     ready = []
-    fs = layerfs.LayersFS(specs, tmp_path / "mnt", blobs, cache.ChunkCache(None), tmp_path / "work",
+    fs = layerfs.LayersFS(specs, tmp_path / "mnt", blobs, cache.ChunkCache(None), tmp_path / "cache",
                           lambda: ready.append(True), prefetch=False, background=False)
     fs.init("/")
     assert ready == [True]

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+import fetch
+import referrers
+import regclient
 import seekindex
 import toc
 from imagebuild import describe_tree, make_layer_tar, write_oci_layout
@@ -204,17 +207,24 @@ needs_stack = pytest.mark.skipif(bool(MISSING) or shutil.which("pigz") is None,
 
 
 @pytest.fixture(scope="module")
-def plain_edge(edge_image: tuple[Path, str], registry: Registry,  # noqa: F811 -- a fixture
-               tmp_path_factory: pytest.TempPathFactory) -> str:
+def plain_edge_layout(edge_image: tuple[Path, str],  # noqa: F811 -- a fixture
+                      tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The edge image (whiteouts, an opaque dir, implied dirs, hardlinks, xattrs, devices, sparse files)
-    with its layers recompressed unconverted: gzip -1, gzip -9, pigz members, in turn; pushed."""
+    with its layers recompressed unconverted: gzip -1, gzip -9, pigz members, in turn (an OCI layout)."""
     layout, tag = edge_image
     work = tmp_path_factory.mktemp("plain-edge")
     _, _, layers = read_layout(layout, tag)
     ways = ["gzip-1", "gzip-9", "pigz-members"]
     blobs = [_compress(_plain_tar(path, work / f"{i}.tar"), work / f"{i}.tar.gz", ways[i % 3])
              for i, (path, _) in enumerate(layers)]
-    push_layout(write_oci_layout(work / "oci", tag, blobs), tag, registry, "plain-edge")
+    return write_oci_layout(work / "oci", tag, blobs), tag
+
+
+@pytest.fixture(scope="module")
+def plain_edge(plain_edge_layout: tuple[Path, str], registry: Registry) -> str:
+    """The plain edge image, pushed (no index attached)."""
+    layout, tag = plain_edge_layout
+    push_layout(layout, tag, registry, "plain-edge")
     return f"{registry.host}/plain-edge:{tag}"
 
 
@@ -264,6 +274,7 @@ class BigPlain:
     digest: str
     tree: Path
     index: seekindex.SeekIndex
+    layout: Path
 
 
 @needs_stack
@@ -294,7 +305,7 @@ def big_plain(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> B
     ref, cache, digest = f"{registry.host}/big-plain:v1", work / "cache", toc.sha256_digest(blob)
     lazymount("index", ref, "--cache-dir", str(cache))
     index = seekindex.load(seekindex.index_path(cache, digest).read_bytes(), digest, len(blob))
-    return BigPlain(ref, cache, digest, tree, index)
+    return BigPlain(ref, cache, digest, tree, index, work / "oci")
 
 
 def _cache_with_index(tmp_path: Path, image: BigPlain) -> Path:
@@ -308,17 +319,23 @@ def _cache_with_index(tmp_path: Path, image: BigPlain) -> Path:
 @needs_stack
 def test_small_read_fetches_one_span(big_plain: BigPlain, tmp_path: Path) -> None:
     """Reading one small file of a large indexed layer fetches one span (one request) plus the index."""
-    index, mnt = big_plain.index, tmp_path / "mnt"
+    mnt = tmp_path / "mnt"
     with mounted(big_plain.ref, mnt, "--cache-dir", str(_cache_with_index(tmp_path, big_plain)),
                  "--no-background-fetch"):
-        (layer,) = stats(mnt)["layers"]
-        assert layer["state"] == "indexed" and layer["index_bytes"] == index.stored_size
-        assert layer["bytes_fetched"] == 0
-        assert (mnt / "z" / "small07").read_bytes() == b"small file 7 7\n" * 8
-        (layer,) = stats(mnt)["layers"]
-        biggest = max(b - a for a, b in (index.span_range(k) for k in range(index.span_count)))
-        assert layer["requests"] == 1 and 0 < layer["bytes_fetched"] <= biggest, layer
-        assert layer["bytes_fetched"] < index.layer_size / 4
+        _assert_small_read_fetches_one_span(mnt, big_plain.index)
+
+
+def _assert_small_read_fetches_one_span(mnt: Path, index: seekindex.SeekIndex) -> None:
+    """The big plain layer mounted at `mnt` through `index`: nothing is fetched before a read, and reading
+    one small file fetches one span (one request)."""
+    (layer,) = stats(mnt)["layers"]
+    assert layer["state"] == "indexed" and layer["index_bytes"] == index.stored_size
+    assert layer["bytes_fetched"] == 0
+    assert (mnt / "z" / "small07").read_bytes() == b"small file 7 7\n" * 8
+    (layer,) = stats(mnt)["layers"]
+    biggest = max(b - a for a, b in (index.span_range(k) for k in range(index.span_count)))
+    assert layer["requests"] == 1 and 0 < layer["bytes_fetched"] <= biggest, layer
+    assert layer["bytes_fetched"] < index.layer_size / 4
 
 
 def _registry_blob(registry: Registry, digest: str) -> Path:
@@ -388,3 +405,65 @@ def test_rejected_index_is_one_line(big_plain: BigPlain, tmp_path: Path) -> None
         assert "lazy: neither" in result.stdout
         (line,) = result.stderr.splitlines()
         assert "seek index rejected" in line and reason in line and digest in line
+
+
+# ------------------------------------------------------------------------------- indexes as referrers
+
+
+def _push_indexes(layout: Path, tag: str, registry: Registry, repository: str, cache: Path) -> str:
+    """Push the layout as REPOSITORY:TAG and `lazymount index --push` it with `cache`; its reference."""
+    push_layout(layout, tag, registry, repository)
+    ref = f"{registry.host}/{repository}:{tag}"
+    out = lazymount("index", ref, "--push", "--cache-dir", str(cache)).stdout.splitlines()
+    assert out and all(" indexed: seek index, " in line and "; attached to the image as sha256:" in line
+                       for line in out), out
+    return ref
+
+
+@needs_stack
+def test_pushed_indexes_found_through_the_referrers_tag(plain_edge_layout: tuple[Path, str],
+                                                        registry: Registry, tmp_path: Path,
+                                                        edge_expected: dict) -> None:  # noqa: F811
+    """`lazymount index --push` on one node; `mount` with a fresh cache dir (another node) finds every
+    layer's index among the image's referrers (the referrers tag on docker-registry 2.8), serves every
+    layer through it without downloading one whole, keeps the indexes, and the tree equals `umoci unpack`
+    entry by entry.  `index --push` of an OCI layout says in one line that it has no referrers."""
+    layout, tag = plain_edge_layout
+    ref = _push_indexes(layout, tag, registry, "plain-edge-referred", tmp_path / "a")
+    fresh, mnt, log_file = tmp_path / "b", tmp_path / "mnt", tmp_path / "daemon.log"
+    with mounted(ref, mnt, "--cache-dir", str(fresh), "--no-background-fetch", "--log-file", str(log_file)):
+        layers = stats(mnt)["layers"]
+        assert {layer["state"] for layer in layers} == {"indexed"}
+        assert all(layer["format"] == seekindex.FORMAT for layer in layers)
+        _assert_same_tree(describe_tree(mnt), edge_expected)
+    assert "downloading it whole" not in log_file.read_text()
+    assert len(list((fresh / "indexes").iterdir())) == len(layers)
+
+    result = lazymount("index", f"oci:{layout}:{tag}", "--push", "--cache-dir", str(tmp_path / "c"),
+                       check=False)
+    assert result.returncode != 0 and not result.stdout
+    (line,) = result.stderr.splitlines()
+    assert "an OCI layout has no referrers" in line
+
+
+@needs_stack
+def test_pushed_index_reads_lazily_and_a_bad_one_is_rejected(big_plain: BigPlain, registry: Registry,
+                                                             tmp_path: Path) -> None:
+    """Through an index found among the referrers, reading one small file of a large layer fetches one
+    span.  A newer index attached for the layer that is truncated, or another layer's, is rejected in
+    one line, and the layer is one that is downloaded whole."""
+    ref = _push_indexes(big_plain.layout, "v1", registry, "big-plain-referred", tmp_path / "a")
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, "--cache-dir", str(tmp_path / "b"), "--no-background-fetch"):
+        _assert_small_read_fetches_one_span(mnt, big_plain.index)
+
+    good = seekindex.index_path(tmp_path / "a", big_plain.digest).read_bytes()
+    image = fetch.open_image(ref, client=regclient.RegistryClient())
+    foreign = good.replace(big_plain.digest[7:].encode(), b"0" * 64, 1)
+    for k, (bad, reason) in enumerate(((good[:len(good) // 2], "truncated"),
+                                       (foreign, "is for layer sha256:0000"))):
+        referrers.push_seek_index(image, big_plain.digest, bad)
+        result = lazymount("inspect", ref, "--cache-dir", str(tmp_path / f"fresh{k}"))
+        assert "lazy: neither" in result.stdout
+        (line,) = result.stderr.splitlines()
+        assert "seek index rejected" in line and reason in line and big_plain.digest in line

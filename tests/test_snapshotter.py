@@ -30,6 +30,10 @@ import pytest
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import fetch
+import referrers
+import regclient
+import seekindex
 import snapshot_grpc
 import snapshots_pb2 as pb
 import snapshots_pb2_grpc
@@ -692,9 +696,12 @@ def _shell_tree(root: Path) -> Path:
     return root
 
 
-def build_shell_image(work: Path, text: str) -> Path:
-    """A 2-layer OCI layout tagged v1: /bin/sh and its libraries, then /hello.txt holding `text`."""
+def build_shell_image(work: Path, text: str, marker: str = "") -> Path:
+    """A 2-layer OCI layout tagged v1: /bin/sh and its libraries (and /marker holding `marker`, which
+    makes the base layer unlike other images' if given), then /hello.txt holding `text`."""
     base = _shell_tree(work / "tree0")
+    if marker:
+        (base / "marker").write_text(marker)
     top = work / "tree1"
     shutil.copytree(base, top, symlinks=True)
     (top / "hello.txt").write_text(text)
@@ -875,6 +882,44 @@ def test_containerd_rpull_estargz_is_lazy(stack: tuple[Containerd, Snapshotter],
     assert len(_remote_snapshots(containerd)) == 2
     assert _ctr_run(containerd, image, "lazy-run", 'read line < /hello.txt; echo "$line"') == \
         "hello from a lazymount snapshot\n"
+
+
+@needs_containerd
+def test_containerd_rpull_indexed_plain_image(stack: tuple[Containerd, Snapshotter], registry: Registry,
+                                              tmp_path: Path) -> None:
+    """A plain gzip image whose top layer has a seek index attached (built by `lazymount index` on another
+    node, pushed as a referrer): `ctr-remote images rpull` prepares that layer as a lazy remote snapshot
+    the layer daemon serves through the index, and the base layer, which has none, as a normal snapshot;
+    a container runs from both.  (containerd then downloads the top layer too: it fetches every layer above
+    one it unpacks.)"""
+    containerd, daemon = stack
+    layout = build_shell_image(tmp_path, "hello from an indexed layer\n", marker="indexed")
+    push_layout(layout, "v1", registry, "indexed/shell")
+    image = f"{registry.host}/indexed/shell:v1"
+    top = read_layout(layout, "v1")[2][-1][1]["digest"]
+    subprocess.run([sys.executable, str(REPO / "lazymount.py"), "index", image, "--cache-dir",
+                    str(tmp_path / "cache")], check=True, capture_output=True)
+    referrers.push_seek_index(fetch.open_image(image, client=regclient.RegistryClient()), top,
+                              seekindex.index_path(tmp_path / "cache", top).read_bytes())
+    seen = len(daemon.log())
+    containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", image)
+    try:
+        log = daemon.log()[seen:]
+        assert log.count("remote-snapshot-prepared: true") == 1
+        assert log.count('remote-snapshot-prepared: false reason="layer is not eStargz (no TOC digest '
+                         'annotation) and has no seek index') == 1
+        assert f"remote-snapshot-prepared: true reason=\"mounted lazily\" layer={top}" in log
+        specs = {spec.stem: json.loads(spec.read_text())
+                 for spec in (daemon.root / "layer-specs").glob("*.json")}
+        (name,) = [name for name, spec in specs.items() if spec["digest"] == top]
+        assert specs[name]["toc_digest"] is None and name in served_layers(daemon)
+        stats = json.loads(os.getxattr(daemon.root / "layers" / name, "user.lazymount.stats"))
+        assert [layer["state"] for layer in stats["layers"]] == ["indexed"], stats
+        assert _ctr_run(containerd, image, "indexed-run", 'read line < /hello.txt; echo "$line"') == \
+            "hello from an indexed layer\n"
+    finally:
+        containerd.ctr("images", "rm", "--sync", image)  # the other tests count the served layers
+    assert name not in served_layers(daemon)
 
 
 @needs_containerd

@@ -96,7 +96,7 @@ def indexed(registry: Registry, plain: str, workdir: Path) -> str:
     referrers_tag = manifest_digest(registry, repository, tag).replace(":", "-")
     if not has_image(registry, repository, referrers_tag):
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            for args in (["index", "--push", plain],
+            for args in (["index", "--push", "--cache-dir", f"{tmp}/cache", plain],
                          ["record", "--push", "--cache-dir", f"{tmp}/cache", "-o", f"{tmp}/profile", plain,
                           "--", *WORKLOAD]):
                 log(f"lazymount {shlex.join(args)}")

@@ -96,7 +96,7 @@ def indexed(registry: Registry, plain: str, workdir: Path) -> str:
     referrers_tag = manifest_digest(registry, repository, tag).replace(":", "-")
     if not has_image(registry, repository, referrers_tag):
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            for args in (["index", "--push", plain],
+            for args in (["index", "--push", "--cache-dir", f"{tmp}/cache", plain],
                          ["record", "--push", "--cache-dir", f"{tmp}/cache", "-o", f"{tmp}/profile", plain,
                           "--", *WORKLOAD]):
                 log(f"lazymount {shlex.join(args)}")
@@ -128,8 +128,9 @@ def _median_run(pairs: list[tuple[Timing, dict]]) -> tuple[Timing, dict]:
     return next(pair for pair in pairs if pair[0] == median([t for t, _ in pairs]))
 
 
-def _goal_table(results: Results) -> Table:
-    unavailable = f"not available at {measured_revision()} (no `lazymount index`)"
+def _goal_table(results: Results, revision: str) -> Table:
+    """`revision`: the code measured, named where it lacks `lazymount index`."""
+    unavailable = f"not available at {revision} (no `lazymount index`)"
     rows = []
     for (regime, who), runs in results.items():
         pull = _median_pull(runs["pull"])["total"]
@@ -218,7 +219,7 @@ def run(workdir: Path, quick: bool) -> Report:
     registry = local_registry(workdir)
     scratch = Path(tempfile.mkdtemp(prefix="first-result-", dir=workdir))
     runs = 1 if quick else COLD_RUNS
-    started = time.time()
+    started, revision = time.time(), measured_revision()
     results: Results = {}
     try:
         plain = pushed(registry, layout, STANDARD_TAG, "torch", "plain")
@@ -242,7 +243,7 @@ def run(workdir: Path, quick: bool) -> Report:
         shutil.rmtree(scratch, ignore_errors=True)
     log(f"first-result: {time.time() - started:.0f} s")
     image_bytes = sum(descriptor["size"] for _, descriptor in read_layout(layout, STANDARD_TAG)[2])
-    tables = [_goal_table(results), _background_table(results), _detail_table(results, image_bytes),
+    tables = [_goal_table(results, revision), _background_table(results), _detail_table(results, image_bytes),
               _bytes_table(_median_run(results["loopback", "unprivileged"]["esgz"])[1], workload)]
     notes = [
         "Cold: `sync; echo 3 > /proc/sys/vm/drop_caches` before each run, and an empty `--cache-dir`.  "

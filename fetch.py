@@ -188,6 +188,7 @@ class BlobReader:
     """
 
     ranges_supported: bool | None = True
+    _where: tuple[str, str]  # (registry or layout, repository) that errors name
 
     def __init__(self, digest: str, size: int) -> None:
         self.digest = valid_digest(digest)
@@ -214,13 +215,22 @@ class BlobReader:
     def _read_spans(self, spans: list[tuple[int, int]], urgent: bool) -> list[bytes]:
         raise NotImplementedError
 
+    def _fill(self, sink: _Sink) -> None:
+        """Stream the whole blob into `sink` and finish it (which checks size and digest)."""
+        raise NotImplementedError
+
     def read_all(self, max_size: int | None = None) -> bytes:
         """The whole blob, digest-verified; refuses blobs over `max_size` before reading."""
-        raise NotImplementedError
+        if max_size is not None and self.size > max_size:
+            raise RegistryError(*self._where, f"blob {self.digest}",
+                                f"{self.size} bytes, over the {max_size}-byte limit")
+        sink = _Sink(self.digest, self.size)
+        self._fill(sink)
+        return sink.file.getvalue()  # type: ignore[attr-defined]
 
     def download(self, path: str | os.PathLike[str]) -> None:
         """Write the whole blob, digest-verified, to `path` (via a temp file renamed into place)."""
-        raise NotImplementedError
+        _write_verified(path, self.digest, self.size, self._fill)
 
     def close(self) -> None:
         """Release files held by the reader."""
@@ -297,38 +307,25 @@ class LayoutBlobReader(BlobReader):
     """A blob of a local OCI image layout (`DIR/blobs/sha256/HEX`), read with pread."""
 
     def __init__(self, layout: str | os.PathLike[str], digest: str, size: int | None = None) -> None:
-        self._where = f"oci:{layout}"
+        self._where = (f"oci:{layout}", "-")
         path = Path(layout) / "blobs" / "sha256" / valid_digest(digest)[len("sha256:"):]
-        self._file = open_regular(path, self._where, f"blob {digest}")
+        self._file = open_regular(path, self._where[0], f"blob {digest}")
         actual = os.fstat(self._file.fileno()).st_size
         if size is not None and size != actual:
             self._file.close()
-            raise RegistryError(self._where, "-", f"blob {digest}", f"{actual} bytes, expected {size}")
+            raise RegistryError(*self._where, f"blob {digest}", f"{actual} bytes, expected {size}")
         super().__init__(digest, actual)
 
     def _read_spans(self, spans: list[tuple[int, int]], urgent: bool) -> list[bytes]:
         return [os.pread(self._file.fileno(), end - start, start) for start, end in spans]
 
-    def _copy(self, sink: _Sink) -> None:
+    def _fill(self, sink: _Sink) -> None:
         for offset in range(0, self.size, _COPY_CHUNK):
             sink.write(os.pread(self._file.fileno(), _COPY_CHUNK, offset))
         try:
             sink.finish()
         except ValueError as e:
-            raise RegistryError(self._where, "-", f"blob {self.digest}", str(e)) from None
-
-    def read_all(self, max_size: int | None = None) -> bytes:
-        """The whole blob, digest-verified; refuses blobs over `max_size` before reading."""
-        if max_size is not None and self.size > max_size:
-            raise RegistryError(self._where, "-", f"blob {self.digest}",
-                                f"{self.size} bytes, over the {max_size}-byte limit")
-        sink = _Sink(self.digest, self.size)
-        self._copy(sink)
-        return sink.file.getvalue()  # type: ignore[attr-defined]
-
-    def download(self, path: str | os.PathLike[str]) -> None:
-        """Copy the whole blob, digest-verified, to `path`."""
-        _write_verified(path, self.digest, self.size, self._copy)
+            raise RegistryError(*self._where, f"blob {self.digest}", str(e)) from None
 
     def close(self) -> None:
         """Close the blob file."""
@@ -348,6 +345,7 @@ class RegistryBlobReader(BlobReader):
         ref = as_reference(ref)
         super().__init__(digest, client.blob_size(ref, digest) if size is None else size)
         self._client, self._ref, self._spill_path = client, ref, spill_path
+        self._where = (ref.registry, ref.repository)
         self._lock = threading.Lock()
         self._spill: BinaryIO | None = None
         self.ranges_supported = None
@@ -388,19 +386,10 @@ class RegistryBlobReader(BlobReader):
             return spill
 
     def read_all(self, max_size: int | None = None) -> bytes:
-        """The whole blob, digest-verified; refuses blobs over `max_size` before reading."""
-        if max_size is not None and self.size > max_size:
-            raise RegistryError(self._ref.registry, self._ref.repository, f"blob {self.digest}",
-                                f"{self.size} bytes, over the {max_size}-byte limit")
-        if self._spill is not None:
+        """The whole blob, digest-verified; from the spilled copy if there is one."""
+        if self._spill is not None and (max_size is None or self.size <= max_size):
             return self._read_spans([(0, self.size)], False)[0]
-        sink = _Sink(self.digest, self.size)
-        self._fill(sink)
-        return sink.file.getvalue()  # type: ignore[attr-defined]
-
-    def download(self, path: str | os.PathLike[str]) -> None:
-        """Download the whole blob, digest-verified, to `path`."""
-        _write_verified(path, self.digest, self.size, self._fill)
+        return super().read_all(max_size)
 
     def close(self) -> None:
         """Close the spill file (an anonymous temp file disappears with it)."""

@@ -172,15 +172,18 @@ class Layer:
 
     def localize(self, work_dir: Path, cache_dir: Path | None = None) -> None:
         """Download the whole blob (verified) and index it: its TOC if it is eStargz, else a seek index if it
-        is gzip (kept in `cache_dir`, so the next mount reads it lazily), else convert it to eStargz."""
+        is gzip (built while the bytes arrive, and kept in `cache_dir`, so the next mount reads it lazily),
+        else convert it to eStargz."""
         hexdigest = toc.check_digest(self.digest)[7:]
         blob_path = work_dir / "blobs" / hexdigest
         converted = work_dir / "converted" / f"{hexdigest}.estargz"
         for directory in (blob_path.parent, converted.parent):
             directory.mkdir(parents=True, exist_ok=True)
         if not converted.exists():
-            if not blob_path.exists():
-                download.whole_blob(self.blob, self.digest, blob_path)  # by concurrent range requests
+            seek = None
+            if not blob_path.exists():  # by concurrent range requests, indexed as the bytes arrive
+                seek = download.whole_blob(self.blob, self.digest, blob_path, consume=lambda arriving: (
+                    seekindex.build_and_keep(arriving.read_at, arriving.size, self.digest, cache_dir)))
             local = download.FileBlob(blob_path)
             try:
                 self.index = tocread.read_index(local.read_at, local.size, limits=self.limits)
@@ -189,7 +192,8 @@ class Layer:
                 return
             except toc.FooterError:
                 pass
-            seek = seekindex.build_and_keep(local.read_at, local.size, self.digest, cache_dir)
+            if seek is None:  # downloaded by an earlier mount, or not gzip
+                seek = seekindex.build_and_keep(local.read_at, local.size, self.digest, cache_dir)
             if seek is not None:  # served from the local blob through its new index
                 self.blob = local
                 self.use_seek_index(seek)

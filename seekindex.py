@@ -563,8 +563,9 @@ def build(read_at: ReadAt, size: int, layer_digest: str, *, local: bool = False,
 
 
 def build_and_keep(read_at: ReadAt, size: int, layer_digest: str, cache_dir: Path | None) -> SeekIndex | None:
-    """Index a downloaded (local, verified) layer blob and keep the index in `cache_dir`; None (with the
-    reason logged) if the blob is not a gzip layer that can be indexed."""
+    """Index a layer blob on local disk (downloaded, or still arriving: `read_at` waits for its bytes) and
+    keep the index in `cache_dir`; None (with the reason logged) if the blob is not a gzip layer that can be
+    indexed."""
     try:
         built = build(read_at, size, layer_digest, local=True)
     except toc.FormatError as e:

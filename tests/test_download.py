@@ -161,3 +161,31 @@ def test_a_plain_layer_is_downloaded_by_concurrent_ranges(pushed: Pushed, tmp_pa
     hello = layer.index.chunks(layer.index.lookup("hello.txt"))[0]
     data = layer.spans.chunk(hello)[0]
     assert data == b"hello from lazymount\n" and hashlib.sha256(data).hexdigest() == hello.digest[7:]
+
+
+def test_a_plain_layer_is_indexed_while_it_downloads(pushed: Pushed, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seek index of a plain layer is built from the bytes as they arrive: the last part of the blob is
+    held back until the index builder has read the first ones, so a localize that indexed only after the
+    download would fail here."""
+    image, opened = pushed
+    read_early = threading.Event()
+    build_and_keep = seekindex.build_and_keep
+
+    def spying(read_at: Callable[[int, int], bytes], *args: object) -> seekindex.SeekIndex | None:
+        def reading(offset: int, length: int) -> bytes:
+            data = read_at(offset, length)
+            read_early.set()
+            return data
+        return build_and_keep(reading, *args)  # type: ignore[arg-type]
+
+    def hold_last(offset: int, data: bytes) -> bytes:
+        if offset + len(data) == len(image.layer) and not read_early.wait(60):
+            raise OSError(errno.EIO, "the index builder read nothing while the blob was downloading")
+        return data
+
+    monkeypatch.setattr(seekindex, "build_and_keep", spying)
+    layer = engine.Layer(image.layer_digest, Source(opened.blob(image.layer_digest), hold_last))
+    layer.localize(tmp_path, cache_dir=tmp_path / "cache")
+    assert layer.state == "local" and layer.spans is not None
+    assert seekindex.index_path(tmp_path / "cache", image.layer_digest).is_file()

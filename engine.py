@@ -189,7 +189,7 @@ class Layer:
                 return
             except toc.FooterError:
                 pass
-            seek = seekindex.build_and_keep(local.read_at, local.size, self.digest, cache_dir)
+            seek = seekindex.build_and_keep(local.read_at, local.size, self.digest, cache_dir, local.fileno())
             if seek is not None:  # served from the local blob through its new index
                 self.blob = local
                 self.use_seek_index(seek)

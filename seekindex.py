@@ -17,6 +17,7 @@ decompressed chunks), HTTP or registries (callers hand in `read_at`), FUSE or gR
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -615,13 +616,14 @@ class BuildResult:
 
 
 def build(read_at: ReadAt, size: int, layer_digest: str, *, local: bool = False,
-          spool_dir: Path | None = None) -> BuildResult:
+          spool_dir: Path | None = None, fileno: int | None = None) -> BuildResult:
     """Build the seek index of a gzip layer blob in one pass over it.
 
     `read_at(offset, length)` reads the blob; a `local` blob is read twice (the span digests), any
-    other is spooled to a temporary file in `spool_dir` as it streams past.  The blob's sha256 must be
-    `layer_digest`.  Raises NotGzipError, toc.FormatError if the blob is no valid gzip tar,
-    toc.DigestError if its digest does not match.
+    other is spooled to a temporary file in `spool_dir` as it streams past.  `fileno`, an open file of a
+    local blob, is decoded without calling back into Python.  The blob's sha256 must be `layer_digest`.
+    Raises NotGzipError, toc.FormatError if the blob is no valid gzip tar, toc.DigestError if its digest
+    does not match.
     """
     import rapidgzip  # here: only building needs it
 
@@ -630,9 +632,14 @@ def build(read_at: ReadAt, size: int, layer_digest: str, *, local: bool = False,
     with contextlib.ExitStack() as stack:
         spool = None if local else stack.enter_context(tempfile.TemporaryFile(dir=spool_dir))
         source = _Source(read_at, size, spool)
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1, "seekindex"))
+        # The blob's digest: hashed beside the decoding if the decoder reads the file itself, else as
+        # the decoder's reads pass.
+        blob_digest = pool.submit(source.digest) if fileno is not None else None
         # One decoder thread: rapidgzip's sequential ISA-L inflate costs ~2/3 of the CPU of its parallel
         # mode, and the file table's parsing and hashing run beside it on the other core.
-        gz = stack.enter_context(rapidgzip.RapidgzipFile(source, parallelization=1))
+        gz = stack.enter_context(rapidgzip.RapidgzipFile(source if fileno is None else fileno,
+                                                         parallelization=1))
         try:
             stream = stack.enter_context(_Unpacked(gz))
             entries = _file_table(stream)
@@ -640,12 +647,14 @@ def build(read_at: ReadAt, size: int, layer_digest: str, *, local: bool = False,
             points = _thin(_gzidx_points(gz), total)
         except (RuntimeError, ValueError, EOFError, tarfile.TarError) as e:
             raise toc.FormatError(f"source layer is corrupt or truncated ({e})") from None
-        actual = source.digest()
+        actual = source.digest() if blob_digest is None else blob_digest.result()
         if actual != layer_digest:
             raise toc.DigestError(f"layer blob is {actual}, not {layer_digest}: not indexed")
+        windows = pool.map(_deflate_window, [p.window for p in points])  # beside the span digests
         spans = [(p.bit // 8, -(-points[k + 1].bit // 8) if k + 1 < len(points) else size)
                  for k, p in enumerate(points)]
         span_digests = b"".join(hashlib.sha256(source.pread(a, b - a)).digest() for a, b in spans)
+        points = [Checkpoint(p.bit, p.offset, window) for p, window in zip(points, windows, strict=True)]
         toc_json = json.dumps({"version": 1, "entries": entries}, separators=(",", ":")).encode()
         data = serialize(layer_digest, size, total, points, span_digests, toc_json)
         index = load(data, layer_digest, size)
@@ -654,11 +663,12 @@ def build(read_at: ReadAt, size: int, layer_digest: str, *, local: bool = False,
     return BuildResult(data, index, total, len(entries))
 
 
-def build_and_keep(read_at: ReadAt, size: int, layer_digest: str, cache_dir: Path | None) -> SeekIndex | None:
-    """Index a downloaded (local, verified) layer blob and keep the index in `cache_dir`; None (with the
-    reason logged) if the blob is not a gzip layer that can be indexed."""
+def build_and_keep(read_at: ReadAt, size: int, layer_digest: str, cache_dir: Path | None,
+                   fileno: int | None = None) -> SeekIndex | None:
+    """Index a downloaded (local, verified) layer blob (open as `fileno`, if given) and keep the index in
+    `cache_dir`; None (with the reason logged) if the blob is not a gzip layer that can be indexed."""
     try:
-        built = build(read_at, size, layer_digest, local=True)
+        built = build(read_at, size, layer_digest, local=True, fileno=fileno)
     except toc.FormatError as e:
         log.info("layer %s: no seek index (%s)", layer_digest, e)
         return None
@@ -754,8 +764,9 @@ def _chunk_entries(stream: _Unpacked, info: tarfile.TarInfo, entry: dict) -> lis
 
 
 def _gzidx_points(gz: io.BufferedIOBase) -> list[Checkpoint]:
-    """Every checkpoint rapidgzip found, from its export in indexed_gzip's GZIDX format (native byte
-    order; offsets rounded up to bytes with `bits` bits before them; 32 KiB windows, unused bytes 0)."""
+    """Every checkpoint rapidgzip found, its window not yet compressed, from its export in indexed_gzip's
+    GZIDX format (native byte order; offsets rounded up to bytes with `bits` bits before them; 32 KiB
+    windows, unused bytes 0)."""
     import rapidgzip
 
     with tempfile.TemporaryFile() as f:
@@ -765,13 +776,16 @@ def _gzidx_points(gz: io.BufferedIOBase) -> list[Checkpoint]:
         if magic != b"GZIDX" or version != 1 or window_size != WINDOW_SIZE:
             raise SeekIndexError(f"unexpected rapidgzip index ({magic!r} v{version}, window {window_size})")
         table = [_GZIDX_POINT.unpack(f.read(_GZIDX_POINT.size)) for _ in range(count)]
-        points = []
-        for offset, uncompressed, bits, has_window in table:
-            window = f.read(WINDOW_SIZE) if has_window else b""
-            compressor = zlib.compressobj(9, wbits=-15)
-            stored = compressor.compress(window) + compressor.flush() if window else b""
-            points.append(Checkpoint(offset * 8 - bits, uncompressed, stored))
-    return points
+        return [Checkpoint(offset * 8 - bits, uncompressed, f.read(WINDOW_SIZE) if has_window else b"")
+                for offset, uncompressed, bits, has_window in table]
+
+
+def _deflate_window(window: bytes) -> bytes:
+    """A window as stored: raw deflate, zlib level 9."""
+    if not window:
+        return b""
+    compressor = zlib.compressobj(9, wbits=-15)
+    return compressor.compress(window) + compressor.flush()
 
 
 def _thin(points: list[Checkpoint], total: int) -> list[Checkpoint]:

@@ -232,6 +232,10 @@ class FileBlob:
     def download(self, path: str | os.PathLike[str]) -> None:
         raise NotImplementedError("a local blob is never downloaded")
 
+    def fileno(self) -> int:
+        """The open blob file (for a decoder that reads it without Python)."""
+        return self._fd
+
     def close(self) -> None:
         os.close(self._fd)
 

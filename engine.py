@@ -193,7 +193,8 @@ class Layer:
             except toc.FooterError:
                 pass
             if seek is None:  # downloaded by an earlier mount, or not gzip
-                seek = seekindex.build_and_keep(local.read_at, local.size, self.digest, cache_dir)
+                seek = seekindex.build_and_keep(local.read_at, local.size, self.digest, cache_dir,
+                                                local.fileno())
             if seek is not None:  # served from the local blob through its new index
                 self.blob = local
                 self.use_seek_index(seek)

@@ -327,6 +327,10 @@ class LayoutBlobReader(BlobReader):
         except ValueError as e:
             raise RegistryError(*self._where, f"blob {self.digest}", str(e)) from None
 
+    def fileno(self) -> int:
+        """The open blob file (for a decoder that reads it without Python)."""
+        return self._file.fileno()
+
     def close(self) -> None:
         """Close the blob file."""
         self._file.close()

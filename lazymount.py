@@ -183,8 +183,9 @@ def index_layer(image: fetch.Image, layer: fetch.Descriptor, cache_dir: Path) ->
     spool_dir.mkdir(parents=True, exist_ok=True)
     with image.blob(layer.digest) as reader:
         try:
-            built = seekindex.build(reader.read_at, reader.size, layer.digest,
-                                    local=isinstance(reader, fetch.LayoutBlobReader), spool_dir=spool_dir)
+            local = isinstance(reader, fetch.LayoutBlobReader)
+            built = seekindex.build(reader.read_at, reader.size, layer.digest, local=local,
+                                    spool_dir=spool_dir, fileno=reader.fileno() if local else None)
         except seekindex.NotGzipError:
             return f"not gzip ({layer.media_type or 'no media type'}): not indexed", None
     seekindex.store_index(cache_dir, layer.digest, built.data)

@@ -17,6 +17,7 @@ decompressed chunks), HTTP or registries (callers hand in `read_at`), FUSE or gR
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -24,6 +25,7 @@ import io
 import json
 import logging
 import os
+import queue
 import struct
 import tarfile
 import tempfile
@@ -54,7 +56,8 @@ CHUNK_SIZE = toc.DEFAULT_CHUNK_SIZE  # file bytes per chunk of the file table (a
 MAX_HEADER_BYTES = 64 << 10
 MAX_CHECKPOINTS = 1 << 22
 SPAN_MEMORY = 32 << 20  # verified compressed spans a layer keeps in memory
-_READ_PIECE = 4 << 20  # compressed bytes read at once while building
+_READ_PIECE = 4 << 20  # compressed bytes read at once while building, decompressed bytes decoded at once
+_PIECES_AHEAD = 4  # decompressed pieces the decoder thread may be ahead of the file table
 _INFLATE_PIECE = 1 << 20  # uncompressed bytes produced at once while reading
 _POINT = struct.Struct("<QQI32s")  # bit offset, uncompressed offset, compressed window length, span sha256
 _GZIDX_HEADER = struct.Struct("<5sBBQQIII")
@@ -512,6 +515,96 @@ class _Source(io.RawIOBase):
         return "sha256:" + self.hash.hexdigest()
 
 
+class _Unpacked(io.RawIOBase):
+    """The decompressed stream of `gz` as a forward-only file: a thread decodes it `_READ_PIECE` at a
+    time, up to `_PIECES_AHEAD` pieces ahead of the reader (rapidgzip inflates without the GIL), so
+    decoding runs beside the parsing and hashing.  Seeking back is allowed within the piece at hand."""
+
+    def __init__(self, gz: io.RawIOBase) -> None:
+        super().__init__()
+        self._gz = gz
+        self._queue: queue.Queue[memoryview | BaseException] = queue.Queue(_PIECES_AHEAD)
+        self._stop = threading.Event()
+        self._piece, self._start, self._pos, self._ended = memoryview(b""), 0, 0, False
+        self._thread = threading.Thread(target=self._decode, name="seekindex-decode", daemon=True)
+        self._thread.start()
+
+    def _decode(self) -> None:
+        try:
+            while not self._stop.is_set():
+                piece = bytearray(_READ_PIECE)
+                got = self._gz.readinto(piece)
+                self._put(memoryview(piece)[:got])
+                if not got:
+                    return
+        except BaseException as e:  # noqa: BLE001 -- handed to the reader, who raises it
+            self._put(e)
+
+    def _put(self, item: memoryview | BaseException) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Full):
+                self._queue.put(item, timeout=0.1)
+                return
+
+    def _advance(self) -> bool:
+        """Move on to the next piece; False at the end of the stream."""
+        if self._ended:
+            return False
+        item = self._queue.get()
+        if isinstance(item, BaseException) or not item:
+            self._ended = True
+            if item:
+                raise item
+            return False
+        self._start += len(self._piece)
+        self._piece = item
+        return True
+
+    def views(self, size: int) -> Iterator[memoryview]:
+        """The next `size` bytes (fewer at the end of the stream), as views of the pieces: not copied."""
+        while size > 0:
+            at = self._pos - self._start
+            if at >= len(self._piece):
+                if not self._advance():
+                    return
+                continue
+            view = self._piece[at:at + size]
+            self._pos += len(view)
+            size -= len(view)
+            yield view
+
+    def read(self, size: int = -1) -> bytes:
+        return b"".join(self.views(size if size >= 0 else 1 << 62))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        pos = offset + (self._pos if whence == io.SEEK_CUR else 0)
+        if whence not in (io.SEEK_SET, io.SEEK_CUR) or pos < self._start:
+            raise ValueError(f"cannot seek back to {pos} in a stream read up to {self._pos}")
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def drain(self) -> int:
+        """Read to the end of the stream; its size."""
+        for _ in self.views(1 << 62):
+            pass
+        self._thread.join()
+        return self._gz.tell()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        super().close()
+
+
 @dataclass
 class BuildResult:
     """A built index and what `lazymount index` reports of it."""
@@ -523,13 +616,14 @@ class BuildResult:
 
 
 def build(read_at: ReadAt, size: int, layer_digest: str, *, local: bool = False,
-          spool_dir: Path | None = None, threads: int | None = None) -> BuildResult:
+          spool_dir: Path | None = None, fileno: int | None = None) -> BuildResult:
     """Build the seek index of a gzip layer blob in one pass over it.
 
     `read_at(offset, length)` reads the blob; a `local` blob is read twice (the span digests), any
-    other is spooled to a temporary file in `spool_dir` as it streams past.  The blob's sha256 must be
-    `layer_digest`.  Raises NotGzipError, toc.FormatError if the blob is no valid gzip tar,
-    toc.DigestError if its digest does not match.
+    other is spooled to a temporary file in `spool_dir` as it streams past.  `fileno`, an open file of a
+    local blob, is decoded without calling back into Python.  The blob's sha256 must be `layer_digest`.
+    Raises NotGzipError, toc.FormatError if the blob is no valid gzip tar, toc.DigestError if its digest
+    does not match.
     """
     import rapidgzip  # here: only building needs it
 
@@ -538,22 +632,29 @@ def build(read_at: ReadAt, size: int, layer_digest: str, *, local: bool = False,
     with contextlib.ExitStack() as stack:
         spool = None if local else stack.enter_context(tempfile.TemporaryFile(dir=spool_dir))
         source = _Source(read_at, size, spool)
-        threads = threads or os.cpu_count() or 1
-        gz = stack.enter_context(rapidgzip.RapidgzipFile(source, parallelization=threads))
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1, "seekindex"))
+        # The blob's digest: hashed beside the decoding if the decoder reads the file itself, else as
+        # the decoder's reads pass.
+        blob_digest = pool.submit(source.digest) if fileno is not None else None
+        # One decoder thread: rapidgzip's sequential ISA-L inflate costs ~2/3 of the CPU of its parallel
+        # mode, and the file table's parsing and hashing run beside it on the other core.
+        gz = stack.enter_context(rapidgzip.RapidgzipFile(source if fileno is None else fileno,
+                                                         parallelization=1))
         try:
-            entries = _file_table(gz)
-            while gz.read(_READ_PIECE):  # past the tar's end: the stream's size, every checkpoint
-                pass
-            total = gz.tell()
+            stream = stack.enter_context(_Unpacked(gz))
+            entries = _file_table(stream)
+            total = stream.drain()  # past the tar's end: the stream's size, every checkpoint
             points = _thin(_gzidx_points(gz), total)
         except (RuntimeError, ValueError, EOFError, tarfile.TarError) as e:
             raise toc.FormatError(f"source layer is corrupt or truncated ({e})") from None
-        actual = source.digest()
+        actual = source.digest() if blob_digest is None else blob_digest.result()
         if actual != layer_digest:
             raise toc.DigestError(f"layer blob is {actual}, not {layer_digest}: not indexed")
+        windows = pool.map(_deflate_window, [p.window for p in points])  # beside the span digests
         spans = [(p.bit // 8, -(-points[k + 1].bit // 8) if k + 1 < len(points) else size)
                  for k, p in enumerate(points)]
         span_digests = b"".join(hashlib.sha256(source.pread(a, b - a)).digest() for a, b in spans)
+        points = [Checkpoint(p.bit, p.offset, window) for p, window in zip(points, windows, strict=True)]
         toc_json = json.dumps({"version": 1, "entries": entries}, separators=(",", ":")).encode()
         data = serialize(layer_digest, size, total, points, span_digests, toc_json)
         index = load(data, layer_digest, size)
@@ -562,12 +663,13 @@ def build(read_at: ReadAt, size: int, layer_digest: str, *, local: bool = False,
     return BuildResult(data, index, total, len(entries))
 
 
-def build_and_keep(read_at: ReadAt, size: int, layer_digest: str, cache_dir: Path | None) -> SeekIndex | None:
-    """Index a layer blob on local disk (downloaded, or still arriving: `read_at` waits for its bytes) and
-    keep the index in `cache_dir`; None (with the reason logged) if the blob is not a gzip layer that can be
-    indexed."""
+def build_and_keep(read_at: ReadAt, size: int, layer_digest: str, cache_dir: Path | None,
+                   fileno: int | None = None) -> SeekIndex | None:
+    """Index a layer blob on local disk (downloaded and open as `fileno`, if given; or still arriving:
+    `read_at` waits for its bytes) and keep the index in `cache_dir`; None (with the reason logged) if the
+    blob is not a gzip layer that can be indexed."""
     try:
-        built = build(read_at, size, layer_digest, local=True)
+        built = build(read_at, size, layer_digest, local=True, fileno=fileno)
     except toc.FormatError as e:
         log.info("layer %s: no seek index (%s)", layer_digest, e)
         return None
@@ -590,11 +692,11 @@ def _check_end(index: SeekIndex, data: bytes, k: int) -> None:
                               f"{end - start} expected)")
 
 
-def _file_table(gz: io.BufferedIOBase) -> list[dict]:
+def _file_table(stream: _Unpacked) -> list[dict]:
     """TOC entries of every tar member, regular files chunked with offsets into the tar stream."""
     entries: list[dict] = []
-    # Random-access mode over the (seekable) decoder: tarfile's stream mode copies its buffer per header.
-    with tarfile.open(fileobj=gz, mode="r:", **layerwriter.TAR_OPTIONS) as tar:
+    # Random-access mode (it only seeks forward): tarfile's stream mode copies its buffer per header.
+    with tarfile.open(fileobj=stream, mode="r:", **layerwriter.TAR_OPTIONS) as tar:
         while (info := tar.next()) is not None:
             tar.members.clear()  # one member at a time: a layer may have millions
             entry = layerwriter.member_entry(info)
@@ -605,7 +707,7 @@ def _file_table(gz: io.BufferedIOBase) -> list[dict]:
                     entry["digest"] = _EMPTY_DIGEST
                 entries.append(entry)
                 continue
-            entries += _chunk_entries(gz, info, entry)
+            entries += _chunk_entries(stream, info, entry)
     return entries
 
 
@@ -629,22 +731,27 @@ def _regions(info: tarfile.TarInfo) -> Iterator[tuple[int, int, int | None]]:
             yield offset + cut, min(CHUNK_SIZE, length - cut), None if where is None else where + cut
 
 
-def _chunk_entries(gz: io.BufferedIOBase, info: tarfile.TarInfo, entry: dict) -> list[dict]:
-    """The entry and its chunk entries, hashing the file's content read straight from the stream."""
+def _chunk_entries(stream: _Unpacked, info: tarfile.TarInfo, entry: dict) -> list[dict]:
+    """The entry and its chunk entries, hashing the file's content as it passes in the stream."""
     regions = list(_regions(info))
     whole = hashlib.sha256() if len(regions) > 1 else None
     out: list[dict] = []
     for offset, length, where in regions:
+        chunk_hash = hashlib.sha256()
         if where is None:
-            data = bytes(length)
+            pieces: Iterable[bytes | memoryview] = (bytes(length),)
         else:
-            gz.seek(where)
-            data = gz.read(length)
-        if len(data) != length:
+            stream.seek(where)
+            pieces = stream.views(length)
+        got = 0
+        for piece in pieces:
+            chunk_hash.update(piece)
+            if whole is not None:
+                whole.update(piece)
+            got += len(piece)
+        if got != length:
             raise toc.TruncatedError(f"source layer is corrupt or truncated (it ends inside {info.name!r})")
-        digest = toc.sha256_digest(data)
-        if whole is not None:
-            whole.update(data)
+        digest = "sha256:" + chunk_hash.hexdigest()
         chunk = entry if not out else {"name": info.name, "type": "chunk", "chunkOffset": offset}
         chunk["offset"] = HOLE if where is None else where
         if len(regions) > 1:
@@ -658,8 +765,9 @@ def _chunk_entries(gz: io.BufferedIOBase, info: tarfile.TarInfo, entry: dict) ->
 
 
 def _gzidx_points(gz: io.BufferedIOBase) -> list[Checkpoint]:
-    """Every checkpoint rapidgzip found, from its export in indexed_gzip's GZIDX format (native byte
-    order; offsets rounded up to bytes with `bits` bits before them; 32 KiB windows, unused bytes 0)."""
+    """Every checkpoint rapidgzip found, its window not yet compressed, from its export in indexed_gzip's
+    GZIDX format (native byte order; offsets rounded up to bytes with `bits` bits before them; 32 KiB
+    windows, unused bytes 0)."""
     import rapidgzip
 
     with tempfile.TemporaryFile() as f:
@@ -669,13 +777,16 @@ def _gzidx_points(gz: io.BufferedIOBase) -> list[Checkpoint]:
         if magic != b"GZIDX" or version != 1 or window_size != WINDOW_SIZE:
             raise SeekIndexError(f"unexpected rapidgzip index ({magic!r} v{version}, window {window_size})")
         table = [_GZIDX_POINT.unpack(f.read(_GZIDX_POINT.size)) for _ in range(count)]
-        points = []
-        for offset, uncompressed, bits, has_window in table:
-            window = f.read(WINDOW_SIZE) if has_window else b""
-            compressor = zlib.compressobj(9, wbits=-15)
-            stored = compressor.compress(window) + compressor.flush() if window else b""
-            points.append(Checkpoint(offset * 8 - bits, uncompressed, stored))
-    return points
+        return [Checkpoint(offset * 8 - bits, uncompressed, f.read(WINDOW_SIZE) if has_window else b"")
+                for offset, uncompressed, bits, has_window in table]
+
+
+def _deflate_window(window: bytes) -> bytes:
+    """A window as stored: raw deflate, zlib level 9."""
+    if not window:
+        return b""
+    compressor = zlib.compressobj(9, wbits=-15)
+    return compressor.compress(window) + compressor.flush()
 
 
 def _thin(points: list[Checkpoint], total: int) -> list[Checkpoint]:

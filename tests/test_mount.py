@@ -201,6 +201,11 @@ def test_merged_tree_equals_umoci_unpack(edge_pushed: str, edge_expected: dict, 
     mnt = tmp_path / "mnt"
     with mounted(edge_pushed, mnt, "--cache-dir", str(tmp_path / "cache"), "--no-background-fetch"):
         _assert_same_tree(describe_tree(mnt), edge_expected)
+        listings = stats(mnt)["listings"]
+        assert listings >= len({name.rpartition("/")[0] for name in edge_expected})
+        # the second walk's listings come from the kernel's cache (FOPEN_CACHE_DIR): the same tree
+        _assert_same_tree(describe_tree(mnt), edge_expected)
+        assert stats(mnt)["listings"] == listings
         root = os.stat(mnt)
         assert root.st_ino == 1
         hard = [os.stat(mnt / p) for p in ("links/hard-a", "hard-c")]

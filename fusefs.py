@@ -141,8 +141,7 @@ class _FUSE(mfusepy.FUSE):
         position = offset
         for entry in entries:
             name, attrs, _ = entry
-            st = mfusepy.c_stat()
-            mfusepy.set_st_attrs(st, attrs, use_ns=True)
+            st = _c_stat(attrs)
             fill = plus if name not in (".", "..") else 0  # the kernel skips these two in READDIRPLUS
             if filler(buf, name.encode(self.encoding, self.errors), st, position + 1, fill) != 0:
                 entries = itertools.chain([entry], entries)  # did not fit: the next reply starts with it
@@ -152,6 +151,19 @@ class _FUSE(mfusepy.FUSE):
             with self._unfinished_lock:
                 self._unfinished[(path, position)] = entries
         return 0
+
+
+def _c_stat(attrs: dict[str, int]) -> mfusepy.c_stat:
+    """The `struct stat` of LazyFS attributes (times in ns): what mfusepy.set_st_attrs makes, built in one
+    call instead of a lookup per key (a listing builds one per entry)."""
+    get = attrs.get
+    return mfusepy.c_stat(
+        st_ino=get("st_ino", 0), st_mode=get("st_mode", 0), st_nlink=get("st_nlink", 0),
+        st_uid=get("st_uid", 0), st_gid=get("st_gid", 0), st_size=get("st_size", 0),
+        st_blocks=get("st_blocks", 0), st_blksize=get("st_blksize", 0), st_rdev=get("st_rdev", 0),
+        st_atimespec=mfusepy.c_timespec(*divmod(get("st_atime", 0), 1_000_000_000)),
+        st_mtimespec=mfusepy.c_timespec(*divmod(get("st_mtime", 0), 1_000_000_000)),
+        st_ctimespec=mfusepy.c_timespec(*divmod(get("st_ctime", 0), 1_000_000_000)))
 
 
 class _DlInfo(ctypes.Structure):

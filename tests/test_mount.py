@@ -674,6 +674,22 @@ def test_long_listing_is_generated_once_across_replies() -> None:
     assert Operations.calls == 1
 
 
+def test_listing_stat_is_what_mfusepy_would_fill() -> None:
+    """READDIRPLUS entries carry the same `struct stat` as mfusepy's generic filler, full or partial."""
+    import mfusepy
+
+    import fusefs
+
+    full = {"st_ino": 7, "st_mode": stat.S_IFCHR | 0o600, "st_nlink": 3, "st_uid": 1000, "st_gid": 50,
+            "st_size": 12345, "st_blocks": 25, "st_blksize": 4096, "st_rdev": os.makedev(1, 3),
+            "st_mtime": 1_700_000_000_123_456_789, "st_atime": 1_600_000_000_000_000_001,
+            "st_ctime": 5_000_000_000}
+    for attrs in (full, {"st_mode": stat.S_IFDIR | 0o755, "st_ino": 1}):
+        expected = mfusepy.c_stat()
+        mfusepy.set_st_attrs(expected, attrs, use_ns=True)
+        assert bytes(fusefs._c_stat(attrs)) == bytes(expected)
+
+
 def test_image_paths_resolve_inside_the_image(tmp_path: Path) -> None:
     """`run` reads the image's /etc/passwd with the image's symlinks resolved inside the image (as the
     container will see them), never on the host."""

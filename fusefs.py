@@ -51,6 +51,7 @@ RUNTIME_KEYS = ("Env", "WorkingDir", "User", "Entrypoint", "Cmd")  # what `run` 
 OPEN_FILES = 4096  # files whose sequential-read state the daemon remembers without OPEN
 # libfuse 3 flags (fuse_common.h, fuse.h) that mfusepy does not name.
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23  # the kernel caches READLINK answers like page data
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # the kernel asks for attributes in a listing only when it sees fit
 FUSE_READDIR_PLUS = 1 << 0  # readdir is asked for full attributes...
 FUSE_FILL_DIR_PLUS = 1 << 1  # ...and an entry filled with them needs no LOOKUP afterwards
 # libfuse 3.13-3.15 on 64 bits (lib/fuse_i.h): `struct fuse_session` holds its /dev/fuse fd at byte 12
@@ -87,6 +88,11 @@ class _FUSE(mfusepy.FUSE):
     def _init(self, conn, config) -> None:
         if conn and conn.contents.capable & FUSE_CAP_CACHE_SYMLINKS:
             conn.contents.want |= FUSE_CAP_CACHE_SYMLINKS
+        if conn:
+            # READDIRPLUS for every part of a listing: with the default "auto", the kernel asks with
+            # attributes only for a listing's first reply (~25 entries of one page), then a walk pays a
+            # LOOKUP round trip for each of the directory's further entries
+            conn.contents.want &= ~FUSE_CAP_READDIRPLUS_AUTO
         self._cache_listings()
         super()._init(conn, config)
 

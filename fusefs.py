@@ -1,8 +1,9 @@
 """The FUSE adapter: fusepy operations over one merged tree, and serving them at a mount point.
 
 What belongs here: `LazyFS` (the read-only file system operations over an engine.ImageView), the libfuse 3
-details mfusepy leaves out (symlink caching, READDIRPLUS with attributes), mount options, the mount's
-read-ahead, the daemon's malloc tuning, and `serve_image` (open an image and serve it until unmounted).
+details mfusepy leaves out (symlink caching, READDIRPLUS with attributes, listings the kernel keeps),
+mount options, the mount's read-ahead, the daemon's malloc tuning, and `serve_image` (open an image and
+serve it until unmounted).
 Both the command line and the snapshotter's layers daemon (layerfs.py) serve through here.  What never
 does: argument parsing and messages (lazymount.py), daemonizing and unmounting (mountctl.py), the tree and
 its reads (tree.py, engine.py), gRPC.

@@ -117,9 +117,10 @@ class _FUSE(mfusepy.FUSE):
         lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
         session = lib.fuse_get_session(lib.fuse_get_context().contents.fuse)
         slot = ctypes.c_void_p.from_address(session + _SESSION_OPENDIR_OFFSET) if session else None
-        if (slot is None or ctypes.c_int.from_address(session + _SESSION_FD_OFFSET).value
-                != lib.fuse_session_fd(session)
-                or _library_of(slot.value) != _library_of(lib.fuse_get_session)):
+        libfuse = _library_of(lib.fuse_get_session)
+        if (slot is None or libfuse is None or _library_of(slot.value) != libfuse
+                or ctypes.c_int.from_address(session + _SESSION_FD_OFFSET).value
+                != lib.fuse_session_fd(session)):
             log.warning("directory listings not cached: libfuse's session is not laid out as expected")
             return
         original = _LowLevelOpendir(slot.value)

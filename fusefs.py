@@ -1,8 +1,9 @@
 """The FUSE adapter: fusepy operations over one merged tree, and serving them at a mount point.
 
 What belongs here: `LazyFS` (the read-only file system operations over an engine.ImageView), the libfuse 3
-details mfusepy leaves out (symlink caching, READDIRPLUS with attributes), mount options, the mount's
-read-ahead, the daemon's malloc tuning, and `serve_image` (open an image and serve it until unmounted).
+details mfusepy leaves out (symlink caching, READDIRPLUS with attributes, listings the kernel keeps),
+mount options, the mount's read-ahead, the daemon's malloc tuning, and `serve_image` (open an image and
+serve it until unmounted).
 Both the command line and the snapshotter's layers daemon (layerfs.py) serve through here.  What never
 does: argument parsing and messages (lazymount.py), daemonizing and unmounting (mountctl.py), the tree and
 its reads (tree.py, engine.py), gRPC.
@@ -51,8 +52,14 @@ RUNTIME_KEYS = ("Env", "WorkingDir", "User", "Entrypoint", "Cmd")  # what `run` 
 OPEN_FILES = 4096  # files whose sequential-read state the daemon remembers without OPEN
 # libfuse 3 flags (fuse_common.h, fuse.h) that mfusepy does not name.
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23  # the kernel caches READLINK answers like page data
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # the kernel asks for attributes in a listing only when it sees fit
 FUSE_READDIR_PLUS = 1 << 0  # readdir is asked for full attributes...
 FUSE_FILL_DIR_PLUS = 1 << 1  # ...and an entry filled with them needs no LOOKUP afterwards
+# libfuse 3.13-3.15 on 64 bits (lib/fuse_i.h): `struct fuse_session` holds its /dev/fuse fd at byte 12
+# and its `struct fuse_lowlevel_ops` at byte 40, whose 21st member (index 20) is opendir.
+_SESSION_FD_OFFSET = 12
+_SESSION_OPENDIR_OFFSET = 40 + 20 * 8
+_LowLevelOpendir = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)
 _SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # glibc mallopt parameters (malloc.h) and the daemon's values: buffers above a default 4 MiB chunk (TOC
 # JSON, background fetch spans) are mmapped, so freeing them returns them to the OS.  Left to glibc, the
@@ -67,20 +74,67 @@ TRIM_THRESHOLD = 8 << 20
 
 
 class _FUSE(mfusepy.FUSE):
-    """mfusepy.FUSE that lets the kernel cache symlinks and answers READDIRPLUS with full attributes, so
-    that a walk of the tree needs no LOOKUP round trip per entry (mfusepy fills only mode and inode)."""
+    """mfusepy.FUSE that lets the kernel cache symlinks and directory listings, and answers READDIRPLUS
+    with full attributes, so that a walk of the tree needs no LOOKUP round trip per entry (mfusepy fills
+    only mode and inode) and a second walk no READDIR."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # listings cut short by a full reply buffer, by (path, offset): the kernel's next READDIR of that
         # directory resumes there, so a long directory costs one pass over its entries, not one per reply
         self._unfinished: cachetools.LRUCache[tuple[bytes, int], Iterator] = cachetools.LRUCache(64)
         self._unfinished_lock = threading.Lock()
+        self._opendir: Callable | None = None  # the low-level opendir put in libfuse's, kept alive
         super().__init__(*args, **kwargs)  # mfusepy serves the file system from here until unmounted
 
     def _init(self, conn, config) -> None:
         if conn and conn.contents.capable & FUSE_CAP_CACHE_SYMLINKS:
             conn.contents.want |= FUSE_CAP_CACHE_SYMLINKS
+        if conn:
+            # READDIRPLUS for every part of a listing: with the default "auto", the kernel asks with
+            # attributes only for a listing's first reply (~25 entries of one page), then a walk pays a
+            # LOOKUP round trip for each of the directory's further entries
+            conn.contents.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+        self._cache_listings()
         super()._init(conn, config)
+
+    def _cache_listings(self) -> None:
+        """Have the kernel keep directory listings (FOPEN_CACHE_DIR and FOPEN_KEEP_CACHE on OPENDIR).
+
+        libfuse before 3.16.1 does not pass what the high-level opendir sets on to the kernel: its
+        low-level opendir replies with a `fuse_file_info` of its own.  So in libfuse 3.13-3.15 that
+        low-level op, in the session's table, is wrapped in one that sets the two flags first.  The
+        table's place is checked (the session's fd where libfuse says, opendir inside libfuse) before
+        anything is written; elsewhere listings are not cached, which is only slower.
+        """
+        if (not (3, 13) <= (mfusepy.fuse_version_major, mfusepy.fuse_version_minor) < (3, 16)
+                or ctypes.sizeof(ctypes.c_void_p) != 8):
+            log.debug("directory listings not cached: libfuse %d.%d", mfusepy.fuse_version_major,
+                      mfusepy.fuse_version_minor)
+            return
+        lib = mfusepy._libfuse
+        lib.fuse_get_session.restype = ctypes.c_void_p
+        lib.fuse_get_session.argtypes = [ctypes.c_void_p]
+        lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
+        session = lib.fuse_get_session(lib.fuse_get_context().contents.fuse)
+        slot = ctypes.c_void_p.from_address(session + _SESSION_OPENDIR_OFFSET) if session else None
+        libfuse = _library_of(lib.fuse_get_session)
+        if (slot is None or libfuse is None or _library_of(slot.value) != libfuse
+                or ctypes.c_int.from_address(session + _SESSION_FD_OFFSET).value
+                != lib.fuse_session_fd(session)):
+            log.warning("directory listings not cached: libfuse's session is not laid out as expected")
+            return
+        original = _LowLevelOpendir(slot.value)
+        # the two flags are bits of the unsigned int after `flags`: set both in one write
+        flags = mfusepy.fuse_file_info(cache_readdir=1, keep_cache=1)
+        offset = ctypes.sizeof(ctypes.c_int)
+        bits = ctypes.c_uint.from_buffer(flags, offset).value
+
+        def opendir(req: int, ino: int, llfi: int) -> None:
+            word = ctypes.c_uint.from_address(llfi + offset)
+            word.value |= bits
+            original(req, ino, llfi)
+        self._opendir = _LowLevelOpendir(opendir)
+        slot.value = ctypes.cast(self._opendir, ctypes.c_void_p).value
 
     def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip, flags: int) -> int:
         # Entries go out with their own offsets (1, 2, ...): only then does libfuse 3.14 pass the
@@ -95,8 +149,7 @@ class _FUSE(mfusepy.FUSE):
         position = offset
         for entry in entries:
             name, attrs, _ = entry
-            st = mfusepy.c_stat()
-            mfusepy.set_st_attrs(st, attrs, use_ns=True)
+            st = _c_stat(attrs)
             fill = plus if name not in (".", "..") else 0  # the kernel skips these two in READDIRPLUS
             if filler(buf, name.encode(self.encoding, self.errors), st, position + 1, fill) != 0:
                 entries = itertools.chain([entry], entries)  # did not fit: the next reply starts with it
@@ -106,6 +159,33 @@ class _FUSE(mfusepy.FUSE):
             with self._unfinished_lock:
                 self._unfinished[(path, position)] = entries
         return 0
+
+
+def _c_stat(attrs: dict[str, int]) -> mfusepy.c_stat:
+    """The `struct stat` of LazyFS attributes (times in ns): what mfusepy.set_st_attrs makes, built in one
+    call instead of a lookup per key (a listing builds one per entry)."""
+    get = attrs.get
+    return mfusepy.c_stat(
+        st_ino=get("st_ino", 0), st_mode=get("st_mode", 0), st_nlink=get("st_nlink", 0),
+        st_uid=get("st_uid", 0), st_gid=get("st_gid", 0), st_size=get("st_size", 0),
+        st_blocks=get("st_blocks", 0), st_blksize=get("st_blksize", 0), st_rdev=get("st_rdev", 0),
+        st_atimespec=mfusepy.c_timespec(*divmod(get("st_atime", 0), 1_000_000_000)),
+        st_mtimespec=mfusepy.c_timespec(*divmod(get("st_mtime", 0), 1_000_000_000)),
+        st_ctimespec=mfusepy.c_timespec(*divmod(get("st_ctime", 0), 1_000_000_000)))
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _library_of(address: int | ctypes._CFuncPtr | None) -> str | None:
+    """The path of the shared object that holds code `address` (dladdr), None if none or unknown."""
+    if not address:
+        return None
+    info = _DlInfo()
+    found = ctypes.CDLL(None).dladdr(ctypes.cast(address, ctypes.c_void_p), ctypes.byref(info))
+    return info.dli_fname.decode() if found and info.dli_fname else None
 
 
 class LazyFS(mfusepy.Operations):
@@ -130,6 +210,7 @@ class LazyFS(mfusepy.Operations):
         self._fs_bytes: int | None = None
         self._fuse: int | None = None  # libfuse's `struct fuse *`, once serving
         self._bare_root_shown = False
+        self._listings = 0  # directory listings generated: those the kernel has cached are not
 
     def _tree(self) -> tree.MergedTree:
         try:
@@ -178,6 +259,8 @@ class LazyFS(mfusepy.Operations):
         merged, node = self._node(path)
         if not merged.is_dir(node):
             raise OSError(errno.ENOTDIR, path)
+        with self._lock:
+            self._listings += 1
         own = {"st_mode": merged.mode(node), "st_ino": node.ino}
         yield ".", own, 0
         yield "..", own, 0
@@ -230,7 +313,8 @@ class LazyFS(mfusepy.Operations):
     @mfusepy.overrides(mfusepy.Operations)
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         if path == "/" and name == STATS_XATTR:  # answered even while a layer is missing
-            return json.dumps({**self.info, **self.view.stats(), "pid": os.getpid()}).encode()
+            return json.dumps({**self.info, **self.view.stats(), "listings": self._listings,
+                               "pid": os.getpid()}).encode()
         merged, node = self._node(path)
         if node is merged.root and name == IMAGE_XATTR:
             return json.dumps(self.info).encode()

@@ -209,11 +209,12 @@ class MergedTree:
         if e.kind == toc.KIND_SYMLINK:
             size = len(os.fsencode(e.link_name))
         if self._is_raw_whiteout(node):
-            rdev = 0
-        else:
+            mode, rdev = stat.S_IFCHR, 0
+        else:  # as mode() tells, without decoding the entry again
+            mode = _KIND_MODE[e.kind] | e.mode
             rdev = os.makedev(e.dev_major, e.dev_minor) if e.kind in (toc.KIND_CHAR, toc.KIND_BLOCK) else 0
         mtime = e.mtime * 1_000_000_000
-        return {"st_ino": node.ino, "st_mode": self.mode(node), "st_nlink": self.nlink(node),
+        return {"st_ino": node.ino, "st_mode": mode, "st_nlink": self.nlink(node),
                 "st_uid": e.uid, "st_gid": e.gid, "st_size": size, "st_blocks": (size + 511) // 512,
                 "st_blksize": BLOCK_SIZE, "st_rdev": rdev, "st_mtime": mtime, "st_atime": mtime,
                 "st_ctime": mtime}

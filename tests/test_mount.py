@@ -192,6 +192,14 @@ def _assert_same_tree(actual: dict, expected: dict) -> None:
         assert {**got, "mtime": 0} == {**want, "mtime": 0}, name
 
 
+def _listings_to_list_again(mnt: Path, directory: str) -> int:
+    """How many listings the daemon at `mnt` makes to list `directory` a second time."""
+    os.listdir(mnt / directory)
+    before = stats(mnt)["listings"]
+    os.listdir(mnt / directory)
+    return stats(mnt)["listings"] - before
+
+
 # ----------------------------------------------------------------------------------------------- tests
 
 
@@ -201,6 +209,11 @@ def test_merged_tree_equals_umoci_unpack(edge_pushed: str, edge_expected: dict, 
     mnt = tmp_path / "mnt"
     with mounted(edge_pushed, mnt, "--cache-dir", str(tmp_path / "cache"), "--no-background-fetch"):
         _assert_same_tree(describe_tree(mnt), edge_expected)
+        assert stats(mnt)["listings"] >= len({name.rpartition("/")[0] for name in edge_expected})
+        # a second walk: the same tree, from the kernel's cache of listings (FOPEN_CACHE_DIR) ...
+        _assert_same_tree(describe_tree(mnt), edge_expected)
+        # ... which holds a listing once made (unless `drop_caches` on the shared host empties it meanwhile)
+        assert any(_listings_to_list_again(mnt, "data") == 0 for _ in range(3))
         root = os.stat(mnt)
         assert root.st_ino == 1
         hard = [os.stat(mnt / p) for p in ("links/hard-a", "hard-c")]
@@ -667,6 +680,22 @@ def test_long_listing_is_generated_once_across_replies() -> None:
     assert [size for _, size, _ in received] == list(range(1000))
     assert {flags for _, _, flags in received} == {fusefs.FUSE_FILL_DIR_PLUS}
     assert Operations.calls == 1
+
+
+def test_listing_stat_is_what_mfusepy_would_fill() -> None:
+    """READDIRPLUS entries carry the same `struct stat` as mfusepy's generic filler, full or partial."""
+    import mfusepy
+
+    import fusefs
+
+    full = {"st_ino": 7, "st_mode": stat.S_IFCHR | 0o600, "st_nlink": 3, "st_uid": 1000, "st_gid": 50,
+            "st_size": 12345, "st_blocks": 25, "st_blksize": 4096, "st_rdev": os.makedev(1, 3),
+            "st_mtime": 1_700_000_000_123_456_789, "st_atime": 1_600_000_000_000_000_001,
+            "st_ctime": 5_000_000_000}
+    for attrs in (full, {"st_mode": stat.S_IFDIR | 0o755, "st_ino": 1}):
+        expected = mfusepy.c_stat()
+        mfusepy.set_st_attrs(expected, attrs, use_ns=True)
+        assert bytes(fusefs._c_stat(attrs)) == bytes(expected)
 
 
 def test_image_paths_resolve_inside_the_image(tmp_path: Path) -> None:

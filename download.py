@@ -247,7 +247,7 @@ class StagedRanges:
     """Compressed bytes of a blob fetched ahead of use (the landmark prefetch, the background fetch), kept
     in an unlinked scratch file until their chunks are decompressed into the cache: the mount is ready once
     the bytes are here, and decompressing them does not hold up the command that reads them.  A range
-    announced as `fetching` is waited for by `read(wait=True)` until it is `put` or `abandon`ed; a range
+    announced as `fetching` is waited for by `read` until it is `put` or `abandon`ed; a range
     whose chunks are stored is `drop`ped (its disk blocks freed)."""
 
     def __init__(self, directory: Path) -> None:
@@ -279,15 +279,15 @@ class StagedRanges:
             self.chunks.extend(chunks)
             self._changed.notify_all()
 
-    def read(self, offset: int, length: int, wait: bool = False) -> bytes | None:
-        """The staged bytes [offset, offset + length), or None if they are not (or no longer) here; `wait`:
-        if they are being fetched, wait for them first."""
+    def read(self, offset: int, length: int, wait: float = 0.0) -> bytes | None:
+        """The staged bytes [offset, offset + length), or None if they are not (or no longer) here; if they
+        are being fetched, wait up to `wait` seconds for them first."""
         def within(ranges: dict[int, int]) -> bool:
             return any(a <= offset and offset + length <= b for a, b in ranges.items())
 
         with self._changed:
-            if wait:
-                self._changed.wait_for(lambda: self._file.closed or not within(self._fetching))
+            if wait > 0:
+                self._changed.wait_for(lambda: self._file.closed or not within(self._fetching), wait)
             if self._file.closed or not within(self._staged):
                 return None
             return os.pread(self._file.fileno(), length, offset)

@@ -5,9 +5,11 @@ What belongs here: a layer's blob and index (eStargz read by range, a plain gzip
 read by span, or downloaded whole, verified and indexed or converted locally), reading file bytes chunk by
 chunk through the cache (verified bytes or EIO), sequential read-ahead, fetching a miss's neighbours
 along, the landmark prefetch (a few large requests over parallel connections, staged and then
-decompressed), a low-priority background fetch (which checks a seek-indexed layer's digest once it has
-every byte), per-layer stats, handing the files a workload opens to a profiles.AccessRecorder; ImageView
-ties these to the merged tree of tree.py once every layer is indexed.
+decompressed), the background fetch (the rest of every lazy layer streamed at full speed into staged
+ranges that answer readers' misses, decompressed into the cache while reads pause; a seek-indexed layer
+span by span at low priority, its digest checked once it has every byte), per-layer stats, handing the
+files a workload opens to a profiles.AccessRecorder; ImageView ties these to the merged tree of tree.py once
+every layer is indexed.
 What never does: overlay rules, inode numbers or attributes (tree.py), FUSE or any kernel interface
 (fusefs.py adapts this to FUSE), HTTP (a layer is handed a `fetch.BlobReader` as its
 download.BlobSource), local blob files and downloads (download.py), TOC parsing (toc.py, tocread.py),
@@ -58,6 +60,7 @@ READY_TIMEOUT = 600.0  # how long a file system call waits for a layer still bei
 # when the next read arrives, which then waits for it.
 BACKGROUND_QUIET = 0.1
 IDLE_POLL = 0.05
+STAGED_WAIT = 2.0  # how long a read waits for its bytes on their way in a background range
 
 
 class NotReadyError(toc.LazymountError):
@@ -134,9 +137,10 @@ class Layer:
 
     def staged_chunk(self, c: toc.Chunk) -> bytes | None:
         """The chunk decompressed from its staged (prefetched) bytes, not yet verified (the cache does
-        that); None if they are not staged.  Bytes being fetched by the background fetch are waited for."""
+        that); None if they are not staged.  Bytes the background fetch is fetching are waited for (up to
+        STAGED_WAIT seconds: a stalled request then costs the reader one of its own)."""
         staged = self.staged
-        compressed = staged.read(c.comp_offset, c.comp_end - c.comp_offset, wait=True) if staged else None
+        compressed = staged.read(c.comp_offset, c.comp_end - c.comp_offset, STAGED_WAIT) if staged else None
         if compressed is None:
             return None
         assert self.index is not None
@@ -258,7 +262,7 @@ class ImageView:
     """An image's layers, their merged tree once every layer is indexed, and file data through the cache.
 
     `start()` launches the threads (call it after daemonizing): the download of layers that are not
-    eStargz, then the landmark prefetch and, if enabled, a low-priority background fetch of every chunk.
+    eStargz, then the landmark prefetch and, if enabled, the background fetch of every chunk.
     """
 
     def __init__(self, layers: Sequence[Layer], chunk_cache: cache.ChunkCache, work_dir: Path, *,
@@ -601,7 +605,7 @@ class ImageView:
                     layer.count("errors")
                     log.warning("layer %s: fetching [%d, %d) failed: %s", layer.digest, start, stop, e)
             fetched.put(None)
-            log.info("background worker done")
+            log.debug("background fetch: a connection is done")
 
         workers = [threading.Thread(target=worker, name="background", daemon=True)
                    for _ in range(PREFETCH_CONNECTIONS)]

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFETCH_SPAN = 16 << 20  # compressed bytes fetched in one request by the landmark prefetch
-BACKGROUND_SPAN = 8 << 20  # ... and by the background fetch
+BACKGROUND_SPAN = 4 << 20  # ... and by the background fetch
 PREFETCH_CONNECTIONS = 4  # parallel requests fetching the landmark ranges at mount time
 MIN_PREFETCH_REQUEST = 1 << 20  # the landmark range is cut into requests no smaller than this
 READ_AHEAD_BYTES = 8 << 20  # how far ahead of a sequential reader chunks are loaded

@@ -597,7 +597,7 @@ class ImageView:
                 assert layer.staged is not None
                 try:
                     data = layer.fetch(start, stop - start)
-                    layer.staged.put(start, data, chunks)
+                    layer.staged.put(start, data, [])  # its chunks are stored from `fetched` below
                     layer.count("background_bytes", len(data))
                     fetched.put(job)
                 except (toc.LazymountError, OSError) as e:  # its chunks are fetched on demand

@@ -427,6 +427,17 @@ class ChunkCache:
                 return True
         return self._disk is not None and self._disk.contains(hexdigest)
 
+    def room(self) -> int:
+        """Bytes the cache can still take before it evicts: on disk if it has a disk tier, else in memory."""
+        if self._disk is None:
+            with self._lock:
+                return self._memory.maxsize - self._memory.currsize
+        try:
+            return max(self._disk.max_bytes - self._disk.total(), 0)
+        except OSError as exc:
+            log.warning("chunk cache: reading the disk total failed: %s", exc)
+            return 0
+
     def stats(self) -> dict[str, int]:
         """Counters of this process, plus the bytes now held in memory and (by all processes) on disk."""
         with self._lock:

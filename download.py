@@ -18,6 +18,7 @@ used before (whole_blob returns it only then).
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import errno
 import hashlib
 import io
@@ -247,30 +248,74 @@ class FileBlob:
 
 
 class StagedRanges:
-    """Compressed bytes of a blob fetched ahead of use (the landmark prefetch), kept in an unlinked
-    scratch file until their chunks are decompressed into the cache: the mount is ready once the bytes are
-    here, and decompressing them does not hold up the command that reads them."""
+    """Compressed bytes of a blob fetched ahead of use (the landmark prefetch, the background fetch), kept
+    in an unlinked scratch file until their chunks are decompressed into the cache: the mount is ready once
+    the bytes are here, and decompressing them does not hold up the command that reads them.  A range
+    announced as `fetching` is waited for by `read` until it is `put` or `abandon`ed; a range
+    whose chunks are stored is `drop`ped (its disk blocks freed)."""
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 -- closed by close()
-        self._ranges: list[tuple[int, int]] = []
-        self._lock = threading.Lock()
+        self._staged: dict[int, int] = {}  # start -> stop of the ranges here
+        self._fetching: dict[int, int] = {}  # start -> stop of the ranges on their way
+        self._changed = threading.Condition()
         self.chunks: list[toc.Chunk] = []  # the chunks whose bytes are staged, in the order they arrived
 
-    def put(self, start: int, data: bytes, chunks: list[toc.Chunk]) -> None:
-        os.pwrite(self._file.fileno(), data, start)
-        with self._lock:
-            self._ranges.append((start, start + len(data)))
-            self.chunks.extend(chunks)
+    def fetching(self, start: int, stop: int) -> None:
+        """Announce that the bytes [start, stop) are being fetched."""
+        with self._changed:
+            self._fetching[start] = stop
 
-    def read(self, offset: int, length: int) -> bytes | None:
-        """The staged bytes [offset, offset + length), or None if they are not (or no longer) here."""
-        with self._lock:
-            if self._file.closed or not any(a <= offset and offset + length <= b for a, b in self._ranges):
+    def abandon(self, start: int) -> None:
+        """The fetch of the range announced at `start` failed: its readers stop waiting."""
+        with self._changed:
+            self._fetching.pop(start, None)
+            self._changed.notify_all()
+
+    def put(self, start: int, data: bytes, chunks: list[toc.Chunk]) -> None:
+        with self._changed:
+            if self._file.closed:
+                return
+            os.pwrite(self._file.fileno(), data, start)
+            self._staged[start] = start + len(data)
+            self._fetching.pop(start, None)
+            self.chunks.extend(chunks)
+            self._changed.notify_all()
+
+    def read(self, offset: int, length: int, wait: float = 0.0) -> bytes | None:
+        """The staged bytes [offset, offset + length), or None if they are not (or no longer) here; if they
+        are being fetched, wait up to `wait` seconds for them first."""
+        def within(ranges: dict[int, int]) -> bool:
+            return any(a <= offset and offset + length <= b for a, b in ranges.items())
+
+        with self._changed:
+            if wait > 0:
+                self._changed.wait_for(lambda: self._file.closed or not within(self._fetching), wait)
+            if self._file.closed or not within(self._staged):
                 return None
             return os.pread(self._file.fileno(), length, offset)
 
+    def drop(self, start: int) -> int:
+        """Forget the range staged at `start` and free its disk blocks; the number of bytes it held."""
+        with self._changed:
+            stop = self._staged.pop(start, start)
+            if stop > start and not self._file.closed:
+                _punch_hole(self._file.fileno(), start, stop - start)
+        return stop - start
+
     def close(self) -> None:
-        with self._lock:
+        with self._changed:
             self._file.close()
+            self._changed.notify_all()
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free a file's blocks [offset, offset + length) (Linux fallocate); a file system that cannot keeps
+    them until the file is closed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, ctypes.c_int64(offset),
+                   ctypes.c_int64(length))

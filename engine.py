@@ -5,9 +5,11 @@ What belongs here: a layer's blob and index (eStargz read by range, a plain gzip
 read by span, or downloaded whole, verified and indexed or converted locally), reading file bytes chunk by
 chunk through the cache (verified bytes or EIO), sequential read-ahead, fetching a miss's neighbours
 along, the landmark prefetch (a few large requests over parallel connections, staged and then
-decompressed), a low-priority background fetch (which checks a seek-indexed layer's digest once it has
-every byte), per-layer stats, handing the files a workload opens to a profiles.AccessRecorder; ImageView
-ties these to the merged tree of tree.py once every layer is indexed.
+decompressed), the background fetch (the rest of every lazy layer streamed at full speed into staged
+ranges that answer readers' misses, decompressed into the cache while reads pause; a seek-indexed layer
+span by span at low priority, its digest checked once it has every byte), per-layer stats, handing the
+files a workload opens to a profiles.AccessRecorder; ImageView ties these to the merged tree of tree.py once
+every layer is indexed.
 What never does: overlay rules, inode numbers or attributes (tree.py), FUSE or any kernel interface
 (fusefs.py adapts this to FUSE), HTTP (a layer is handed a `fetch.BlobReader` as its
 download.BlobSource), local blob files and downloads (download.py), TOC parsing (toc.py, tocread.py),
@@ -22,6 +24,7 @@ import errno
 import itertools
 import logging
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -44,9 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFETCH_SPAN = 16 << 20  # compressed bytes fetched in one request by the landmark prefetch
-# The background fetch's requests are smaller: it holds a span's bytes and its chunks' Chunk objects
-# (~300 bytes each: ~10 MB for a 16 MiB span of 1 KB files) while it stores them.
-BACKGROUND_SPAN = 2 << 20
+BACKGROUND_SPAN = 4 << 20  # ... and by the background fetch
 PREFETCH_CONNECTIONS = 4  # parallel requests fetching the landmark ranges at mount time
 MIN_PREFETCH_REQUEST = 1 << 20  # the landmark range is cut into requests no smaller than this
 READ_AHEAD_BYTES = 8 << 20  # how far ahead of a sequential reader chunks are loaded
@@ -54,11 +55,12 @@ READ_AHEAD_THREADS = 2
 NEIGHBOUR_SPAN = 512 << 10  # on a miss, chunks stored after it within this many compressed bytes come along
 NEIGHBOUR_AFTER_MISSES = 2  # ... once a layer has had this many misses
 READY_TIMEOUT = 600.0  # how long a file system call waits for a layer still being downloaded
-# The background fetch sends a request, and stores each chunk of it, only once reads have paused this
-# long: a workload's reads come in bursts, and background work done between two of them holds the GIL
-# (and a core) when the next read arrives, which then waits for it.
+# The background fetch decompresses and stores each staged chunk only once reads have paused this long: a
+# workload's reads come in bursts, and background work done between two of them holds the GIL (and a core)
+# when the next read arrives, which then waits for it.
 BACKGROUND_QUIET = 0.1
 IDLE_POLL = 0.05
+STAGED_WAIT = 2.0  # how long a read waits for its bytes on their way in a background range
 
 
 class NotReadyError(toc.LazymountError):
@@ -98,6 +100,7 @@ class Layer:
     error: str | None = None  # why the last download (or conversion) attempt failed
     permanent: bool = False  # the error is in the layer's verified bytes: it is not tried again
     staged: download.StagedRanges | None = None
+    last_miss: tuple[float, int] = (float("-inf"), 0)  # when and at what compressed offset a read missed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -134,9 +137,10 @@ class Layer:
 
     def staged_chunk(self, c: toc.Chunk) -> bytes | None:
         """The chunk decompressed from its staged (prefetched) bytes, not yet verified (the cache does
-        that); None if they are not staged."""
+        that); None if they are not staged.  Bytes the background fetch is fetching are waited for (up to
+        STAGED_WAIT seconds: a stalled request then costs the reader one of its own)."""
         staged = self.staged
-        compressed = staged.read(c.comp_offset, c.comp_end - c.comp_offset) if staged else None
+        compressed = staged.read(c.comp_offset, c.comp_end - c.comp_offset, STAGED_WAIT) if staged else None
         if compressed is None:
             return None
         assert self.index is not None
@@ -263,7 +267,7 @@ class ImageView:
     """An image's layers, their merged tree once every layer is indexed, and file data through the cache.
 
     `start()` launches the threads (call it after daemonizing): the download of layers that are not
-    eStargz, then the landmark prefetch and, if enabled, a low-priority background fetch of every chunk.
+    eStargz, then the landmark prefetch and, if enabled, the background fetch of every chunk.
     """
 
     def __init__(self, layers: Sequence[Layer], chunk_cache: cache.ChunkCache, work_dir: Path, *,
@@ -381,19 +385,11 @@ class ImageView:
         if not self.background:
             return
         self.fetch_state = "background"
+        self._background_lazy(lazy)
         _lowest_priority()
         for layer in self.layers:
             if layer.state == "indexed":
                 self._background_indexed(layer)
-        for layer in lazy:
-            assert layer.index is not None
-            missing = (c for c in layer.index.blob_chunks()
-                       if not layer.oversized(c) and not self.cache.contains(c.digest))
-            for span in _spans(missing, BACKGROUND_SPAN):
-                if self._stop.is_set():
-                    return
-                self.activity.wait_idle(self._stop, BACKGROUND_QUIET)
-                self._fetch_span(layer, span[0].comp_offset, span[-1].comp_end, span, "background_bytes")
         self.fetch_state = "done"
         log.info("background fetch complete")
 
@@ -556,27 +552,88 @@ class ImageView:
         except (toc.LazymountError, OSError) as e:  # read again, and reported, when a reader asks for it
             log.debug("layer %s: prefetched chunk at %d not stored: %s", layer.digest, c.comp_offset, e)
 
-    def _fetch_span(self, layer: Layer, start: int, end: int, chunks: list[toc.Chunk], counter: str) -> None:
-        """Fetch the compressed bytes [start, end) in one request and put the chunks in it in the cache, each
-        once reads have paused (the background fetch's work yields to any reader)."""
-        assert layer.index is not None
-        fmt = layer.index.format
-        if self._stop.is_set():
-            return
+    def _background_lazy(self, layers: list[Layer]) -> None:
+        """Fetch every chunk of the lazy layers not yet cached, at full speed: ranges of about
+        BACKGROUND_SPAN over PREFETCH_CONNECTIONS connections, the layer a reader missed in last first, from
+        where it missed, into staged ranges (a reader's miss there waits for the range instead of asking the
+        registry); meanwhile decompress each staged chunk into the cache once reads pause (the cores are
+        the workload's) and drop the range once its chunks are stored.  Fetches no more than the cache has
+        room for, compressed and decompressed."""
+        room = self.cache.room()
+        plans: dict[int, list[_Run]] = {}
+        for layer in layers:
+            assert layer.index is not None
+            missing = [c for c in layer.index.blob_chunks()
+                       if not layer.oversized(c) and not self.cache.contains(c.digest)]
+            plan = []
+            for span in _spans(missing, BACKGROUND_SPAN):
+                room -= span[-1].comp_end - span[0].comp_offset + sum(c.size for c in span)
+                if room < 0:
+                    break
+                plan.append((span[0].comp_offset, span[-1].comp_end, span))
+            if plan:
+                plans[id(layer)] = plan
+        active = [layer for layer in layers if id(layer) in plans]
         try:
-            data = layer.fetch(start, end - start)
+            for layer in active:
+                layer.staged = download.StagedRanges(self.work_dir)
+        except OSError as e:
+            log.warning("background fetch skipped: cannot stage in %s: %s", self.work_dir, e)
+            return
+        fetched: queue.SimpleQueue[tuple[Layer, _Run] | None] = queue.SimpleQueue()
+        lock = threading.Lock()
+
+        def next_run() -> tuple[Layer, _Run] | None:
+            with lock:
+                waiting = [layer for layer in active if plans[id(layer)]]
+                if not waiting or self._stop.is_set():
+                    return None
+                layer = max(waiting, key=lambda layer: layer.last_miss[0])  # stable: image order first
+                plan, at = plans[id(layer)], layer.last_miss[1]
+                k = next((k for k, run in enumerate(plan) if run[1] > at), 0)
+                run = plan.pop(k)
+                assert layer.staged is not None
+                layer.staged.fetching(run[0], run[1])
+                return layer, run
+
+        def worker() -> None:
+            while (job := next_run()) is not None:
+                layer, (start, stop, chunks) = job
+                assert layer.staged is not None
+                try:
+                    data = layer.fetch(start, stop - start)
+                    layer.staged.put(start, data, [])  # its chunks are stored from `fetched` below
+                    layer.count("background_bytes", len(data))
+                    fetched.put(job)
+                except (toc.LazymountError, OSError) as e:  # its chunks are fetched on demand
+                    layer.staged.abandon(start)
+                    layer.count("errors")
+                    log.warning("layer %s: fetching [%d, %d) failed: %s", layer.digest, start, stop, e)
+            fetched.put(None)
+            log.debug("background fetch: a connection is done")
+
+        workers = [threading.Thread(target=worker, name="background", daemon=True)
+                   for _ in range(PREFETCH_CONNECTIONS)]
+        for thread in workers:  # at normal priority: they wait on the network, and readers wait on them
+            thread.start()
+        _lowest_priority()
+        running = len(workers)
+        while running:
+            job = fetched.get()
+            if job is None:
+                running -= 1
+                continue
+            layer, (start, _, chunks) = job
             for c in chunks:
                 self.activity.wait_idle(self._stop, BACKGROUND_QUIET)
-                if self._stop.is_set():
-                    return
-                part = data[c.comp_offset - start:c.comp_end - start]
-                # the cache verifies the digest before it stores anything
-                self.cache.store(c.digest, lambda c=c, part=part: tocread.decompress_chunk(part, c, fmt,
-                                                                                        verify=False))
-            layer.count(counter, end - start)
-        except (toc.LazymountError, OSError) as e:
-            layer.count("errors")
-            log.warning("layer %s: fetching [%d, %d) failed: %s", layer.digest, start, end, e)
+                if not self._stop.is_set() and not self.cache.contains(c.digest):
+                    self._unstage_chunk(layer, c)
+            if layer.staged is not None:
+                layer.staged.drop(start)
+        for layer in active:
+            staged, layer.staged = layer.staged, None
+            if staged is not None:
+                staged.close()
 
     # -- reads --------------------------------------------------------------------------------------
 
@@ -626,6 +683,7 @@ class ImageView:
             if data is not None:  # prefetched: a hit
                 return data
             loaded.append(True)
+            layer.last_miss = (time.monotonic(), c.comp_offset)
             with self._neighbour_lock:
                 compressed = self._neighbour_bytes.pop(c.digest, None)
             if compressed is None:

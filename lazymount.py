@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="fetch the landmark range [0, prefetch_end) of every layer before the mount "
                                "is ready")
     mounting.add_argument("--background-fetch", action=argparse.BooleanOptionalAction, default=True,
-                          help="then fetch the rest of every layer at low priority")
+                          help="then fetch the rest of every layer at full speed, decompressing it "
+                               "into the cache while reads pause")
     mounting.add_argument("--log-file", metavar="FILE", help="the daemon's log (default: discarded)")
     image = argparse.ArgumentParser(add_help=False, parents=[registry, mounting])
     image.add_argument("image", help="REGISTRY/NAME[:TAG|@DIGEST] or oci:DIR[:TAG]")

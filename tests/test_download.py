@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -189,3 +190,34 @@ def test_a_plain_layer_is_indexed_while_it_downloads(pushed: Pushed, tmp_path: P
     layer.localize(tmp_path, cache_dir=tmp_path / "cache")
     assert layer.state == "local" and layer.spans is not None
     assert seekindex.index_path(tmp_path / "cache", image.layer_digest).is_file()
+
+
+def test_staged_ranges_wait_for_bytes_on_their_way_and_free_them(tmp_path: Path) -> None:
+    """A read of bytes in a range being fetched waits for them (or for the fetch to be abandoned); a
+    dropped range frees its disk blocks and reads as absent; a closed one releases its waiters."""
+    staged = download.StagedRanges(tmp_path)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    staged.fetching(0, len(data))
+    got: list[bytes | None] = []
+    reader = threading.Thread(target=lambda: got.append(staged.read(1000, 10, wait=600)))
+    reader.start()
+    reader.join(0.2)
+    assert reader.is_alive(), "returned before the range arrived"
+    staged.put(0, data, [])
+    reader.join(30)
+    assert got == [data[1000:1010]]
+    assert staged.read(len(data) - 5, 10) is None  # partly outside what is staged
+    staged.fetching(1 << 30, (1 << 30) + 100)
+    reader = threading.Thread(target=lambda: got.append(staged.read((1 << 30) + 1, 10, wait=600)))
+    reader.start()
+    staged.abandon(1 << 30)
+    reader.join(30)
+    assert got[-1] is None and not reader.is_alive()
+    assert staged.drop(0) == len(data) and staged.read(1000, 10) is None
+    assert os.fstat(staged._file.fileno()).st_blocks * 512 < len(data)  # the hole is punched
+    staged.fetching(0, 10)
+    reader = threading.Thread(target=lambda: got.append(staged.read(0, 10, wait=600)))
+    reader.start()
+    staged.close()
+    reader.join(30)
+    assert got[-1] is None and not reader.is_alive()

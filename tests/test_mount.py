@@ -28,7 +28,7 @@ import pytest
 
 from imagebuild import add_blob, describe_tree, make_layer_tar, make_oci_image, write_oci_layout
 from tests.reference import Containerd, read_layout, ref_convert, ref_unpacked
-from tests.registry import Registry, push_layout
+from tests.registry import Fault, FaultProxy, Registry, push_layout
 from toc import MEDIA_LAYER_TAR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -505,10 +505,13 @@ def test_registry_down_gives_eio_then_recovers(tmp_path: Path, fast_fail_env: di
         reg.close()
 
 
-def test_corrupt_blob_byte_gives_eio_never_wrong_data(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-                                                       ) -> None:
+@pytest.mark.parametrize("background", [False, True], ids=["on-demand", "background-staged"])
+def test_corrupt_blob_byte_gives_eio_never_wrong_data(tmp_path: Path,
+                                                       tmp_path_factory: pytest.TempPathFactory,
+                                                       background: bool) -> None:
     """One byte flipped inside a file's compressed bytes in registry storage: reading that file is EIO
-    (logged with layer and path), the other file still reads right, and nothing wrong is cached."""
+    (logged with layer and path), the other file still reads right, and nothing wrong is cached; the
+    same when the background fetch has staged the corrupt bytes (they are verified before being served)."""
     reg = Registry(tmp_path_factory.mktemp("registry-corrupt")).start()
     try:
         tree = _random_tree(tmp_path / "tree", {"victim.bin": 500_000, "other.bin": 1000})
@@ -522,8 +525,11 @@ def test_corrupt_blob_byte_gives_eio_never_wrong_data(tmp_path: Path, tmp_path_f
         data[offset] ^= 0xFF
         blob.write_bytes(bytes(data))
         mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
+        options = () if background else ("--no-background-fetch",)
         with mounted(f"{reg.host}/corrupt:v1", mnt, "--cache-dir", str(tmp_path / "cache"), "--no-prefetch",
-                     "--no-background-fetch", "--log-file", str(log_file)):
+                     *options, "--log-file", str(log_file)):
+            if background:
+                assert wait_for(mnt, "done")["layers"][0]["background_bytes"] > 500_000
             for _ in range(2):
                 with pytest.raises(OSError) as e:
                     (mnt / "victim.bin").read_bytes()
@@ -601,6 +607,61 @@ def test_landmark_prefetch_then_background_fetch(registry: Registry, tmp_path: P
         for name in ("hot/a.bin", "hot/b.txt", "cold/c.bin"):
             assert sha256(mnt / name) == sha256(tree / name)
         assert stats(mnt)["layers"][0]["chunks_fetched"] == 0
+
+
+def test_background_fetch_stages_the_layer_and_reads_wait_for_it(registry: Registry, tmp_path: Path) -> None:
+    """The background fetch asks for the layer's bytes in a few large ranges, staged without being
+    decompressed; a read whose bytes are in a range on its way waits for it instead of asking the registry,
+    and once the fetch is done every file reads without a request; the staged bytes are gone by then."""
+    files = {f"pkg/mod{i:02d}.bin": 40_000 + i for i in range(60)}
+    tree = _random_tree(tmp_path / "tree", files)
+    convert(make_oci_image(tmp_path / "src", "v1", [tree]), tmp_path / "conv", "v1")
+    push_layout(tmp_path / "conv", "v1", registry, "staged")
+    proxy = FaultProxy(registry.host).add(Fault("delay", seconds=1.0, times=-1))  # every blob request
+    mnt, cache_dir = tmp_path / "mnt", tmp_path / "cache"
+
+    def blob_requests() -> list[str]:
+        with proxy.lock:
+            return [headers.get("Range", "") for _, path, headers in proxy.seen if "/blobs/" in path]
+
+    try:
+        with mounted(f"{proxy.host}/staged:v1", mnt, "--cache-dir", str(cache_dir)) as pid:
+            while not any(_range_length(r) > MIB for r in blob_requests()):  # the background range is asked
+                time.sleep(0.05)
+            asked = len(blob_requests())
+            assert sha256(mnt / "pkg/mod30.bin") == sha256(tree / "pkg/mod30.bin")
+            layer = wait_for(mnt, "done")["layers"][0]
+            assert len(blob_requests()) == asked  # the read waited for the range on its way
+            assert layer["chunks_fetched"] == 0 and layer["background_bytes"] > 60 * 40_000
+            for name in files:
+                assert sha256(mnt / name) == sha256(tree / name)
+            after = stats(mnt)["layers"][0]
+            assert after["requests"] == layer["requests"] and after["chunks_fetched"] == 0
+            scratch = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            assert not [link for link in scratch if link.startswith(str(cache_dir / "layers"))], scratch
+    finally:
+        proxy.stop()
+
+
+def _range_length(header: str) -> int:
+    """The length of a single `bytes=a-b` Range header (0 for none or several)."""
+    if not header.startswith("bytes=") or "," in header:
+        return 0
+    start, end = header[6:].split("-")
+    return int(end) - int(start) + 1
+
+
+def test_background_fetch_stays_within_the_cache_size(big_image: tuple[str, Path, dict],
+                                                       tmp_path: Path) -> None:
+    """With a cache smaller than the layer, the background fetch fetches no more than the cache can take,
+    and reads beyond it are fetched on demand."""
+    ref, _, digests = big_image
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, "--cache-dir", str(tmp_path / "cache"), "--cache-size", str(20 * MIB),
+                 "--no-prefetch"):
+        layer = wait_for(mnt, "done")["layers"][0]
+        assert 0 < layer["background_bytes"] <= 10 * MIB  # compressed, and as much again decompressed
+        assert _read_all(mnt, sorted(digests)) == digests
 
 
 def test_umount_clears_a_mount_whose_daemon_was_killed(big_image: tuple[str, Path, dict],

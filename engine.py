@@ -838,7 +838,16 @@ class _LocalCopy:
         return size
 
     def _chunk(self, layer: Layer, c: toc.Chunk, node: tree.Node, fd: int) -> None:
-        data = self.view._chunk(layer, c, node, 0, c.size)
+        """Write one chunk of a file: from its staged bytes if it is not cached, verified here but not
+        stored (the unstaging does that once the command runs: writing it twice, to the cache and here,
+        would delay the command), else through the cache like any read."""
+        data = None
+        if not layer.oversized(c) and not self.view.cache.contains(c.digest):
+            data = layer.staged_chunk(c)
+            if data is not None:
+                toc.verify_digest(data, c.digest, f"chunk of {node.path} at file offset {c.file_offset}")
+        if data is None:
+            data = self.view._chunk(layer, c, node, 0, c.size)
         if os.pwrite(fd, data, c.file_offset) != len(data):
             raise OSError(errno.EIO, f"short write to the local copy of {node.path}")
 

@@ -5,8 +5,9 @@ What belongs here: mounting the image for the command's lifetime, the image's us
 working directory read from its config and files (symlinks resolved inside the image, never on the host),
 the bubblewrap command line (the root built on a tmpfs from the image's entries, so that images without
 `/proc`, `/dev`, `/etc`... run while the mount stays read-only and unchanged), bind mounts (home, current
-directory, `--bind`, NVIDIA driver files), the command's environment, clean-up on signals, and recording
-the files a workload opens.  What never does: FUSE operations (fusefs.py), the tree (tree.py), argument
+directory, `--bind`, NVIDIA driver files), the command's environment, clean-up on signals, recording
+the files a workload opens, and the namespace in which an overlay of the mount's local copy of its
+prefetched files hides the mount.  What never does: FUSE operations (fusefs.py), the tree (tree.py), argument
 parsing (lazymount.py).
 """
 

@@ -62,6 +62,10 @@ READY_TIMEOUT = 600.0  # how long a file system call waits for a layer still bei
 # (and a core) when the next read arrives, which then waits for it.
 BACKGROUND_QUIET = 0.1
 IDLE_POLL = 0.05
+# Larger prefetched files are left to the mount: such a file is as a rule a library that the workload maps
+# and touches in part (`import torch` reads ~150 MB of the 434 MB libtorch_cpu.so), which a copy would
+# decompress and write whole before the command could start.
+COPY_MAX_FILE = 64 << 20
 COPY_OPEN_FILES = 256  # files the local copy of prefetched files holds open while their chunks are written
 
 
@@ -498,8 +502,8 @@ class ImageView:
 
     def _copy_prefetched(self, layers: list[Layer]) -> None:
         """Write the regular files the prefetch fetched (the landmark ranges' and the profiled files of
-        `layers` that the merged view shows from that layer) into the directory `local_copy`, read through
-        the cache (verified), with the image's modes and mtimes (owners too as root), and the directories
+        `layers` that the merged view shows from that layer; none over COPY_MAX_FILE) into the directory
+        `local_copy`, verified, with the image's modes and mtimes (owners too as root), and the directories
         leading to them; `local_copy_state` says how many, or why not.  Any failure makes the copy unusable
         (an error in the state): it is all or nothing, since an overlay over it must not hide a file."""
         assert self.local_copy is not None
@@ -514,7 +518,7 @@ class ImageView:
                 for path in itertools.chain(paths, self.profile.get(layer.digest, ())):
                     node = merged.lookup(path)
                     if node is not None and self.layers[node.layer] is layer and \
-                            stat.S_ISREG(merged.mode(node)):
+                            stat.S_ISREG(merged.mode(node)) and merged.entry(node).size <= COPY_MAX_FILE:
                         files.setdefault(node.path.lstrip("/"), node)
             size = _LocalCopy(self, merged, self.local_copy).write(files)
         except (toc.LazymountError, OSError) as e:

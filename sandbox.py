@@ -35,7 +35,7 @@ from typing import IO
 
 import fusefs
 import profiles
-from mountctl import IMAGE_XATTR, STATS_XATTR, MountError, mount_at, start_daemon, unmount
+from mountctl import IMAGE_XATTR, STATS_XATTR, MountError, describe_os_error, mount_at, start_daemon, unmount
 
 log = logging.getLogger("lazymount")
 
@@ -527,30 +527,19 @@ def _signals_blocked() -> Iterator[None]:
 
 
 def _local_copy_dir(work: Path) -> Path | None:
-    """`work`/local, made, for the mount's copy of its prefetched files, if an overlay can be mounted
-    over a mount there (tried on two empty directories: in a namespace of a child that exits at once, so
-    nothing needs unmounting); else None."""
-    local, probe = work / "local", work / "probe"
+    """`work`/local, made, for the mount's copy of its prefetched files; None where no overlay could be
+    mounted over it.  (Whether overlayfs can be mounted is found out when the command starts: a probe
+    beforehand would cost every run ~20 ms, a namespace made and torn down.)"""
     if OVERLAY_UNSAFE.search(str(work)):
         log.info("no overlay: the temp dir %s holds a character overlayfs options cannot take", work)
         return None
-    probe.mkdir()
-    try:
-        (probe / "lower").mkdir()
-        (probe / "top").mkdir()
-        subprocess.run([shutil.which("true") or "/bin/true"], check=True,
-                       preexec_fn=_overlay_setup(probe / "lower", probe / "top"))
-    except (subprocess.SubprocessError, OSError) as e:
-        log.info("no overlay (the command reads the mount alone): mounting overlayfs failed: %s", e)
-        return None
-    finally:
-        _remove_tree(probe)
+    local = work / "local"
     local.mkdir(mode=0o700)
     return local
 
 
-def _overlay_over(mountpoint: Path, local: Path) -> Callable[[], None] | None:
-    """The namespace set-up (see _overlay_setup) that hides the mount under an overlay of its local copy,
+def _overlay_over(mountpoint: Path, local: Path) -> _OverlayNamespace | None:
+    """The namespace set-up that hides the mount under an overlay of its local copy,
     if the mount made one."""
     try:
         copied = json.loads(os.getxattr(mountpoint, STATS_XATTR)).get("local_copy", {})
@@ -560,42 +549,64 @@ def _overlay_over(mountpoint: Path, local: Path) -> Callable[[], None] | None:
         log.info("no overlay: the mount copied no file (%s)", copied.get("error", "none prefetched"))
         return None
     log.info("overlay of %d local files (%d bytes) over the mount", copied["files"], copied["bytes"])
-    return _overlay_setup(local, mountpoint)
+    return _OverlayNamespace(local, mountpoint)
 
 
-def _overlay_setup(upper: Path, lower: Path) -> Callable[[], None]:
+class _OverlayNamespace:
     """What a child runs before it executes bubblewrap (subprocess's preexec_fn; this process has no
     thread): a mount namespace of its own (in a user namespace of its own, mapping only our uid and gid,
     unless we are root; Linux >= 5.11 lets it mount overlayfs) in which a read-only overlay of `upper` over
     `lower` is mounted on `lower`.  The overlay goes with the namespace when the last process in it exits.
-    bubblewrap nests its own user namespace inside.  An OSError in the child fails the subprocess call
-    with SubprocessError."""
-    uid, gid = os.geteuid(), os.getegid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    target = os.fsencode(lower)
-    lowerdir = f"lowerdir={upper}:{lower}".encode()
-    # userxattr: overlayfs reads user.overlay.* (an unprivileged mount cannot read trusted.*)
-    attempts = [lowerdir + b",userxattr", lowerdir] if uid else [lowerdir]
+    bubblewrap nests its own user namespace inside.  If it fails, the subprocess call raises
+    SubprocessError, and `failure()` says why (the child writes it to a pipe)."""
 
-    def check(result: int, what: str) -> None:
-        if result != 0:
-            number = ctypes.get_errno()
-            raise OSError(number, f"{what}: {os.strerror(number)}")
+    def __init__(self, upper: Path, lower: Path) -> None:
+        self.uid, self.gid = os.geteuid(), os.getegid()
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._target = os.fsencode(lower)
+        lowerdir = f"lowerdir={upper}:{lower}".encode()
+        # userxattr: overlayfs reads user.overlay.* (an unprivileged mount cannot read trusted.*)
+        self._attempts = [lowerdir + b",userxattr", lowerdir] if self.uid else [lowerdir]
+        self._why, self._why_write = os.pipe()
 
-    def setup() -> None:
-        check(libc.unshare(CLONE_NEWNS | (CLONE_NEWUSER if uid else 0)), "unshare")
+    def __call__(self) -> None:
+        try:
+            self._enter()
+        except OSError as e:
+            os.write(self._why_write, describe_os_error(e).encode())
+            raise
+
+    def _enter(self) -> None:
+        libc, uid, gid = self._libc, self.uid, self.gid
+        self._check(libc.unshare(CLONE_NEWNS | (CLONE_NEWUSER if uid else 0)), "unshare")
         if uid:
             for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
                                ("gid_map", f"{gid} {gid} 1")):
                 with open(f"/proc/self/{name}", "w") as f:
                     f.write(text)
-        check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making mounts private")
-        for data in attempts:
-            if libc.mount(b"overlay", target, b"overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, data) == 0:
+        self._check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making mounts private")
+        for data in self._attempts:
+            if libc.mount(b"overlay", self._target, b"overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, data) == 0:
                 return
-        check(-1, "mounting overlayfs")
+        self._check(-1, "mounting overlayfs")
 
-    return setup
+    @staticmethod
+    def _check(result: int, what: str) -> None:
+        if result != 0:
+            number = ctypes.get_errno()
+            raise OSError(number, f"{what}: {os.strerror(number)}")
+
+    def failure(self) -> str:
+        """Why the child failed (once the call that ran it has failed)."""
+        os.close(self._why_write)
+        self._why_write = -1
+        return os.read(self._why, 4096).decode(errors="replace") or "unknown"
+
+    def close(self) -> None:
+        for fd in (self._why, self._why_write):
+            if fd >= 0:
+                os.close(fd)
+        self._why = self._why_write = -1
 
 
 def _remove_tree(path: Path) -> None:
@@ -638,19 +649,20 @@ def _remove_work_dir(work: Path) -> None:
         unmount(mountpoint)  # a daemon still starting when the command was stopped mounted it since
         mountpoint.rmdir()
     _remove_tree(work / "local")  # written by the daemon, which has exited once unmounted
-    _remove_tree(work / "probe")
     with contextlib.suppress(FileNotFoundError):
         work.rmdir()
 
 
-def _run(argv: list[str], keep_stderr: bool, setup: Callable[[], None] | None = None) -> tuple[int, str]:
+def _run(argv: list[str], keep_stderr: bool, setup: _OverlayNamespace | None = None) -> tuple[int, str]:
     """Run `argv`, in the namespace `setup` makes if it can (else without it); with `keep_stderr` copy its
     stderr to ours and also return its last line."""
     if setup is not None:
         try:
             return _started(argv, keep_stderr, setup)
-        except subprocess.SubprocessError as e:
-            log.info("no overlay (the command reads the mount alone): %s", e)
+        except subprocess.SubprocessError:
+            log.info("no overlay (the command reads the mount alone): %s", setup.failure())
+        finally:
+            setup.close()
     return _started(argv, keep_stderr, None)
 
 

@@ -206,7 +206,7 @@ def stacked_tmp(user_home: Path) -> Iterator[Path]:
 def test_falls_back_where_overlayfs_cannot_be_mounted(profiled_image: str, user_home: Path,
                                                       stacked_tmp: Path) -> None:
     """With its temp dir on overlayfs stacked twice, `run` cannot mount its overlay (the kernel refuses):
-    it says so at -v, copies nothing and shows the same tree through the mount alone."""
+    it says so at -v and shows the same tree through the mount alone."""
     listing = LISTING.format(owner="")
     cache = ("--cache-dir", str(user_home / "cache"), "--contain")
     plain, _ = _listing(_as_user(user_home, "run", *cache, "--no-overlay", profiled_image, "--", "sh", "-c",
@@ -214,6 +214,5 @@ def test_falls_back_where_overlayfs_cannot_be_mounted(profiled_image: str, user_
     result = _as_user(user_home, "-v", "run", *cache, profiled_image, "--", "sh", "-c", listing,
                       TMPDIR=str(stacked_tmp))
     assert _listing(result) == (plain, 0)
-    assert "no overlay (the command reads the mount alone): mounting overlayfs failed" in result.stderr
-    assert "copied" not in result.stderr
+    assert "no overlay (the command reads the mount alone): mounting overlayfs: " in result.stderr
     _assert_cleaned_up(stacked_tmp)

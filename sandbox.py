@@ -7,8 +7,8 @@ the bubblewrap command line (the root built on a tmpfs from the image's entries,
 `/proc`, `/dev`, `/etc`... run while the mount stays read-only and unchanged), bind mounts (home, current
 directory, `--bind`, NVIDIA driver files), the command's environment, clean-up on signals, recording
 the files a workload opens, and the namespace in which an overlay of the mount's local copy of its
-prefetched files hides the mount.  What never does: FUSE operations (fusefs.py), the tree (tree.py), argument
-parsing (lazymount.py).
+prefetched files hides the mount.  What never does: FUSE operations (fusefs.py), the tree (tree.py),
+writing the local copy (engine.py), argument parsing (lazymount.py).
 """
 
 from __future__ import annotations
@@ -454,7 +454,7 @@ def run_in_image(args: argparse.Namespace, command: list[str], options: Options,
 
     With options.overlay (not while recording: the mount must see every open) and where overlayfs can be
     mounted, the mount copies the files it prefetched into the temp dir, and bubblewrap runs in a mount
-    namespace where an overlay of that copy over the mount hides the mount (see _overlay_setup); if
+    namespace where an overlay of that copy over the mount hides the mount (see _OverlayNamespace); if
     anything of this fails, the command runs on the mount alone."""
     if shutil.which("bwrap") is None:
         raise MountError("bubblewrap (bwrap) is not installed")
@@ -539,8 +539,8 @@ def _local_copy_dir(work: Path) -> Path | None:
 
 
 def _overlay_over(mountpoint: Path, local: Path) -> _OverlayNamespace | None:
-    """The namespace set-up that hides the mount under an overlay of its local copy,
-    if the mount made one."""
+    """The namespace set-up that hides the mount under an overlay of its local copy, if the mount made
+    one."""
     try:
         copied = json.loads(os.getxattr(mountpoint, STATS_XATTR)).get("local_copy", {})
     except (OSError, ValueError):

@@ -403,7 +403,7 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
     view = engine.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
                           opaque_xattr=OPAQUE_XATTR, prefetch=args.prefetch, background=args.background_fetch,
                           recorder=recorder, profile=profile.result() if profile else None,
-                          cache_dir=cache_dir, name=str(ref))
+                          cache_dir=cache_dir, name=str(ref), local_copy=getattr(args, "local_copy", None))
     runtime = image.config.get("config") if isinstance(image.config.get("config"), dict) else {}
     info = {"reference": str(ref), "digest": image.digest, "mountpoint": str(args.mountpoint),
             "config": {k: runtime[k] for k in RUNTIME_KEYS if k in runtime}}

@@ -263,7 +263,8 @@ def _command(args: argparse.Namespace) -> list[str]:
 def _sandbox_options(args: argparse.Namespace, shell: bool = False) -> sandbox.Options:
     return sandbox.Options(binds=tuple(args.bind), contain=args.contain, cleanenv=args.cleanenv,
                            env=tuple(args.env), env_files=tuple(args.env_file), pwd=args.pwd,
-                           workdir_from_image=args.workdir_from_image, nv=args.nv, shell=shell)
+                           workdir_from_image=args.workdir_from_image, nv=args.nv, shell=shell,
+                           overlay=args.overlay)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -391,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="start in the image's WorkingDir (default with --contain)")
     sandboxed.add_argument("--nv", action="store_true",
                            help="the host's NVIDIA driver libraries (on LD_LIBRARY_PATH), tools and devices")
+    sandboxed.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
+                           help="copy the prefetched files to local disk and run on an overlay of them over "
+                                "the mount, where overlayfs can be mounted (not with record)")
     sandboxed.add_argument("--stats-file", metavar="FILE",
                            help="write the mount's stats (as `stats --json`) here after the command")
     running = argparse.ArgumentParser(add_help=False, parents=[sandboxed])

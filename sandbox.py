@@ -5,15 +5,17 @@ What belongs here: mounting the image for the command's lifetime, the image's us
 working directory read from its config and files (symlinks resolved inside the image, never on the host),
 the bubblewrap command line (the root built on a tmpfs from the image's entries, so that images without
 `/proc`, `/dev`, `/etc`... run while the mount stays read-only and unchanged), bind mounts (home, current
-directory, `--bind`, NVIDIA driver files), the command's environment, clean-up on signals, and recording
-the files a workload opens.  What never does: FUSE operations (fusefs.py), the tree (tree.py), argument
-parsing (lazymount.py).
+directory, `--bind`, NVIDIA driver files), the command's environment, clean-up on signals, recording
+the files a workload opens, and the namespace in which an overlay of the mount's local copy of its
+prefetched files hides the mount.  What never does: FUSE operations (fusefs.py), the tree (tree.py),
+writing the local copy (engine.py), argument parsing (lazymount.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import json
@@ -27,13 +29,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 import fusefs
 import profiles
-from mountctl import IMAGE_XATTR, STATS_XATTR, MountError, mount_at, start_daemon, unmount
+from mountctl import IMAGE_XATTR, STATS_XATTR, MountError, describe_os_error, mount_at, start_daemon, unmount
 
 log = logging.getLogger("lazymount")
 
@@ -60,6 +62,10 @@ NV_BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-
                "nvidia-cuda-mps-server")
 NV_ROOT_ENV = "LAZYMOUNT_NV_ROOT"  # where --nv finds the host's files (default /; tests: a fake driver tree)
 _LDCONFIG_LINE = re.compile(r"^\s*(\S+) \([^)]*\) => (.+)$")  # `ldconfig -p`: NAME (FLAGS) => PATH
+# unshare(2) and mount(2) flags (linux/sched.h, linux/mount.h)
+CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x1, 0x2, 0x4, 0x4000, 0x40000
+OVERLAY_UNSAFE = re.compile(r"[:,\\\s]")  # would need escaping in overlayfs' lowerdir= option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Options:
     workdir_from_image: bool = False  # start in the image's WorkingDir
     nv: bool = False  # the host's NVIDIA driver libraries, tools and devices
     shell: bool = False  # no command: the image's shell ($SHELL if the image has it, else /bin/sh)
+    overlay: bool = True  # the prefetched files copied locally, under an overlay over the mount
 
 
 DEFAULTS = Options()
@@ -443,7 +450,12 @@ def run_in_image(args: argparse.Namespace, command: list[str], options: Options,
     mount's stats to args.stats_file if set, unmount.  With `record`, the mount logs the files the command
     opens, and its stderr is copied through while its last line is kept.  SIGTERM, SIGHUP and SIGINT stop
     the command; the mount and the temp dir are removed even when a signal comes while they are made or
-    removed."""
+    removed.
+
+    With options.overlay (not while recording: the mount must see every open) and where overlayfs can be
+    mounted, the mount copies the files it prefetched into the temp dir, and bubblewrap runs in a mount
+    namespace where an overlay of that copy over the mount hides the mount (see _OverlayNamespace); if
+    anything of this fails, the command runs on the mount alone."""
     if shutil.which("bwrap") is None:
         raise MountError("bubblewrap (bwrap) is not installed")
     args.layer, args.options = None, None
@@ -457,14 +469,16 @@ def run_in_image(args: argparse.Namespace, command: list[str], options: Options,
             args.record_log = str(work / "access.log") if record else None
             if record:
                 Path(args.record_log).touch()
+            args.local_copy = _local_copy_dir(work) if options.overlay and not record else None
             start_daemon(args, fusefs.serve_image, own_session=False)
             try:  # waits for layers still downloading
                 info = json.loads(os.getxattr(args.mountpoint, IMAGE_XATTR))
             except OSError as e:
                 raise MountError(_unusable(args.mountpoint, e)) from None
             argv = bwrap_command(args.mountpoint, info["config"], command, options)
+            setup = _overlay_over(args.mountpoint, args.local_copy) if args.local_copy else None
             log.debug("running %s", argv)
-            code, reason = _run(argv, keep_stderr=record)
+            code, reason = _run(argv, keep_stderr=record, setup=setup)
             if getattr(args, "stats_file", None):
                 Path(args.stats_file).write_bytes(os.getxattr(args.mountpoint, STATS_XATTR))
             outcome = Outcome(code if code >= 0 else 128 - code, reason,
@@ -512,8 +526,110 @@ def _signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _local_copy_dir(work: Path) -> Path | None:
+    """`work`/local, made, for the mount's copy of its prefetched files; None where no overlay could be
+    mounted over it.  (Whether overlayfs can be mounted is found out when the command starts: a probe
+    beforehand would cost every run ~20 ms, a namespace made and torn down.)"""
+    if OVERLAY_UNSAFE.search(str(work)):
+        log.info("no overlay: the temp dir %s holds a character overlayfs options cannot take", work)
+        return None
+    local = work / "local"
+    local.mkdir(mode=0o700)
+    return local
+
+
+def _overlay_over(mountpoint: Path, local: Path) -> _OverlayNamespace | None:
+    """The namespace set-up that hides the mount under an overlay of its local copy, if the mount made
+    one."""
+    try:
+        copied = json.loads(os.getxattr(mountpoint, STATS_XATTR)).get("local_copy", {})
+    except (OSError, ValueError):
+        copied = {}
+    if not copied.get("files"):
+        log.info("no overlay: the mount copied no file (%s)", copied.get("error", "none prefetched"))
+        return None
+    log.info("overlay of %d local files (%d bytes) over the mount", copied["files"], copied["bytes"])
+    return _OverlayNamespace(local, mountpoint)
+
+
+class _OverlayNamespace:
+    """What a child runs before it executes bubblewrap (subprocess's preexec_fn; this process has no
+    thread): a mount namespace of its own (in a user namespace of its own, mapping only our uid and gid,
+    unless we are root; Linux >= 5.11 lets it mount overlayfs) in which a read-only overlay of `upper` over
+    `lower` is mounted on `lower`.  The overlay goes with the namespace when the last process in it exits.
+    bubblewrap nests its own user namespace inside.  If it fails, the subprocess call raises
+    SubprocessError, and `failure()` says why (the child writes it to a pipe)."""
+
+    def __init__(self, upper: Path, lower: Path) -> None:
+        self.uid, self.gid = os.geteuid(), os.getegid()
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._target = os.fsencode(lower)
+        lowerdir = f"lowerdir={upper}:{lower}".encode()
+        # userxattr: overlayfs reads user.overlay.* (an unprivileged mount cannot read trusted.*)
+        self._attempts = [lowerdir + b",userxattr", lowerdir] if self.uid else [lowerdir]
+        self._why, self._why_write = os.pipe()
+
+    def __call__(self) -> None:
+        try:
+            self._enter()
+        except OSError as e:
+            os.write(self._why_write, describe_os_error(e).encode())
+            raise
+
+    def _enter(self) -> None:
+        libc, uid, gid = self._libc, self.uid, self.gid
+        self._check(libc.unshare(CLONE_NEWNS | (CLONE_NEWUSER if uid else 0)), "unshare")
+        if uid:
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                               ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+        self._check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making mounts private")
+        for data in self._attempts:
+            if libc.mount(b"overlay", self._target, b"overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, data) == 0:
+                return
+        self._check(-1, "mounting overlayfs")
+
+    @staticmethod
+    def _check(result: int, what: str) -> None:
+        if result != 0:
+            number = ctypes.get_errno()
+            raise OSError(number, f"{what}: {os.strerror(number)}")
+
+    def failure(self) -> str:
+        """Why the child failed (once the call that ran it has failed)."""
+        os.close(self._why_write)
+        self._why_write = -1
+        return os.read(self._why, 4096).decode(errors="replace") or "unknown"
+
+    def close(self) -> None:
+        for fd in (self._why, self._why_write):
+            if fd >= 0:
+                os.close(fd)
+        self._why = self._why_write = -1
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove `path` and everything below it, its directories made writable first (a local copy has the
+    image's modes); nothing if it is gone."""
+    stack = [path]
+    while stack:
+        directory = stack.pop()
+        try:
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                continue
+            os.chmod(directory, 0o700)
+            with os.scandir(directory) as entries:
+                stack += [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            continue
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
+
+
 def _remove_work_dir(work: Path) -> None:
-    """Unmount `work`/mnt if mounted, remove it, the access log and `work`; nothing if they are gone."""
+    """Unmount `work`/mnt if mounted, remove it, the access log, the local copy and `work`; nothing if
+    they are gone."""
     mountpoint = work / "mnt"
     if mount_at(mountpoint) is not None:
         try:
@@ -532,14 +648,27 @@ def _remove_work_dir(work: Path) -> None:
             raise
         unmount(mountpoint)  # a daemon still starting when the command was stopped mounted it since
         mountpoint.rmdir()
+    _remove_tree(work / "local")  # written by the daemon, which has exited once unmounted
     with contextlib.suppress(FileNotFoundError):
         work.rmdir()
 
 
-def _run(argv: list[str], keep_stderr: bool) -> tuple[int, str]:
-    """Run `argv`; with `keep_stderr` copy its stderr to ours and also return its last line."""
+def _run(argv: list[str], keep_stderr: bool, setup: _OverlayNamespace | None = None) -> tuple[int, str]:
+    """Run `argv`, in the namespace `setup` makes if it can (else without it); with `keep_stderr` copy its
+    stderr to ours and also return its last line."""
+    if setup is not None:
+        try:
+            return _started(argv, keep_stderr, setup)
+        except subprocess.SubprocessError:
+            log.info("no overlay (the command reads the mount alone): %s", setup.failure())
+        finally:
+            setup.close()
+    return _started(argv, keep_stderr, None)
+
+
+def _started(argv: list[str], keep_stderr: bool, setup: Callable[[], None] | None) -> tuple[int, str]:
     if not keep_stderr:
-        return subprocess.run(argv, check=False).returncode, ""
+        return subprocess.run(argv, check=False, preexec_fn=setup).returncode, ""
     tail = bytearray()
 
     def copy(pipe: IO[bytes]) -> None:
@@ -549,7 +678,7 @@ def _run(argv: list[str], keep_stderr: bool) -> tuple[int, str]:
             tail.extend(chunk)
             del tail[:-STDERR_TAIL]
 
-    with subprocess.Popen(argv, stderr=subprocess.PIPE) as process:
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, preexec_fn=setup) as process:
         copier = threading.Thread(target=copy, args=(process.stderr,), daemon=True)
         copier.start()
         try:

@@ -395,6 +395,13 @@ class Index:
             if owners[k] >= 0:
                 yield self.chunk(k, owners[k])
 
+    def files_before(self, end: int) -> list[int]:
+        """The files with data stored before compressed offset `end` (a landmark's range), each once, in
+        chunk order; a hardlink group by its target entry."""
+        owners = self._owners()
+        comp = self._chunk_comp
+        return list(dict.fromkeys(owners[k] for k in range(len(owners)) if comp[k] < end and owners[k] >= 0))
+
     def chunk_range(self, entry_id: int, offset: int, length: int) -> list[Chunk]:
         """The chunks of a file that hold bytes [offset, offset+length)."""
         first, count = self._first_chunk[entry_id], self._nchunks[entry_id]

@@ -254,14 +254,18 @@ class StagedRanges:
         self._lock = threading.Lock()
         self.chunks: list[toc.Chunk] = []  # the chunks whose bytes are staged, in the order they arrived
 
-    def put(self, start: int, data: bytes, chunks: list[toc.Chunk]) -> None:
+    def put(self, start: int, data: bytes, chunks: Sequence[toc.Chunk] = ()) -> None:
         os.pwrite(self._file.fileno(), data, start)
-        with self._lock:
-            self._ranges.append((start, start + len(data)))
+        end = start + len(data)
+        with self._lock:  # ranges that touch are joined: a read may span them
+            touching = [(a, b) for a, b in self._ranges if a <= end and start <= b]
+            self._ranges = [r for r in self._ranges if r not in touching]
+            self._ranges.append((min(a for a, _ in [(start, end), *touching]),
+                                 max(b for _, b in [(start, end), *touching])))
             self.chunks.extend(chunks)
 
     def read(self, offset: int, length: int) -> bytes | None:
-        """The staged bytes [offset, offset + length), or None if they are not (or no longer) here."""
+        """The staged bytes [offset, offset + length), or None if they are not (or no longer) all here."""
         with self._lock:
             if self._file.closed or not any(a <= offset and offset + length <= b for a, b in self._ranges):
                 return None

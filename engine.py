@@ -143,11 +143,8 @@ class Layer:
         return tocread.decompress_chunk(compressed, c, self.index.format, verify=False)
 
     def fetch(self, offset: int, length: int, urgent: bool = False) -> bytes:
-        """Raw compressed bytes of the blob: prefetched ones (spans of an indexed layer) from where they
-        are staged, else fetched and counted."""
-        staged = self.staged
-        data = staged.read(offset, length) if staged else None
-        return data if data is not None else self.fetch_ranges([(offset, length)], urgent)[0]
+        """Raw compressed bytes of the blob, counted."""
+        return self.fetch_ranges([(offset, length)], urgent)[0]
 
     def fetch_ranges(self, ranges: Sequence[tuple[int, int]], urgent: bool = False) -> list[bytes]:
         """Raw compressed bytes of each (offset, length) of the blob, in one multi-range request, counted."""
@@ -503,6 +500,8 @@ class ImageView:
         try:
             for layer in {id(layer): layer for layer, _ in [*requests, *span_requests]}.values():
                 layer.staged = download.StagedRanges(self.work_dir)
+                if layer.spans is not None:
+                    layer.spans.stage = layer.staged
         except OSError as e:  # e.g. a read-only cache directory: reads fetch on demand instead
             log.warning("landmark prefetch skipped: cannot stage %d bytes in %s: %s", total, self.work_dir, e)
             return []
@@ -555,8 +554,7 @@ class ImageView:
     def _fetch_pieces(self, layer: Layer, runs: list[_SpanRun]) -> None:
         """Fetch the spans of pieces of an indexed layer in one (multi-range) request and stage those that
         match the seek index (the others are fetched again, and fail, when read)."""
-        assert layer.spans is not None and layer.staged is not None
-        staged = layer.staged
+        assert layer.spans is not None
 
         def fetch_ranges(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
             if self._stop.is_set():  # the spans' waiters learn it too
@@ -564,7 +562,7 @@ class ImageView:
             return layer.fetch_ranges(ranges)
 
         try:
-            bad = layer.spans.fetch_pieces([piece[:2] for _, _, piece in runs], fetch_ranges, staged.put)
+            bad = layer.spans.fetch_pieces([piece[:2] for _, _, piece in runs], fetch_ranges)
             layer.count("prefetched_bytes", sum(stop - start for start, stop, _ in runs))
             if bad:
                 layer.count("errors", len(bad))

@@ -76,6 +76,14 @@ class ReadAt(Protocol):
     def __call__(self, offset: int, length: int) -> bytes: ...
 
 
+class Stage(Protocol):
+    """Where a SpanReader keeps the verified spans a prefetch brought (e.g. download.StagedRanges)."""
+
+    def put(self, start: int, data: bytes) -> None: ...
+
+    def read(self, offset: int, length: int) -> bytes | None: ...
+
+
 # ------------------------------------------------------------------------------------ deflate resumption
 
 
@@ -287,13 +295,14 @@ class SpanReader:
     """Chunks of an indexed layer: the spans holding a chunk are fetched (through `fetch(offset, length)`)
     and verified before anything is decompressed; the last few stay in memory, so the chunks a span
     shares with its neighbours cost no second request.  Spans a prefetch has announced (`expect`) are
-    awaited, not fetched twice."""
+    awaited, not fetched twice, and once verified kept in `stage` (if set), whence they are read again."""
 
     def __init__(self, index: SeekIndex, fetch: ReadAt, memory: int = SPAN_MEMORY) -> None:
         self.index, self._fetch, self._memory = index, fetch, memory
         self._spans: OrderedDict[int, bytes] = OrderedDict()
         self._held = 0
         self._flights: dict[int, concurrent.futures.Future[bytes]] = {}  # span -> its prefetched bytes
+        self.stage: Stage | None = None
         self._lock = threading.Lock()
 
     def expect(self, spans: Iterable[int]) -> None:
@@ -303,12 +312,11 @@ class SpanReader:
                 self._flights.setdefault(k, concurrent.futures.Future())
 
     def fetch_pieces(self, pieces: Sequence[tuple[int, int]],
-                     fetch_ranges: Callable[[list[tuple[int, int]]], list[bytes]],
-                     keep: Callable[[int, bytes], None]) -> list[int]:
-        """Fetch the spans first..last of each piece in one (multi-range) request, verify each span, hand
-        it to `keep(blob offset, bytes)`, then to whoever waits for it (see `expect`); the spans that
-        failed verification (their waiters get the toc.DigestError).  Raises what the fetch raises (so
-        do the waiters, which then fetch on their own)."""
+                     fetch_ranges: Callable[[list[tuple[int, int]]], list[bytes]]) -> list[int]:
+        """Fetch the spans first..last of each piece in one (multi-range) request, verify each span, put
+        it in the stage, and hand it to whoever waits for it (see `expect`); the spans that failed
+        verification (their waiters get the toc.DigestError).  Raises what the fetch raises (so do the
+        waiters, which then fetch on their own)."""
         ranges = [(self.index.span_range(first)[0], self.index.span_range(last)[1]) for first, last in pieces]
         every = [k for first, last in pieces for k in range(first, last + 1)]
         outcomes: dict[int, bytes | BaseException] = {}
@@ -323,7 +331,8 @@ class SpanReader:
                     except toc.DigestError as e:
                         outcomes[k] = e
                         continue
-                    keep(a, span)
+                    if self.stage is not None:
+                        self.stage.put(a, span)
                     outcomes[k] = span
         except BaseException as e:
             outcomes.update((k, e) for k in every if k not in outcomes)
@@ -355,6 +364,11 @@ class SpanReader:
                 raise
             except (toc.LazymountError, OSError):
                 pass  # the prefetch's request failed: fetched here instead
+        stage = self.stage
+        for k, data in have.items():
+            if data is None and stage is not None:  # verified before it was staged
+                a, b = self.index.span_range(k)
+                have[k] = stage.read(a, b - a)
         missing = [k for k, data in have.items() if data is None]
         if missing:
             start, end = self.index.span_range(missing[0])[0], self.index.span_range(missing[-1])[1]

@@ -5,8 +5,8 @@ What belongs here: a layer's blob and index (eStargz read by range, a plain gzip
 read by span, or downloaded whole, verified and indexed or converted locally), reading file bytes chunk by
 chunk through the cache (verified bytes or EIO), sequential read-ahead, fetching a miss's neighbours
 along, the landmark prefetch (a few large requests over parallel connections, staged and then
-decompressed; for a seek-indexed layer, the spans holding its profiled files), a low-priority background fetch (which checks a seek-indexed layer's digest once it has
-every byte), per-layer stats, handing the files a workload opens to a profiles.AccessRecorder; ImageView
+decompressed; for a seek-indexed layer, the spans holding its profiled files), a low-priority
+background fetch (which checks a seek-indexed layer's digest once it has every byte), per-layer stats, handing the files a workload opens to a profiles.AccessRecorder; ImageView
 ties these to the merged tree of tree.py once every layer is indexed.
 What never does: overlay rules, inode numbers or attributes (tree.py), FUSE or any kernel interface
 (fusefs.py adapts this to FUSE), HTTP (a layer is handed a `fetch.BlobReader` as its

@@ -6,8 +6,9 @@ read by span, or downloaded whole, verified and indexed or converted locally), r
 chunk through the cache (verified bytes or EIO), sequential read-ahead, fetching a miss's neighbours
 along, the landmark prefetch (a few large requests over parallel connections, staged and then
 decompressed; for a seek-indexed layer, the spans holding its profiled files), a low-priority
-background fetch (which checks a seek-indexed layer's digest once it has every byte), per-layer stats, handing the files a workload opens to a profiles.AccessRecorder; ImageView
-ties these to the merged tree of tree.py once every layer is indexed.
+background fetch (which checks a seek-indexed layer's digest once it has every byte), per-layer stats,
+handing the files a workload opens to a profiles.AccessRecorder; ImageView ties these to the merged tree
+of tree.py once every layer is indexed.
 What never does: overlay rules, inode numbers or attributes (tree.py), FUSE or any kernel interface
 (fusefs.py adapts this to FUSE), HTTP (a layer is handed a `fetch.BlobReader` as its
 download.BlobSource), local blob files and downloads (download.py), TOC parsing (toc.py, tocread.py),

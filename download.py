@@ -273,7 +273,7 @@ class StagedRanges:
             self._fetching.pop(start, None)
             self._changed.notify_all()
 
-    def put(self, start: int, data: bytes, chunks: list[toc.Chunk]) -> None:
+    def put(self, start: int, data: bytes, chunks: Sequence[toc.Chunk] = ()) -> None:
         with self._changed:
             if self._file.closed:
                 return
@@ -286,8 +286,12 @@ class StagedRanges:
     def read(self, offset: int, length: int, wait: float = 0.0) -> bytes | None:
         """The staged bytes [offset, offset + length), or None if they are not (or no longer) here; if they
         are being fetched, wait up to `wait` seconds for them first."""
-        def within(ranges: dict[int, int]) -> bool:
-            return any(a <= offset and offset + length <= b for a, b in ranges.items())
+        def within(ranges: dict[int, int]) -> bool:  # ranges that touch cover what spans them
+            reached = offset
+            for a, b in sorted(ranges.items()):
+                if a <= reached < b:
+                    reached = b
+            return reached >= offset + length
 
         with self._changed:
             if wait > 0:

@@ -5,11 +5,12 @@ What belongs here: a layer's blob and index (eStargz read by range, a plain gzip
 read by span, or downloaded whole, verified and indexed or converted locally), reading file bytes chunk by
 chunk through the cache (verified bytes or EIO), sequential read-ahead, fetching a miss's neighbours
 along, the landmark prefetch (a few large requests over parallel connections, staged and then
-decompressed; for `run` also copied, file by file, to a local directory), the background fetch (the rest
-of every lazy layer streamed at full speed into staged ranges that answer readers' misses, decompressed
-into the cache while reads pause; a seek-indexed layer span by span at low priority, its digest checked
-once it has every byte), per-layer stats, handing the files a workload opens to a
-profiles.AccessRecorder; ImageView ties these to the merged tree of tree.py once every layer is indexed.
+decompressed; for `run` also copied, file by file, to a local directory; for a seek-indexed layer, the
+spans holding its profiled files), the background fetch (the rest of every lazy layer streamed at full
+speed into staged ranges that answer readers' misses, decompressed into the cache while reads pause; a
+seek-indexed layer span by span at low priority, its digest checked once it has every byte), per-layer
+stats, handing the files a workload opens to a profiles.AccessRecorder; ImageView ties these to the
+merged tree of tree.py once every layer is indexed.
 What never does: overlay rules, inode numbers or attributes (tree.py), FUSE or any kernel interface
 (fusefs.py adapts this to FUSE), HTTP (a layer is handed a `fetch.BlobReader` as its
 download.BlobSource), local blob files and downloads (download.py), TOC parsing (toc.py, tocread.py),
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import cache
 import download
@@ -332,6 +333,9 @@ class ImageView:
         """Stop the background work (threads are daemons: a download in flight is abandoned)."""
         self._stop.set()
         self._ahead.shutdown(wait=False, cancel_futures=True)
+        for layer in self.layers:
+            if layer.spans is not None and layer.staged is not None:
+                layer.staged.close()  # prefetched spans
         if self.recorder is not None:
             self.recorder.close()
 
@@ -383,16 +387,18 @@ class ImageView:
     def _prefetch_all(self, on_prefetched: Callable[[], None] | None,
                       progress: Callable[[int, int], None] | None) -> None:
         lazy = [layer for layer in self.layers if layer.state == "lazy"]
+        pieces: list[tuple[Layer, _SpanPiece]] = []
         try:
             if self.prefetch:
-                self._prefetch_landmarks(lazy, progress)
+                pieces = self._prefetch_landmarks(lazy, [layer for layer in self.layers
+                                                         if layer.state == "indexed"], progress)
                 self.fetch_state = "prefetched"
                 if self.local_copy is not None:
                     self._copy_prefetched(lazy)
         finally:
             if on_prefetched is not None:
                 on_prefetched()
-        self._unstage(lazy)
+        self._unstage(lazy, pieces)
         if not self.background:
             return
         self.fetch_state = "background"
@@ -452,14 +458,25 @@ class ImageView:
             self._hold(layer, self._decoded, others, lambda _, piece: piece, later)
         return data
 
-    def _prefetch_landmarks(self, layers: list[Layer], progress: Callable[[int, int], None] | None) -> None:
-        """Fetch every layer's landmark range [0, prefetch_end) and the chunks of the files its profile
-        lists (`profile`: scattered runs of chunks, several to a multi-range request, in profile order) in a
-        few large requests spread over PREFETCH_CONNECTIONS parallel connections, and stage the bytes (see
-        `_unstage`); requests whose chunks are all cached are skipped."""
+    def _prefetch_landmarks(self, layers: list[Layer], indexed: list[Layer],
+                            progress: Callable[[int, int], None] | None) -> list[tuple[Layer, _SpanPiece]]:
+        """Fetch every eStargz layer's landmark range [0, prefetch_end) and the chunks of the files its
+        profile lists (`profile`: scattered runs of chunks, several to a multi-range request, in profile
+        order), and the spans holding the profiled files of the seek-indexed layers (verified as they
+        arrive), in a few large requests spread over PREFETCH_CONNECTIONS parallel connections, and stage
+        the bytes (see `_unstage`); requests whose chunks are all cached are skipped.  The pieces of spans
+        staged, in profile order: the staged spans stay for the mount's life (the files in them that
+        `_unstage` does not decompress, and the background fetch, read them from there)."""
         ends = {id(layer): layer.index.prefetch_end or 0 for layer in layers if layer.index is not None}
-        profiled = {id(layer): self._profiled_chunks(layer, ends[id(layer)]) for layer in layers}
-        wanted = sum(ends.values()) + sum(c.comp_end - c.comp_offset for cs in profiled.values() for c in cs)
+        profiled = {id(layer): self._profiled_chunks(layer, ends.get(id(layer), 0))
+                    for layer in [*layers, *indexed]}
+        wanted = sum(ends.values()) + sum(c.comp_end - c.comp_offset for layer in layers
+                                          for c in profiled[id(layer)])
+        for layer in indexed:
+            assert layer.spans is not None
+            index = layer.spans.index
+            wanted += sum(index.span_range(last)[1] - index.span_range(first)[0]
+                          for first, last, _ in index.pieces(profiled[id(layer)], PREFETCH_SPAN))
         target = min(max(wanted // PREFETCH_CONNECTIONS, MIN_PREFETCH_REQUEST), PREFETCH_SPAN)
         requests: list[tuple[Layer, list[_Run]]] = []
         for layer in layers:
@@ -478,27 +495,42 @@ class ImageView:
             runs = sorted(((run[0].comp_offset, run[-1].comp_end, run) for run in spans),
                           key=lambda run, rank=rank: min(rank[c.digest] for c in run[2]))
             requests += [(layer, batch) for batch in _batches(runs, target)]
-        total = sum(stop - start for _, runs in requests for start, stop, _ in runs)
-        if not requests:
-            return
+        span_requests: list[tuple[Layer, list[_SpanRun]]] = []
+        for layer in indexed:
+            assert layer.spans is not None
+            index = layer.spans.index
+            span_requests += [(layer, batch) for batch in _batches(
+                [(index.span_range(piece[0])[0], index.span_range(piece[1])[1], piece)
+                 for piece in index.pieces(profiled[id(layer)], target)], target)]
+        total = sum(stop - start for _, runs in [*requests, *span_requests] for start, stop, _ in runs)
+        if not requests and not span_requests:
+            return []
         log.info("prefetching %d bytes of landmark ranges and profiled files in %d requests", total,
-                 len(requests))
+                 len(requests) + len(span_requests))
         done = 0
         if progress is not None:
             progress(done, total)
         try:
-            for layer in {id(layer): layer for layer, _ in requests}.values():
+            for layer in {id(layer): layer for layer, _ in [*requests, *span_requests]}.values():
                 layer.staged = download.StagedRanges(self.work_dir)
+                if layer.spans is not None:
+                    layer.spans.stage = layer.staged
         except OSError as e:  # e.g. a read-only cache directory: reads fetch on demand instead
             log.warning("landmark prefetch skipped: cannot stage %d bytes in %s: %s", total, self.work_dir, e)
-            return
+            return []
+        for layer, runs in span_requests:  # a reader needing one of these spans meanwhile waits for it
+            assert layer.spans is not None
+            layer.spans.expect(k for _, _, (first, last, _) in runs for k in range(first, last + 1))
         with concurrent.futures.ThreadPoolExecutor(PREFETCH_CONNECTIONS, "prefetch") as pool:
             futures = {pool.submit(self._stage_runs, layer, runs): sum(b - a for a, b, _ in runs)
                        for layer, runs in requests}
+            futures.update({pool.submit(self._fetch_pieces, layer, runs): sum(b - a for a, b, _ in runs)
+                            for layer, runs in span_requests})
             for future in concurrent.futures.as_completed(futures):
                 done += futures[future]
                 if progress is not None:
                     progress(done, total)
+        return [(layer, piece) for layer, runs in span_requests for _, _, piece in runs]
 
     def _copy_prefetched(self, layers: list[Layer]) -> None:
         """Write the regular files the prefetch fetched (the landmark ranges' and the profiled files of
@@ -561,11 +593,60 @@ class ImageView:
             log.warning("layer %s: prefetching %d range(s) from %d failed: %s", layer.digest, len(runs),
                         runs[0][0], e)
 
-    def _unstage(self, layers: list[Layer]) -> None:
+    def _fetch_pieces(self, layer: Layer, runs: list[_SpanRun]) -> None:
+        """Fetch the spans of pieces of an indexed layer in one (multi-range) request and stage those that
+        match the seek index (the others are fetched again, and fail, when read)."""
+        assert layer.spans is not None
+
+        def fetch_ranges(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+            if self._stop.is_set():  # the spans' waiters learn it too
+                raise OSError(errno.ECANCELED, "unmounting")
+            return layer.fetch_ranges(ranges)
+
+        try:
+            bad = layer.spans.fetch_pieces([piece[:2] for _, _, piece in runs], fetch_ranges)
+            layer.count("prefetched_bytes", sum(stop - start for start, stop, _ in runs))
+            if bad:
+                layer.count("errors", len(bad))
+                log.error("layer %s: prefetched span(s) %s do not match the seek index; their files fail "
+                          "with EIO", layer.digest, ", ".join(map(str, bad)))
+        except (toc.LazymountError, OSError) as e:  # their readers fetch the spans again
+            if not self._stop.is_set():
+                layer.count("errors")
+                log.warning("layer %s: prefetching %d span range(s) from %d failed: %s", layer.digest,
+                            len(runs), runs[0][0], e)
+
+    def _decode_piece(self, layer: Layer, piece: _SpanPiece) -> None:
+        """Decompress the profiled chunks of a staged piece into the cache (those not cached, nor being
+        stored by a reader that decompressed them along with its own), each once reads have paused: a
+        reader decompresses what it needs from the staged spans at once, and a span decompresses to
+        megabytes, most of which the workload may never read."""
+        assert layer.spans is not None
+        first, _, chunks = piece
+        index = layer.spans.index
+        self.activity.wait_idle(self._stop, BACKGROUND_QUIET)
+        with self._neighbour_lock:
+            chunks = [c for c in chunks if c.digest not in self._decoded]
+        chunks = [c for c in chunks if not layer.oversized(c) and not self.cache.contains(c.digest)]
+        if not chunks or self._stop.is_set():
+            return
+        last = max(index.spans_for(c.comp_offset, c.size)[1] for c in chunks)
+        try:
+            for c, data in layer.spans.decode(first, last, chunks):
+                self.activity.wait_idle(self._stop, BACKGROUND_QUIET)
+                if self._stop.is_set():
+                    return
+                self.cache.store(c.digest, lambda data=data: data)  # the cache verifies it
+            layer.count("span_decodes")
+        except (toc.LazymountError, OSError) as e:  # read again, and reported, when a reader asks for it
+            log.debug("layer %s: prefetched spans from %d not decompressed: %s", layer.digest, first, e)
+
+    def _unstage(self, layers: list[Layer], pieces: list[tuple[Layer, _SpanPiece]]) -> None:
         """Decompress the staged chunks into the cache on every core in the order they arrived (landmark
         ranges in blob order, the order a profiled workload reads an optimized layer; then profiled files,
         about in profile order; its reads of chunks not yet done decompress them themselves), layers
-        taking turns; then drop the staged bytes."""
+        taking turns, then the profiled chunks of the staged `pieces` of indexed layers, in profile order;
+        then drop the staged bytes of `layers`."""
         staged = [(layer, layer.staged) for layer in layers if layer.staged is not None]
         order = itertools.chain.from_iterable(itertools.zip_longest(
             *([(layer, c) for c in ranges.chunks] for layer, ranges in staged)))
@@ -573,6 +654,8 @@ class ImageView:
                                                    initializer=_lowest_priority) as pool:
             for layer, c in filter(None, order):
                 pool.submit(self._unstage_chunk, layer, c)
+            for layer, piece in pieces:
+                pool.submit(self._decode_piece, layer, piece)
         for layer, ranges in staged:
             layer.staged = None  # a reader still holding it finds it closed and fetches instead
             ranges.close()
@@ -960,13 +1043,16 @@ def _inside(index: toc.Index, entry: int, directory: int) -> bool:
 
 
 _Run = tuple[int, int, list[toc.Chunk]]  # compressed bytes [start, stop) and the chunks staged from them
+_SpanPiece = tuple[int, int, list[toc.Chunk]]  # spans first..last fetched together, the chunks starting there
+_SpanRun = tuple[int, int, _SpanPiece]  # ... and the blob bytes [start, stop) they are fetched from
+_R = TypeVar("_R", _Run, _SpanRun)
 MAX_PREFETCH_RANGES = 32  # ranges in one multi-range prefetch request
 
 
-def _batches(runs: list[_Run], target: int) -> Iterator[list[_Run]]:
+def _batches(runs: list[_R], target: int) -> Iterator[list[_R]]:
     """Consecutive runs grouped into requests of at most MAX_PREFETCH_RANGES ranges and about `target`
     bytes."""
-    batch: list[_Run] = []
+    batch: list[_R] = []
     for run in runs:
         if batch and (len(batch) == MAX_PREFETCH_RANGES or
                       sum(stop - start for start, stop, _ in batch) + run[1] - run[0] > target):

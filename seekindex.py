@@ -78,6 +78,14 @@ class ReadAt(Protocol):
     def __call__(self, offset: int, length: int) -> bytes: ...
 
 
+class Stage(Protocol):
+    """Where a SpanReader keeps the verified spans a prefetch brought (e.g. download.StagedRanges)."""
+
+    def put(self, start: int, data: bytes) -> None: ...
+
+    def read(self, offset: int, length: int) -> bytes | None: ...
+
+
 # ------------------------------------------------------------------------------------ deflate resumption
 
 
@@ -254,6 +262,31 @@ class SeekIndex:
                 out.append(toc.Chunk(0, size, offset, offset + size, 0, digest))
         return out
 
+    def pieces(self, chunks: Iterable[toc.Chunk], target: int) -> list[tuple[int, int, list[toc.Chunk]]]:
+        """How to fetch the spans holding `chunks` (holes aside): pieces (first, last, the chunks starting
+        in spans first..last, in stream order), each of consecutive spans of about `target` compressed
+        bytes (unless one span is larger), every span a chunk needs in exactly one piece (a chunk may run on
+        into the next piece's spans), ordered by the earliest of `chunks` that needs them."""
+        rank: dict[int, int] = {}
+        starting: dict[int, list[toc.Chunk]] = {}
+        for i, c in enumerate(chunks):
+            if c.comp_offset == HOLE:
+                continue
+            first, last = self.spans_for(c.comp_offset, c.size)
+            starting.setdefault(first, []).append(c)
+            for k in range(first, last + 1):
+                rank.setdefault(k, i)
+        runs: list[list[int]] = []
+        for k in sorted(rank):
+            if (runs and k == runs[-1][-1] + 1
+                    and self.span_range(k)[1] - self.span_range(runs[-1][0])[0] <= target):
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+        runs.sort(key=lambda run: min(rank[k] for k in run))
+        return [(run[0], run[-1], sorted((c for k in run for c in starting.get(k, ())),
+                                         key=lambda c: c.comp_offset)) for run in runs]
+
     def describe(self) -> str:
         """One line for `inspect` and the logs."""
         return (f"seek index, {self.span_count} checkpoints, {self.stored_size} bytes "
@@ -263,13 +296,60 @@ class SeekIndex:
 class SpanReader:
     """Chunks of an indexed layer: the spans holding a chunk are fetched (through `fetch(offset, length)`)
     and verified before anything is decompressed; the last few stay in memory, so the chunks a span
-    shares with its neighbours cost no second request."""
+    shares with its neighbours cost no second request.  Spans a prefetch has announced (`expect`) are
+    awaited, not fetched twice, and once verified kept in `stage` (if set), whence they are read again."""
 
     def __init__(self, index: SeekIndex, fetch: ReadAt, memory: int = SPAN_MEMORY) -> None:
         self.index, self._fetch, self._memory = index, fetch, memory
         self._spans: OrderedDict[int, bytes] = OrderedDict()
         self._held = 0
+        self._flights: dict[int, concurrent.futures.Future[bytes]] = {}  # span -> its prefetched bytes
+        self.stage: Stage | None = None
         self._lock = threading.Lock()
+
+    def expect(self, spans: Iterable[int]) -> None:
+        """Announce spans that `fetch_pieces` will bring: whoever needs one meanwhile waits for it."""
+        with self._lock:
+            for k in spans:
+                self._flights.setdefault(k, concurrent.futures.Future())
+
+    def fetch_pieces(self, pieces: Sequence[tuple[int, int]],
+                     fetch_ranges: Callable[[list[tuple[int, int]]], list[bytes]]) -> list[int]:
+        """Fetch the spans first..last of each piece in one (multi-range) request, verify each span, put
+        it in the stage, and hand it to whoever waits for it (see `expect`); the spans that failed
+        verification (their waiters get the toc.DigestError).  Raises what the fetch raises (so do the
+        waiters, which then fetch on their own)."""
+        ranges = [(self.index.span_range(first)[0], self.index.span_range(last)[1]) for first, last in pieces]
+        every = [k for first, last in pieces for k in range(first, last + 1)]
+        outcomes: dict[int, bytes | BaseException] = {}
+        try:
+            data = fetch_ranges([(start, end - start) for start, end in ranges])
+            for (first, last), (start, _), part in zip(pieces, ranges, data, strict=True):
+                for k in range(first, last + 1):
+                    a, b = self.index.span_range(k)
+                    span = part[a - start:b - start]
+                    try:
+                        self.index.verify_span(k, span)  # before a single byte of it is decompressed
+                    except toc.DigestError as e:
+                        outcomes[k] = e
+                        continue
+                    if self.stage is not None:
+                        self.stage.put(a, span)
+                    outcomes[k] = span
+        except BaseException as e:
+            outcomes.update((k, e) for k in every if k not in outcomes)
+            raise
+        finally:
+            with self._lock:
+                flights = [(self._flights.pop(k, None), outcome) for k, outcome in outcomes.items()]
+            for flight, outcome in flights:
+                if flight is None or flight.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    flight.set_exception(outcome)
+                else:
+                    flight.set_result(outcome)
+        return [k for k, outcome in outcomes.items() if isinstance(outcome, BaseException)]
 
     def spans(self, first: int, last: int) -> bytes:
         """The blob bytes of spans first..last, each verified (toc.DigestError if one is not as indexed)."""
@@ -278,6 +358,19 @@ class SpanReader:
             for k in have:
                 if have[k] is not None:
                     self._spans.move_to_end(k)
+            awaited = {k: self._flights[k] for k, data in have.items() if data is None and k in self._flights}
+        for k, flight in awaited.items():
+            try:
+                have[k] = flight.result()
+            except toc.DigestError:
+                raise
+            except (toc.LazymountError, OSError):
+                pass  # the prefetch's request failed: fetched here instead
+        stage = self.stage
+        for k, data in have.items():
+            if data is None and stage is not None:  # verified before it was staged
+                a, b = self.index.span_range(k)
+                have[k] = stage.read(a, b - a)
         missing = [k for k, data in have.items() if data is None]
         if missing:
             start, end = self.index.span_range(missing[0])[0], self.index.span_range(missing[-1])[1]
@@ -302,6 +395,15 @@ class SpanReader:
             while self._held > self._memory:
                 self._held -= len(self._spans.popitem(last=False)[1])
 
+    def decode(self, first: int, last: int, chunks: Sequence[toc.Chunk]) -> Iterator[tuple[toc.Chunk, bytes]]:
+        """(chunk, bytes) of each of `chunks` (in stream order, each lying wholly in the output of spans
+        first..last), decompressed from those spans once they are fetched and verified; the bytes are not
+        verified (the cache does that)."""
+        data = self.spans(first, last)
+        for i, piece in extract(self.index.inflate(first, data), self.index.out_range(first)[0],
+                                [(c.comp_offset, c.size) for c in chunks]):
+            yield chunks[i], piece
+
     def chunk(self, chunk: toc.Chunk, wanted: Callable[[toc.Chunk], bool] = lambda c: True
               ) -> tuple[bytes, list[tuple[toc.Chunk, bytes]]]:
         """A chunk's bytes (not verified: the cache does that), and (chunk, bytes) of the other chunks
@@ -309,17 +411,15 @@ class SpanReader:
         if chunk.comp_offset == HOLE:
             return bytes(chunk.size), []
         first, last = self.index.spans_for(chunk.comp_offset, chunk.size)
-        data = self.spans(first, last)
         start, end = self.index.out_range(first)[0], self.index.out_range(last)[1]
         chunks = [c for c in self.index.chunks_within(start, end)
                   if c.comp_offset == chunk.comp_offset or wanted(c)]
         found, others = None, []
-        for i, piece in extract(self.index.inflate(first, data), start,
-                                [(c.comp_offset, c.size) for c in chunks]):
-            if chunks[i].comp_offset == chunk.comp_offset:
+        for c, piece in self.decode(first, last, chunks):
+            if c.comp_offset == chunk.comp_offset:
                 found = piece
             else:
-                others.append((chunks[i], piece))
+                others.append((c, piece))
         if found is None:
             raise toc.TruncatedError(f"spans {first}-{last} end before the chunk at stream offset "
                                      f"{chunk.comp_offset}")

@@ -7,6 +7,7 @@ that differs from its index or its manifest.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import hashlib
 import os
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
+import download
 import fetch
+import profiles
 import referrers
 import regclient
 import seekindex
@@ -185,6 +188,47 @@ def test_flipped_byte_fails_its_span_only(tmp_path: Path) -> None:
                 assert toc.sha256_digest(reader.chunk(c)[0]) == c.digest
                 served += 1
     assert refused and served
+
+
+def test_pieces_and_prefetched_spans(tmp_path: Path) -> None:
+    """`pieces` puts every span the chunks need in exactly one piece of consecutive spans, about
+    `target` bytes, each chunk with the piece it starts in, pieces in the order of the chunks given.  A
+    reader needing an announced span waits for the prefetch's bytes rather than fetching them; a span
+    that does not match the index is handed to nobody, its waiter gets the DigestError."""
+    tar = make_layer_tar(_sample_tree(tmp_path / "tree", seed=6, big=12 * MIB), tmp_path / "layer.tar")
+    blob = bytearray(_compress(tar, tmp_path / "layer.tar.gz", "gzip-6").read_bytes())
+    index = _index_of(bytes(blob))
+    chunks = [c for path in ("z/small03", "m-big", "a/f007", "sparse")
+              for c in index.index.chunks(index.index.lookup(path))]
+    pieces = index.pieces(chunks, 2 * MIB)
+    spans = [k for first, last, _ in pieces for k in range(first, last + 1)]
+    assert sorted(spans) == sorted(set().union(*(_file_spans(index, p) for p in ("z/small03", "m-big",
+                                                                               "a/f007", "sparse"))))
+    assert index.span_of(chunks[0].comp_offset) in range(pieces[0][0], pieces[0][1] + 1)
+    for first, last, starting in pieces:
+        assert first == last or index.span_range(last)[1] - index.span_range(first)[0] <= 2 * MIB
+        assert all(first <= index.span_of(c.comp_offset) <= last for c in starting)
+    assert sorted(c.digest for _, _, cs in pieces for c in cs) == sorted(
+        c.digest for c in chunks if c.comp_offset != seekindex.HOLE)
+
+    fetched: list[tuple[int, int]] = []
+    reader = seekindex.SpanReader(index, lambda o, n: fetched.append((o, n)) or bytes(blob[o:o + n]))
+    good, bad = pieces[0][:2], pieces[-1][:2]
+    reader.expect(range(good[0], good[1] + 1))
+    reader.expect(range(bad[0], bad[1] + 1))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(reader.spans, *good), pool.submit(reader.spans, *bad)]
+        time.sleep(0.2)  # not an assertion on time: gives the waiters the chance to fetch wrongly
+        start, end = index.span_range(bad[0])
+        blob[(start + end) // 2] ^= 1
+        reader.stage = download.StagedRanges(tmp_path / "stage")
+        failed = reader.fetch_pieces([good, bad], lambda ranges: [bytes(blob[o:o + n]) for o, n in ranges])
+        assert failed == [bad[0]] and reader.stage.read(index.span_range(bad[0])[0], 1) is None
+        assert waiting[0].result() == bytes(blob[index.span_range(good[0])[0]:index.span_range(good[1])[1]])
+        with pytest.raises(toc.DigestError):
+            waiting[1].result()
+    assert fetched == []
+    assert reader.spans(*good) == waiting[0].result() and fetched == []  # from the stage
 
 
 def test_not_gzip_or_cut_short(tmp_path: Path) -> None:
@@ -467,3 +511,106 @@ def test_pushed_index_reads_lazily_and_a_bad_one_is_rejected(big_plain: BigPlain
         assert "lazy: neither" in result.stdout
         (line,) = result.stderr.splitlines()
         assert "seek index rejected" in line and reason in line and big_plain.digest in line
+
+
+# -------------------------------------------------------------------- profiles of plain images prefetched
+
+
+@dataclass
+class ProfiledPlain:
+    """A plain gzip image (busybox and the sample tree) with a pushed seek index and a profile pushed by
+    `record --push` of `busybox cat` over PROFILED."""
+
+    ref: str
+    tree: Path
+    index: seekindex.SeekIndex
+    profile: dict[str, list[str]]
+
+
+PROFILED = ("a/f010", "a/f090", "z/small05")
+needs_busybox = pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox-static")
+
+
+@pytest.fixture(scope="module")
+def profiled_plain(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> ProfiledPlain:
+    work = tmp_path_factory.mktemp("profiled-plain")
+    tree = _sample_tree(work / "tree", seed=11, big=6 * MIB)
+    (tree / "bin").mkdir()
+    shutil.copy2("/bin/busybox", tree / "bin" / "busybox")
+    _compress(make_layer_tar(tree, work / "layer.tar"), work / "layer.tar.gz", "gzip-6")
+    write_oci_layout(work / "oci", "v1", [work / "layer.tar.gz"])
+    ref = _push_indexes(work / "oci", "v1", registry, "profiled-plain", work / "c1")
+    lazymount("record", ref, "--cache-dir", str(work / "c2"), "--contain", "-o", str(work / "profile"),
+              "--push", "--", "/bin/busybox", "cat", *(f"/{path}" for path in PROFILED))
+    profile = profiles.read_profile(work / "profile")
+    (digest,) = profile
+    index = seekindex.load(seekindex.index_path(work / "c1", digest).read_bytes(), digest,
+                           fetch.open_image(ref, client=regclient.RegistryClient()).layers[0].size)
+    return ProfiledPlain(ref, tree, index, profile)
+
+
+def _spans_bytes(index: seekindex.SeekIndex, spans: set[int]) -> int:
+    return sum(b - a for a, b in map(index.span_range, spans))
+
+
+@needs_stack
+@needs_busybox
+def test_pushed_profile_prefetches_the_spans_of_a_plain_image(profiled_plain: ProfiledPlain,
+                                                              tmp_path: Path) -> None:
+    """A later mount (fresh cache dir: another node) fetches the spans holding the profiled files before
+    it answers, in a few requests; reading those files, and the other files of those spans, then sends
+    no request and gives the original bytes.  `--no-prefetch` fetches nothing before a read."""
+    image, mnt = profiled_plain, tmp_path / "mnt"
+    (paths,) = image.profile.values()
+    assert {"bin/busybox", *PROFILED} <= set(paths)
+    profiled = set().union(*(_file_spans(image.index, path) for path in paths))
+    with mounted(image.ref, mnt, "--cache-dir", str(tmp_path / "c"), "--no-background-fetch"):
+        (before,) = stats(mnt)["layers"]
+        assert before["state"] == "indexed" and before["bytes_served"] == 0
+        assert before["prefetched_bytes"] == before["bytes_fetched"]
+        assert before["prefetched_bytes"] >= _spans_bytes(image.index, profiled) - len(profiled)
+        assert 0 < before["requests"] <= len(profiled)
+        neighbours = [f"a/f{i:03}" for i in range(120)
+                      if (image.tree / "a" / f"f{i:03}").stat().st_size
+                      and _file_spans(image.index, f"a/f{i:03}") <= profiled]
+        assert len(neighbours) > len(PROFILED)
+        for path in [*paths, *neighbours]:
+            assert (mnt / path).read_bytes() == (image.tree / path).read_bytes(), path
+        (after,) = stats(mnt)["layers"]
+        assert (after["requests"], after["bytes_fetched"]) == (before["requests"], before["bytes_fetched"])
+        assert after["errors"] == 0
+    with mounted(image.ref, mnt, "--cache-dir", str(tmp_path / "c2"), "--no-background-fetch",
+                 "--no-prefetch"):
+        (layer,) = stats(mnt)["layers"]
+        assert layer["prefetched_bytes"] == layer["bytes_fetched"] == 0
+
+
+@needs_stack
+@needs_busybox
+def test_flipped_byte_in_a_prefetched_span(profiled_plain: ProfiledPlain, registry: Registry,
+                                           tmp_path: Path) -> None:
+    """One byte flipped in the registry's copy of a span the profile covers: the mount still comes up,
+    that span is not served (EIO for its files, once more fetched and refused), the other profiled files
+    are served right."""
+    image, mnt = profiled_plain, tmp_path / "mnt"
+    (digest,) = image.profile
+    (paths,) = image.profile.values()
+    (bad_span,) = _file_spans(image.index, "z/small05")
+    fine = [path for path in paths if bad_span not in _file_spans(image.index, path)]
+    assert "a/f010" in fine and "bin/busybox" in fine
+    path = _registry_blob(registry, digest)
+    original = path.read_bytes()
+    start, end = image.index.span_range(bad_span)
+    try:
+        path.write_bytes(original[:(start + end) // 2] + bytes([original[(start + end) // 2] ^ 1])
+                         + original[(start + end) // 2 + 1:])
+        with mounted(image.ref, mnt, "--cache-dir", str(tmp_path / "c"), "--no-background-fetch"):
+            (layer,) = stats(mnt)["layers"]
+            assert layer["prefetched_bytes"] > 0 and layer["errors"] == 1
+            with pytest.raises(OSError) as e:
+                (mnt / "z" / "small05").read_bytes()
+            assert e.value.errno == errno.EIO
+            for name in fine:
+                assert (mnt / name).read_bytes() == (image.tree / name).read_bytes(), name
+    finally:
+        path.write_bytes(original)

@@ -5,7 +5,7 @@ What belongs here: a layer's blob and index (eStargz read by range, a plain gzip
 read by span, or downloaded whole, verified and indexed or converted locally), reading file bytes chunk by
 chunk through the cache (verified bytes or EIO), sequential read-ahead, fetching a miss's neighbours
 along, the landmark prefetch (a few large requests over parallel connections, staged and then
-decompressed; for `run` also copied, file by file, to a local directory; for a seek-indexed layer, the
+decompressed; for `run` also copied to a local directory by localcopy.py; for a seek-indexed layer, the
 spans holding its profiled files), the background fetch (the rest of every lazy layer streamed at full
 speed into staged ranges that answer readers' misses, decompressed into the cache while reads pause; a
 seek-indexed layer span by span at low priority, its digest checked once it has every byte), per-layer
@@ -19,7 +19,6 @@ seek index formats and decompression (seekindex.py) or keeping chunks (cache.py)
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, TypeVar
 import cache
 import download
 import layerwriter
+import localcopy
 import seekindex
 import toc
 import tocread
@@ -68,7 +68,6 @@ STAGED_WAIT = 2.0  # how long a read waits for its bytes on their way in a backg
 # and touches in part (`import torch` reads ~150 MB of the 434 MB libtorch_cpu.so), which a copy would
 # decompress and write whole before the command could start.
 COPY_MAX_FILE = 64 << 20
-COPY_OPEN_FILES = 256  # files the local copy of prefetched files holds open while their chunks are written
 
 
 class NotReadyError(toc.LazymountError):
@@ -552,7 +551,7 @@ class ImageView:
                     if node is not None and self.layers[node.layer] is layer and \
                             stat.S_ISREG(merged.mode(node)) and merged.entry(node).size <= COPY_MAX_FILE:
                         files.setdefault(node.path.lstrip("/"), node)
-            size = _LocalCopy(self, merged, self.local_copy).write(files)
+            size = localcopy.write(merged, self.local_copy, files, self._copy_chunks, self._copy_chunk)
         except (toc.LazymountError, OSError) as e:
             self.local_copy_state = {"error": str(e)}
             log.warning("the prefetched files were not copied to %s: %s", self.local_copy, e)
@@ -560,6 +559,23 @@ class ImageView:
         self.local_copy_state = {"files": len(files), "bytes": size}
         log.info("copied %d prefetched files (%d bytes) to %s in %.2f s", len(files), size, self.local_copy,
                  time.monotonic() - started)
+
+    def _copy_chunks(self, node: tree.Node, size: int) -> list[toc.Chunk]:
+        index = self.layers[node.layer].index
+        assert index is not None
+        return index.chunk_range(node.entry, 0, size)
+
+    def _copy_chunk(self, node: tree.Node, c: toc.Chunk) -> bytes:
+        """A chunk for the local copy: from its staged bytes if it is not cached, verified here but not
+        stored (the unstaging does that once the command runs: writing it twice, to the cache and here,
+        would delay the command), else through the cache like any read."""
+        layer = self.layers[node.layer]
+        if not layer.oversized(c) and not self.cache.contains(c.digest):
+            data = layer.staged_chunk(c)
+            if data is not None:
+                toc.verify_digest(data, c.digest, f"chunk of {node.path} at file offset {c.file_offset}")
+                return data
+        return self._chunk(layer, c, node, 0, c.size)
 
     def _profiled_chunks(self, layer: Layer, landmark_end: int) -> list[toc.Chunk]:
         """The chunks of the files `profile` lists for the layer, in profile order, each once, leaving out
@@ -919,118 +935,12 @@ class ImageView:
                 **({"local_copy": self.local_copy_state} if self.local_copy is not None else {})}
 
 
-class _LocalCopy:
-    """Files of a view's merged tree written into a local directory (see ImageView._copy_prefetched).
-
-    Names come from the validated index, and every directory on their way is made here and opened
-    without following links, every file created exclusively: nothing is written outside `root`.  Chunks
-    are read on every core; at most COPY_OPEN_FILES files are open at once."""
-
-    def __init__(self, view: ImageView, merged: tree.MergedTree, root: Path) -> None:
-        self.view, self.merged, self.root = view, merged, root
-        self.as_root = os.geteuid() == 0  # then owners are the image's too
-
-    def write(self, files: Mapping[str, tree.Node]) -> int:
-        """Write `files` (relative path -> node), then their directories' metadata; the bytes written."""
-        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        made: dict[str, tree.Node] = {"": self.merged.root}
-        stack: list[tuple[str, int]] = [("", root_fd)]  # the open directories down to the current one
-        pending: collections.deque[tuple[int, tree.Node, list[concurrent.futures.Future]]] = \
-            collections.deque()
-        size = 0
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, "local-copy") as pool:
-            try:
-                for path in sorted(files):
-                    node = files[path]
-                    parent, _, name = path.rpartition("/")
-                    while not _under(parent, stack[-1][0]):
-                        os.close(stack.pop()[1])
-                    below = parent[len(stack[-1][0]):].strip("/")
-                    for part in below.split("/") if below else []:
-                        at = f"{stack[-1][0]}/{part}".lstrip("/")
-                        if at not in made:
-                            os.mkdir(part, 0o700, dir_fd=stack[-1][1])
-                            made[at] = self.merged.lookup(at)
-                        stack.append((at, os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
-                                                  os.O_CLOEXEC, dir_fd=stack[-1][1])))
-                    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o600, dir_fd=stack[-1][1])
-                    entry = self.merged.entry(node)
-                    os.ftruncate(fd, entry.size)
-                    layer = self.view.layers[node.layer]
-                    assert layer.index is not None
-                    chunks = layer.index.chunk_range(node.entry, 0, entry.size)
-                    pending.append((fd, node, [pool.submit(self._chunk, layer, c, node, fd) for c in chunks]))
-                    size += entry.size
-                    while len(pending) > COPY_OPEN_FILES:
-                        self._finish(*pending.popleft())
-                while pending:
-                    self._finish(*pending.popleft())
-            finally:
-                for fd, _, futures in pending:
-                    for future in futures:
-                        future.cancel()
-                    concurrent.futures.wait(futures)
-                    os.close(fd)
-                for _, fd in stack[1:]:
-                    os.close(fd)
-        try:  # deepest first: a directory's own mode may forbid what is done below it
-            for path in sorted(made, key=lambda p: -p.count("/") - bool(p)):
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=root_fd) if path else root_fd
-                try:
-                    self._set_metadata(fd, made[path])
-                finally:
-                    if fd != root_fd:
-                        os.close(fd)
-        finally:
-            os.close(root_fd)
-        return size
-
-    def _chunk(self, layer: Layer, c: toc.Chunk, node: tree.Node, fd: int) -> None:
-        """Write one chunk of a file: from its staged bytes if it is not cached, verified here but not
-        stored (the unstaging does that once the command runs: writing it twice, to the cache and here,
-        would delay the command), else through the cache like any read."""
-        data = None
-        if not layer.oversized(c) and not self.view.cache.contains(c.digest):
-            data = layer.staged_chunk(c)
-            if data is not None:
-                toc.verify_digest(data, c.digest, f"chunk of {node.path} at file offset {c.file_offset}")
-        if data is None:
-            data = self.view._chunk(layer, c, node, 0, c.size)
-        if os.pwrite(fd, data, c.file_offset) != len(data):
-            raise OSError(errno.EIO, f"short write to the local copy of {node.path}")
-
-    def _finish(self, fd: int, node: tree.Node, futures: list[concurrent.futures.Future]) -> None:
-        """Once a file's chunks are written: its metadata, then close it (also on failure)."""
-        try:
-            for future in futures:
-                future.result()
-            self._set_metadata(fd, node)
-        finally:
-            os.close(fd)
-
-    def _set_metadata(self, fd: int, node: tree.Node | None) -> None:
-        if node is None:  # cannot be: every directory on a file's way is in the tree
-            raise OSError(errno.ENOENT, "directory not in the tree")
-        entry = self.merged.entry(node)
-        if self.as_root:
-            os.fchown(fd, entry.uid, entry.gid)  # before the mode: it clears set-id bits
-        os.fchmod(fd, entry.mode & 0o7777)
-        os.utime(fd, ns=(entry.mtime * 1_000_000_000,) * 2)
-
-
 def _lowest_priority() -> None:
     """Run the calling thread at the lowest CPU priority: work that can wait yields the cores to the
     threads answering the workload's reads (the daemon's own session shares a scheduler group with them
     and would otherwise compete on equal terms)."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-
-
-def _under(path: str, directory: str) -> bool:
-    """Whether relative `path` is `directory` or below it ('' is the root)."""
-    return not directory or path == directory or path.startswith(directory + "/")
 
 
 def _inside(index: toc.Index, entry: int, directory: int) -> bool:

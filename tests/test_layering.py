@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATED = frozenset({"snapshots_pb2", "snapshots_pb2_grpc", "mount_pb2"})
-FUSE_SIDE = frozenset({"mfusepy", "mountctl", "fusefs", "layerfs", "sandbox", "tree", "engine"})
+FUSE_SIDE = frozenset({"mfusepy", "mountctl", "fusefs", "layerfs", "sandbox", "tree", "engine", "localcopy"})
 GRPC_SIDE = frozenset({"grpc", "grpc_health", "snapshot_grpc", "snapshot_store", "snapshot_layers",
                        *GENERATED})
 REGISTRY_CLIENT = ("config", "transport", "regclient", "fetch", "referrers", "download", "profiles")
@@ -25,6 +25,8 @@ RULES: list[tuple[str, frozenset[str], str]] = [
     *((m, FUSE_SIDE | GRPC_SIDE, "the registry client knows no FUSE and no gRPC") for m in REGISTRY_CLIENT),
     *((m, GRPC_SIDE, "the FUSE side never imports the gRPC side") for m in FUSE_SIDE),
     ("tree", frozenset({"engine", "cache", "fetch", "regclient"}), "the merged tree knows no reads"),
+    ("localcopy", frozenset({"engine", "cache", "fetch", "regclient", "download", "mfusepy"}),
+     "the local copy is handed verified chunks: it never reads a layer"),
     ("seekindex", FUSE_SIDE | GRPC_SIDE | frozenset({"cache", "fetch", "regclient"}),
      "a seek index is a format: it is handed reads, never a registry, the cache, FUSE or gRPC"),
 ]

@@ -699,17 +699,17 @@ class ImageView:
         the workload's) and drop the range once its chunks are stored.  Fetches no more than the cache has
         room for, compressed and decompressed."""
         room = self.cache.room()
-        plans: dict[int, list[_Run]] = {}
-        for layer in layers:
+        plans: dict[int, list[tuple[int, int]]] = {}  # compressed ranges only: a plan of chunk objects
+        for layer in layers:  # would hold every chunk of the layer in memory while the fetch runs
             assert layer.index is not None
-            missing = [c for c in layer.index.blob_chunks()
-                       if not layer.oversized(c) and not self.cache.contains(c.digest)]
+            missing = (c for c in layer.index.blob_chunks()
+                       if not layer.oversized(c) and not self.cache.contains(c.digest))
             plan = []
             for span in _spans(missing, BACKGROUND_SPAN):
                 room -= span[-1].comp_end - span[0].comp_offset + sum(c.size for c in span)
                 if room < 0:
                     break
-                plan.append((span[0].comp_offset, span[-1].comp_end, span))
+                plan.append((span[0].comp_offset, span[-1].comp_end))
             if plan:
                 plans[id(layer)] = plan
         active = [layer for layer in layers if id(layer) in plans]
@@ -719,10 +719,10 @@ class ImageView:
         except OSError as e:
             log.warning("background fetch skipped: cannot stage in %s: %s", self.work_dir, e)
             return
-        fetched: queue.SimpleQueue[tuple[Layer, _Run] | None] = queue.SimpleQueue()
+        fetched: queue.SimpleQueue[tuple[Layer, tuple[int, int]] | None] = queue.SimpleQueue()
         lock = threading.Lock()
 
-        def next_run() -> tuple[Layer, _Run] | None:
+        def next_run() -> tuple[Layer, tuple[int, int]] | None:
             with lock:
                 waiting = [layer for layer in active if plans[id(layer)]]
                 if not waiting or self._stop.is_set():
@@ -737,7 +737,7 @@ class ImageView:
 
         def worker() -> None:
             while (job := next_run()) is not None:
-                layer, (start, stop, chunks) = job
+                layer, (start, stop) = job
                 assert layer.staged is not None
                 try:
                     data = layer.fetch(start, stop - start)
@@ -762,10 +762,11 @@ class ImageView:
             if job is None:
                 running -= 1
                 continue
-            layer, (start, _, chunks) = job
-            for c in chunks:
+            layer, (start, stop) = job
+            assert layer.index is not None
+            for c in layer.index.chunks_between(start, stop):
                 self.activity.wait_idle(self._stop, BACKGROUND_QUIET)
-                if not self._stop.is_set() and not self.cache.contains(c.digest):
+                if not self._stop.is_set() and not layer.oversized(c) and not self.cache.contains(c.digest):
                     self._unstage_chunk(layer, c)
             if layer.staged is not None:
                 layer.staged.drop(start)

@@ -395,6 +395,19 @@ class Index:
             if owners[k] >= 0:
                 yield self.chunk(k, owners[k])
 
+    def chunks_between(self, start: int, stop: int) -> Iterator[Chunk]:
+        """The file chunks stored within compressed bytes [start, stop), in blob order, made one at a time."""
+        if self._sorted_offsets is not None:  # chunk ids out of blob order: look at every one
+            yield from (c for c in self.blob_chunks() if start <= c.comp_offset and c.comp_end <= stop)
+            return
+        owners = self._owners()
+        comp = self._chunk_comp
+        for k in range(bisect.bisect_left(comp, start), bisect.bisect_left(comp, stop)):
+            if owners[k] >= 0:
+                c = self.chunk(k, owners[k])
+                if c.comp_end <= stop:
+                    yield c
+
     def files_before(self, end: int) -> list[int]:
         """The files with data stored before compressed offset `end` (a landmark's range), each once, in
         chunk order; a hardlink group by its target entry."""

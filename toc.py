@@ -17,7 +17,7 @@ import hashlib
 import re
 from array import array
 from base64 import b64decode
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -242,6 +242,7 @@ class Index:
         self._order = array("I")
         self._sorted_offsets: array | None = None
         self._owner: array | None = None  # chunk id -> entry id, built on the first chunks_after
+        self._blob_order: array | None = None  # chunk ids in blob order, if that is not id order
         self.toc_digest = ""  # of the TOC JSON, and its size, when read from a blob
         self.toc_size = 0
 
@@ -388,21 +389,24 @@ class Index:
     def blob_chunks(self) -> Iterator[Chunk]:
         """Every file chunk once (hardlinks share theirs), in blob order, made one at a time."""
         owners = self._owners()
-        ids: Iterable[int] = range(len(owners))
-        if self._sorted_offsets is not None:
-            ids = sorted(ids, key=lambda k: (self._chunk_comp[k], self._inner.get(k, 0)))
-        for k in ids:
+        for k in self._ids_in_blob_order():
             if owners[k] >= 0:
                 yield self.chunk(k, owners[k])
 
+    def _ids_in_blob_order(self) -> Sequence[int]:
+        if self._sorted_offsets is None:
+            return range(len(self._chunk_comp))
+        if self._blob_order is None:
+            self._blob_order = array("i", sorted(range(len(self._chunk_comp)),
+                                                 key=lambda k: (self._chunk_comp[k], self._inner.get(k, 0))))
+        return self._blob_order
+
     def chunks_between(self, start: int, stop: int) -> Iterator[Chunk]:
         """The file chunks stored within compressed bytes [start, stop), in blob order, made one at a time."""
-        if self._sorted_offsets is not None:  # chunk ids out of blob order: look at every one
-            yield from (c for c in self.blob_chunks() if start <= c.comp_offset and c.comp_end <= stop)
-            return
         owners = self._owners()
-        comp = self._chunk_comp
-        for k in range(bisect.bisect_left(comp, start), bisect.bisect_left(comp, stop)):
+        ids, comp = self._ids_in_blob_order(), self._chunk_comp
+        first = bisect.bisect_left(ids, start, key=comp.__getitem__)
+        for k in ids[first:bisect.bisect_left(ids, stop, first, key=comp.__getitem__)]:
             if owners[k] >= 0:
                 c = self.chunk(k, owners[k])
                 if c.comp_end <= stop:

@@ -954,3 +954,30 @@ def test_landmark_is_ignored_in_lookup_but_bounds_chunks():
     assert index.prefetch_end == len(m1)
     assert index.chunks(index.lookup("x"))[0].comp_end == len(m1)
     assert [p for p, _ in index.walk()] == ["x"]
+
+
+@pytest.mark.parametrize("blob_order_differs", [False, True])
+def test_chunks_between_are_the_blob_chunks_in_a_range(blob_order_differs: bool) -> None:
+    """Index.chunks_between (the background fetch stores a fetched range's chunks by it) gives exactly the
+    chunks that blob_chunks gives lying within the range, also where chunk ids are not in blob order."""
+    rng = random.Random(7)
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as tf:
+        for i in range(120):
+            data = rng.randbytes(rng.randint(0, 200_000))
+            info = tarfile.TarInfo(f"d{i % 7}/f{i}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    out = io.BytesIO()
+    written = layerwriter.write_layer(io.BytesIO(tar.getvalue()), out, chunk_size=64 << 10, workers=1)
+    blob = out.getvalue()
+    index = tocread.read_index(lambda offset, n: blob[offset:offset + n], len(blob), written.toc_digest)
+    if blob_order_differs:  # the path taken for a TOC whose chunk ids are out of blob order
+        index._sorted_offsets = index._chunk_comp
+    every = list(index.blob_chunks())
+    assert len(every) > 100
+    for _ in range(100):
+        start = rng.randint(0, len(blob))
+        stop = rng.randint(start, len(blob))
+        assert list(index.chunks_between(start, stop)) == \
+            [c for c in every if start <= c.comp_offset and c.comp_end <= stop]

@@ -211,6 +211,10 @@ def test_socket_activation_carries_calls_over_a_restart(tmp_path: Path, shell_im
             lazy = data_images["first"][0]
             containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazymount", lazy)
             daemon.stop(signal.SIGKILL)
+            # The front ends containerd's connection to the dead snapshotter (its HTTP/2 state cannot move
+            # to another process): a call sent in that instant fails, as with any restart.  Once containerd
+            # has dialled again its calls wait at the front, so they are started after that.
+            time.sleep(1.5)
             pull = _popen(containerd, "ctr-remote", "images", "rpull", "--plain-http", "--snapshotter",
                           "lazymount", plain)
             run = _popen(containerd, "ctr", "run", "--snapshotter", "lazymount", "--rm", lazy,

@@ -191,10 +191,11 @@ class Layer:
         for directory in (blob_path.parent, converted.parent):
             directory.mkdir(parents=True, exist_ok=True)
         if not converted.exists():
-            seek = None
+            seek, indexed = None, False
             if not blob_path.exists():  # by concurrent range requests, indexed as the bytes arrive
                 seek = download.whole_blob(self.blob, self.digest, blob_path, consume=lambda arriving: (
                     seekindex.build_and_keep(arriving.read_at, arriving.size, self.digest, cache_dir)))
+                indexed = True
             local = download.FileBlob(blob_path)
             try:
                 self.index = tocread.read_index(local.read_at, local.size, limits=self.limits)
@@ -203,7 +204,7 @@ class Layer:
                 return
             except toc.FooterError:
                 pass
-            if seek is None:  # downloaded by an earlier mount, or not gzip
+            if not indexed:  # downloaded by an earlier mount
                 seek = seekindex.build_and_keep(local.read_at, local.size, self.digest, cache_dir,
                                                 local.fileno())
             if seek is not None:  # served from the local blob through its new index

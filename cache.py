@@ -32,6 +32,7 @@ import fcntl
 import heapq
 import logging
 import os
+import queue
 import re
 import stat
 import struct
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BYTES = 32 << 20  # holds the chunks being read and read ahead; the page cache does the rest
 DEFAULT_DISK_BYTES = 10 << 30
+# With write-behind, chunks a reader loaded go to disk on a thread of their own so that the read is
+# answered first; at most this many bytes wait for it (beyond that the reader writes them itself).
+WRITE_BEHIND_BYTES = 32 << 20
 VERIFIED_FILES = 8192  # chunk files whose identity a process remembers as verified
 TOUCH_EVERY_NS = 10 * 10**9  # a disk hit refreshes a file's recency at most this often
 
@@ -331,16 +335,24 @@ class ChunkCache:
     """Chunks by digest in a memory LRU over an optional disk LRU, each bounded in bytes; thread-safe.
 
     ``cache_dir=None`` or ``disk_bytes=0`` disables the disk tier. Disk errors are logged and the
-    chunk is served from the loader or memory instead.
+    chunk is served from the loader or memory instead.  ``write_behind``: a chunk loaded by ``get`` or
+    ``read`` is written to disk by a thread of the cache's after the caller has it (a mount's reader
+    should not wait for the page cache; writing a fresh 4 MiB file costs it more than decompressing
+    the chunk did), up to WRITE_BEHIND_BYTES waiting; ``close`` writes what still waits.
     """
 
     def __init__(self, cache_dir: Path | str | None, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-                 disk_bytes: int = DEFAULT_DISK_BYTES) -> None:
+                 disk_bytes: int = DEFAULT_DISK_BYTES, write_behind: bool = False) -> None:
         if memory_bytes < 0 or disk_bytes < 0:
             raise ValueError("cache bounds must be non-negative")
         self._memory = _ByteLRU(memory_bytes)
         self._disk = _DiskTier(Path(cache_dir), disk_bytes) if cache_dir is not None and disk_bytes else None
         self._lock = threading.Lock()
+        self._write_behind = write_behind and self._disk is not None
+        self._unwritten: dict[str, bytes] = {}  # hexdigest -> verified bytes waiting for the writer thread
+        self._unwritten_bytes = 0
+        self._writes: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         self._flights: dict[str, _Flight] = {}
         self._counts = dict.fromkeys(("hits_memory", "hits_disk", "waits", "misses", "bytes_loaded"), 0)
 
@@ -351,7 +363,13 @@ class ChunkCache:
         self.close()
 
     def close(self) -> None:
-        """Release the disk tier's lock file; the cache contents stay."""
+        """Write the chunks still waiting for the disk, then release the disk tier's lock file; the cache
+        contents stay."""
+        with self._lock:
+            writer, self._writer, self._write_behind = self._writer, None, False
+        if writer is not None:
+            self._writes.put(None)
+            writer.join()
         if self._disk is not None:
             self._disk.close()
 
@@ -363,9 +381,8 @@ class ChunkCache:
         """
         hexdigest = _hex(digest)
         with self._lock:
-            data = self._memory.get(hexdigest)
+            data = self._in_memory(hexdigest)
             if data is not None:
-                self._counts["hits_memory"] += 1
                 return data
             flight = self._flights.get(hexdigest)
             leader = flight is None
@@ -385,9 +402,8 @@ class ChunkCache:
         verified (or written) before is read in part, not whole."""
         hexdigest = _hex(digest)
         with self._lock:
-            data = self._memory.get(hexdigest)
+            data = self._in_memory(hexdigest)
             if data is not None:
-                self._counts["hits_memory"] += 1
                 return data[start:stop]
         if self._disk is not None:
             part = self._disk.read_range(hexdigest, start, stop)
@@ -423,7 +439,7 @@ class ChunkCache:
         """Whether the chunk is in memory or on disk (not verified, not counted, recency unchanged)."""
         hexdigest = _hex(digest)
         with self._lock:
-            if hexdigest in self._memory:
+            if hexdigest in self._memory or hexdigest in self._unwritten:
                 return True
         return self._disk is not None and self._disk.contains(hexdigest)
 
@@ -473,18 +489,54 @@ class ChunkCache:
         if data is not None:
             self._count("hits_disk")
         else:
-            data = self._load(digest, hexdigest, loader)
+            data = self._load(digest, hexdigest, loader, behind=True)
         self._remember(hexdigest, data)
         return data
 
-    def _load(self, digest: str, hexdigest: str, loader: Callable[[], bytes]) -> bytes:
-        """Call the loader, verify its bytes and write them to disk."""
+    def _load(self, digest: str, hexdigest: str, loader: Callable[[], bytes], behind: bool = False) -> bytes:
+        """Call the loader, verify its bytes and write them to disk (`behind`: by the writer thread, if
+        write-behind is on and has room)."""
         self._count("misses")
         data = bytes(loader())
         verify_digest(data, digest, "chunk")
         self._count("bytes_loaded", len(data))
-        self._disk_write(hexdigest, data)
+        if not (behind and self._hand_to_writer(hexdigest, data)):
+            self._disk_write(hexdigest, data)
         return data
+
+    def _in_memory(self, hexdigest: str) -> bytes | None:
+        """The chunk from memory or the bytes waiting for the writer, counted as a memory hit; under the
+        lock."""
+        data = self._memory.get(hexdigest)
+        if data is None:
+            data = self._unwritten.get(hexdigest)
+        if data is not None:
+            self._counts["hits_memory"] += 1
+        return data
+
+    def _hand_to_writer(self, hexdigest: str, data: bytes) -> bool:
+        """Queue verified bytes for the writer thread (started on first use); False if write-behind is off
+        or WRITE_BEHIND_BYTES already wait."""
+        with self._lock:
+            if not self._write_behind or self._unwritten_bytes + len(data) > WRITE_BEHIND_BYTES:
+                return False
+            if hexdigest not in self._unwritten:
+                self._unwritten[hexdigest] = data
+                self._unwritten_bytes += len(data)
+                self._writes.put(hexdigest)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_queued, name="cache-writer", daemon=True)
+                self._writer.start()
+        return True
+
+    def _write_queued(self) -> None:
+        """The writer thread: write queued chunks until told to stop (None), at the lowest CPU priority."""
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        while (hexdigest := self._writes.get()) is not None:
+            self._disk_write(hexdigest, self._unwritten[hexdigest])
+            with self._lock:
+                self._unwritten_bytes -= len(self._unwritten.pop(hexdigest))
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:

@@ -58,9 +58,9 @@ READ_AHEAD_THREADS = 2
 NEIGHBOUR_SPAN = 512 << 10  # on a miss, chunks stored after it within this many compressed bytes come along
 NEIGHBOUR_AFTER_MISSES = 2  # ... once a layer has had this many misses
 READY_TIMEOUT = 600.0  # how long a file system call waits for a layer still being downloaded
-# The background fetch decompresses and stores each staged chunk only once reads have paused this long: a
-# workload's reads come in bursts, and background work done between two of them holds the GIL (and a core)
-# when the next read arrives, which then waits for it.
+# Staged chunks (the prefetch's and the background fetch's) are decompressed and stored only once reads have
+# paused this long: a workload's reads come in bursts, and background work done between two of them holds
+# the GIL (and a core) when the next read arrives, which then waits for it.
 BACKGROUND_QUIET = 0.1
 IDLE_POLL = 0.05
 STAGED_WAIT = 2.0  # how long a read waits for its bytes on their way in a background range
@@ -659,10 +659,10 @@ class ImageView:
             log.debug("layer %s: prefetched spans from %d not decompressed: %s", layer.digest, first, e)
 
     def _unstage(self, layers: list[Layer], pieces: list[tuple[Layer, _SpanPiece]]) -> None:
-        """Decompress the staged chunks into the cache on every core in the order they arrived (landmark
-        ranges in blob order, the order a profiled workload reads an optimized layer; then profiled files,
-        about in profile order; its reads of chunks not yet done decompress them themselves), layers
-        taking turns, then the profiled chunks of the staged `pieces` of indexed layers, in profile order;
+        """Decompress the staged chunks into the cache on every core, while reads pause, in the order they
+        arrived (landmark ranges in blob order, the order a profiled workload reads an optimized layer;
+        then profiled files, about in profile order; its reads of chunks not yet done decompress them
+        themselves), layers taking turns, then the profiled chunks of the staged `pieces` of indexed layers, in profile order;
         then drop the staged bytes of `layers`."""
         staged = [(layer, layer.staged) for layer in layers if layer.staged is not None]
         order = itertools.chain.from_iterable(itertools.zip_longest(
@@ -678,7 +678,9 @@ class ImageView:
             ranges.close()
 
     def _unstage_chunk(self, layer: Layer, c: toc.Chunk) -> None:
-        if self._stop.is_set():
+        """Store a staged chunk in the cache once reads have paused (see BACKGROUND_QUIET)."""
+        self.activity.wait_idle(self._stop, BACKGROUND_QUIET)
+        if self._stop.is_set() or self.cache.contains(c.digest):
             return
 
         def load() -> bytes:
@@ -766,8 +768,7 @@ class ImageView:
             layer, (start, stop) = job
             assert layer.index is not None
             for c in layer.index.chunks_between(start, stop):
-                self.activity.wait_idle(self._stop, BACKGROUND_QUIET)
-                if not self._stop.is_set() and not layer.oversized(c) and not self.cache.contains(c.digest):
+                if not layer.oversized(c):
                     self._unstage_chunk(layer, c)
             if layer.staged is not None:
                 layer.staged.drop(start)

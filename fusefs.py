@@ -365,7 +365,7 @@ def registry_client(args: argparse.Namespace, *refs: config.Reference) -> regcli
 def open_chunk_cache(args: argparse.Namespace) -> tuple[Path, cache.ChunkCache]:
     """The chunk cache of the --cache-dir and --cache-size flags, and its directory."""
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache.default_cache_dir()
-    return cache_dir, cache.ChunkCache(cache_dir, disk_bytes=args.cache_size)
+    return cache_dir, cache.ChunkCache(cache_dir, disk_bytes=args.cache_size, write_behind=True)
 
 
 def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:

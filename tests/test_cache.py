@@ -416,3 +416,30 @@ def test_store_fills_disk_not_memory(tmp_path):
     assert c.get(digest, never) == data
     with pytest.raises(DigestError):
         c.store(chunk(14, 10)[0], Loader(b"wrong"))
+
+
+def test_write_behind_answers_before_the_disk_write_and_close_writes_the_rest(tmp_path, monkeypatch):
+    """With write-behind a reader's chunk is returned (and served again, and `contains`) while its disk
+    write is held back; `close` writes it; beyond WRITE_BEHIND_BYTES waiting the reader writes itself."""
+    release = threading.Event()
+    real_write = cache._DiskTier.write
+
+    def held_write(tier, hexdigest, data):
+        if threading.current_thread().name == "cache-writer":
+            release.wait()
+        real_write(tier, hexdigest, data)
+
+    monkeypatch.setattr(cache._DiskTier, "write", held_write)
+    monkeypatch.setattr(cache, "WRITE_BEHIND_BYTES", 3000)
+    (d1, b1), (d2, b2), (d3, b3) = chunk(1, 2000), chunk(2, 500), chunk(3, 1000)
+    c = ChunkCache(tmp_path, memory_bytes=0, write_behind=True)
+    assert c.get(d1, Loader(b1)) == b1
+    assert c.read(d2, 100, 200, Loader(b2)) == b2[100:200]
+    assert disk_files(tmp_path) == {}  # both wait for the held writer
+    assert c.contains(d1) and c.get(d1, never) == b1 and c.read(d2, 0, 10, never) == b2[:10]
+    assert c.get(d3, Loader(b3)) == b3  # 3500 bytes would wait: written by the reader
+    assert sorted(disk_files(tmp_path).values()) == [1000]
+    release.set()
+    c.close()
+    assert sorted(disk_files(tmp_path).values()) == [500, 1000, 2000]
+    assert ChunkCache(tmp_path, memory_bytes=0).get(d1, never) == b1

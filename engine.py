@@ -662,8 +662,8 @@ class ImageView:
         """Decompress the staged chunks into the cache on every core, while reads pause, in the order they
         arrived (landmark ranges in blob order, the order a profiled workload reads an optimized layer;
         then profiled files, about in profile order; its reads of chunks not yet done decompress them
-        themselves), layers taking turns, then the profiled chunks of the staged `pieces` of indexed layers, in profile order;
-        then drop the staged bytes of `layers`."""
+        themselves), layers taking turns, then the profiled chunks of the staged `pieces` of indexed
+        layers, in profile order; then drop the staged bytes of `layers`."""
         staged = [(layer, layer.staged) for layer in layers if layer.staged is not None]
         order = itertools.chain.from_iterable(itertools.zip_longest(
             *([(layer, c) for c in ranges.chunks] for layer, ranges in staged)))

@@ -142,12 +142,12 @@ class Layer:
             return False
         return True
 
-    def staged_chunk(self, c: toc.Chunk) -> bytes | None:
+    def staged_chunk(self, c: toc.Chunk, wait: float = STAGED_WAIT) -> bytes | None:
         """The chunk decompressed from its staged (prefetched) bytes, not yet verified (the cache does
-        that); None if they are not staged.  Bytes the background fetch is fetching are waited for (up to
-        STAGED_WAIT seconds: a stalled request then costs the reader one of its own)."""
+        that); None if they are not staged.  Bytes on their way are waited for (up to `wait` seconds: a
+        stalled request then costs the reader one of its own)."""
         staged = self.staged
-        compressed = staged.read(c.comp_offset, c.comp_end - c.comp_offset, STAGED_WAIT) if staged else None
+        compressed = staged.read(c.comp_offset, c.comp_end - c.comp_offset, wait) if staged else None
         if compressed is None:
             return None
         assert self.index is not None
@@ -390,11 +390,10 @@ class ImageView:
         pieces: list[tuple[Layer, _SpanPiece]] = []
         try:
             if self.prefetch:
+                copy = None if self.local_copy is None else lambda: self._copy_prefetched(lazy)
                 pieces = self._prefetch_landmarks(lazy, [layer for layer in self.layers
-                                                         if layer.state == "indexed"], progress)
+                                                         if layer.state == "indexed"], progress, copy)
                 self.fetch_state = "prefetched"
-                if self.local_copy is not None:
-                    self._copy_prefetched(lazy)
         finally:
             if on_prefetched is not None:
                 on_prefetched()
@@ -459,14 +458,17 @@ class ImageView:
         return data
 
     def _prefetch_landmarks(self, layers: list[Layer], indexed: list[Layer],
-                            progress: Callable[[int, int], None] | None) -> list[tuple[Layer, _SpanPiece]]:
+                            progress: Callable[[int, int], None] | None,
+                            meanwhile: Callable[[], None] | None = None) -> list[tuple[Layer, _SpanPiece]]:
         """Fetch every eStargz layer's landmark range [0, prefetch_end) and the chunks of the files its
         profile lists (`profile`: scattered runs of chunks, several to a multi-range request, in profile
         order), and the spans holding the profiled files of the seek-indexed layers (verified as they
         arrive), in a few large requests spread over PREFETCH_CONNECTIONS parallel connections, and stage
         the bytes (see `_unstage`); requests whose chunks are all cached are skipped.  The pieces of spans
         staged, in profile order: the staged spans stay for the mount's life (the files in them that
-        `_unstage` does not decompress, and the background fetch, read them from there)."""
+        `_unstage` does not decompress, and the background fetch, read them from there).  `meanwhile` runs
+        (then, if nothing is fetched) while the requests are on their way: a reader of staged bytes
+        waits for them."""
         ends = {id(layer): layer.index.prefetch_end or 0 for layer in layers if layer.index is not None}
         profiled = {id(layer): self._profiled_chunks(layer, ends.get(id(layer), 0))
                     for layer in [*layers, *indexed]}
@@ -504,6 +506,8 @@ class ImageView:
                  for piece in index.pieces(profiled[id(layer)], target)], target)]
         total = sum(stop - start for _, runs in [*requests, *span_requests] for start, stop, _ in runs)
         if not requests and not span_requests:
+            if meanwhile is not None:
+                meanwhile()
             return []
         log.info("prefetching %d bytes of landmark ranges and profiled files in %d requests", total,
                  len(requests) + len(span_requests))
@@ -517,7 +521,13 @@ class ImageView:
                     layer.spans.stage = layer.staged
         except OSError as e:  # e.g. a read-only cache directory: reads fetch on demand instead
             log.warning("landmark prefetch skipped: cannot stage %d bytes in %s: %s", total, self.work_dir, e)
+            if meanwhile is not None:
+                meanwhile()
             return []
+        for layer, runs in requests:
+            assert layer.staged is not None
+            for start, stop, _ in runs:
+                layer.staged.fetching(start, stop)
         for layer, runs in span_requests:  # a reader needing one of these spans meanwhile waits for it
             assert layer.spans is not None
             layer.spans.expect(k for _, _, (first, last, _) in runs for k in range(first, last + 1))
@@ -526,6 +536,8 @@ class ImageView:
                        for layer, runs in requests}
             futures.update({pool.submit(self._fetch_pieces, layer, runs): sum(b - a for a, b, _ in runs)
                             for layer, runs in span_requests})
+            if meanwhile is not None:
+                meanwhile()
             for future in concurrent.futures.as_completed(futures):
                 done += futures[future]
                 if progress is not None:
@@ -552,7 +564,8 @@ class ImageView:
                     if node is not None and self.layers[node.layer] is layer and \
                             stat.S_ISREG(merged.mode(node)) and merged.entry(node).size <= COPY_MAX_FILE:
                         files.setdefault(node.path.lstrip("/"), node)
-            size = localcopy.write(merged, self.local_copy, files, self._copy_chunks, self._copy_chunk)
+            size = localcopy.write(merged, self.local_copy, files, self._copy_chunks, self._copy_chunk,
+                                   (os.cpu_count() or 1) + PREFETCH_CONNECTIONS)
         except (toc.LazymountError, OSError) as e:
             self.local_copy_state = {"error": str(e)}
             log.warning("the prefetched files were not copied to %s: %s", self.local_copy, e)
@@ -567,12 +580,13 @@ class ImageView:
         return index.chunk_range(node.entry, 0, size)
 
     def _copy_chunk(self, node: tree.Node, c: toc.Chunk) -> bytes:
-        """A chunk for the local copy: from its staged bytes if it is not cached, verified here but not
-        stored (the unstaging does that once the command runs: writing it twice, to the cache and here,
-        would delay the command), else through the cache like any read."""
+        """A chunk for the local copy: from its staged bytes if it is not cached (waiting for them while
+        they are on their way: the copy runs during the prefetch), verified here but not stored (the
+        unstaging does that once the command runs: writing it twice, to the cache and here, would delay
+        the command), else through the cache like any read."""
         layer = self.layers[node.layer]
         if not layer.oversized(c) and not self.cache.contains(c.digest):
-            data = layer.staged_chunk(c)
+            data = layer.staged_chunk(c, READY_TIMEOUT)
             if data is not None:
                 toc.verify_digest(data, c.digest, f"chunk of {node.path} at file offset {c.file_offset}")
                 return data
@@ -598,14 +612,16 @@ class ImageView:
         """Fetch the compressed bytes of each run [start, stop) in one (multi-range) request into the
         layer's staged ranges."""
         assert layer.staged is not None
-        if self._stop.is_set():
-            return
         try:
+            if self._stop.is_set():
+                raise OSError(errno.ECANCELED, "unmounting")
             data = layer.fetch_ranges([(start, stop - start) for start, stop, _ in runs])
             for (start, _, chunks), part in zip(runs, data, strict=True):
                 layer.staged.put(start, part, chunks)
             layer.count("prefetched_bytes", sum(map(len, data)))
         except (toc.LazymountError, OSError) as e:
+            for start, _, _ in runs:  # whoever waits for them fetches on their own
+                layer.staged.abandon(start)
             layer.count("errors")
             log.warning("layer %s: prefetching %d range(s) from %d failed: %s", layer.digest, len(runs),
                         runs[0][0], e)

@@ -26,20 +26,22 @@ ChunkBytes = Callable[[tree.Node, toc.Chunk], bytes]  # one chunk's verified byt
 
 
 def write(merged: tree.MergedTree, root: Path, files: Mapping[str, tree.Node], chunks_of: ChunksOf,
-          chunk_bytes: ChunkBytes) -> int:
+          chunk_bytes: ChunkBytes, workers: int) -> int:
     """Write `files` (relative path -> node of `merged`) under the empty directory `root`, then their
-    directories' metadata; the bytes written.  Raises OSError or toc.LazymountError (a chunk that
-    cannot be had): the copy is then incomplete and must not be used."""
-    return _Copy(merged, root, chunks_of, chunk_bytes).write(files)
+    directories' metadata; the bytes written.  `workers` threads get and write chunks (more than the
+    cores if `chunk_bytes` may wait for bytes on their way).  Raises OSError or toc.LazymountError (a
+    chunk that cannot be had): the copy is then incomplete and must not be used."""
+    return _Copy(merged, root, chunks_of, chunk_bytes, workers).write(files)
 
 
 class _Copy:
     """One copy (see `write`): names come from the validated index; at most OPEN_FILES files are open at
     once."""
 
-    def __init__(self, merged: tree.MergedTree, root: Path, chunks_of: ChunksOf,
-                 chunk_bytes: ChunkBytes) -> None:
+    def __init__(self, merged: tree.MergedTree, root: Path, chunks_of: ChunksOf, chunk_bytes: ChunkBytes,
+                 workers: int) -> None:
         self.merged, self.root, self.chunks_of, self.chunk_bytes = merged, root, chunks_of, chunk_bytes
+        self.workers = workers
         self.as_root = os.geteuid() == 0  # then owners are the image's too
 
     def write(self, files: Mapping[str, tree.Node]) -> int:
@@ -50,7 +52,7 @@ class _Copy:
         pending: collections.deque[tuple[int, tree.Node, list[concurrent.futures.Future]]] = \
             collections.deque()
         size = 0
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, "local-copy") as pool:
+        with concurrent.futures.ThreadPoolExecutor(self.workers, "local-copy") as pool:
             try:
                 for path in sorted(files):
                     node = files[path]

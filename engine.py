@@ -303,6 +303,11 @@ class ImageView:
         self._neighbour_lock = threading.Lock()
         self._neighbour_bytes: dict[str, bytes] = {}  # digest -> compressed chunk fetched with a neighbour
         self._decoded: dict[str, bytes] = {}  # digest -> chunk of an indexed layer decompressed with another
+        # the local copy's chunks of indexed layers: those not yet taken, those decompressed with another
+        # and waiting to be taken, a lock per first span decompressed
+        self._copy_wanted: set[str] = set()
+        self._copy_held: dict[str, bytes] = {}
+        self._copy_span_locks: dict[tuple[str, int], threading.Lock] = {}
         if all(layer.index is not None for layer in self.layers):
             self._build_tree()
 
@@ -387,12 +392,12 @@ class ImageView:
     def _prefetch_all(self, on_prefetched: Callable[[], None] | None,
                       progress: Callable[[int, int], None] | None) -> None:
         lazy = [layer for layer in self.layers if layer.state == "lazy"]
+        indexed = [layer for layer in self.layers if layer.state == "indexed"]
         pieces: list[tuple[Layer, _SpanPiece]] = []
         try:
             if self.prefetch:
-                copy = None if self.local_copy is None else lambda: self._copy_prefetched(lazy)
-                pieces = self._prefetch_landmarks(lazy, [layer for layer in self.layers
-                                                         if layer.state == "indexed"], progress, copy)
+                copy = None if self.local_copy is None else lambda: self._copy_prefetched(lazy + indexed)
+                pieces = self._prefetch_landmarks(lazy, indexed, progress, copy)
                 self.fetch_state = "prefetched"
         finally:
             if on_prefetched is not None:
@@ -545,16 +550,17 @@ class ImageView:
         return [(layer, piece) for layer, runs in span_requests for _, _, piece in runs]
 
     def _copy_prefetched(self, layers: list[Layer]) -> None:
-        """Write the regular files the prefetch fetched (the landmark ranges' and the profiled files of
-        `layers` that the merged view shows from that layer; none over COPY_MAX_FILE) into the directory
-        `local_copy`, verified, with the image's modes and mtimes (owners too as root), and the directories
-        leading to them; `local_copy_state` says how many, or why not.  Any failure makes the copy unusable
-        (an error in the state): it is all or nothing, since an overlay over it must not hide a file."""
+        """Write the regular files the prefetch fetches (the landmark ranges' and the profiled files of
+        the eStargz and seek-indexed `layers` that the merged view shows from that layer; none over
+        COPY_MAX_FILE) into the directory `local_copy`, verified, with the image's modes and mtimes (owners
+        too as root), and the directories leading to them, in stream order (the order their bytes arrive);
+        `local_copy_state` says how many, or why not.  Any failure makes the copy unusable (an error in the
+        state): it is all or nothing, since an overlay over it must not hide a file."""
         assert self.local_copy is not None
         started = time.monotonic()
         try:
             merged = self.tree(timeout=0)
-            files: dict[str, tree.Node] = {}
+            files: dict[str, tuple[int, int, tree.Node]] = {}  # path -> (layer, stream offset, node)
             for layer in layers:
                 index = layer.index
                 assert index is not None
@@ -563,13 +569,22 @@ class ImageView:
                     node = merged.lookup(path)
                     if node is not None and self.layers[node.layer] is layer and \
                             stat.S_ISREG(merged.mode(node)) and merged.entry(node).size <= COPY_MAX_FILE:
-                        files.setdefault(node.path.lstrip("/"), node)
-            size = localcopy.write(merged, self.local_copy, files, self._copy_chunks, self._copy_chunk,
+                        chunks = self._copy_chunks(node, merged.entry(node).size)
+                        files.setdefault(node.path.lstrip("/"), (node.layer, chunks[0].comp_offset if chunks
+                                                                 else 0, node))
+                        if layer.spans is not None:
+                            self._copy_wanted.update(c.digest for c in chunks)
+            ordered = [(path, node) for path, (*_, node) in sorted(files.items(), key=lambda f: f[1][:2])]
+            size = localcopy.write(merged, self.local_copy, ordered, self._copy_chunks, self._copy_chunk,
                                    (os.cpu_count() or 1) + PREFETCH_CONNECTIONS)
         except (toc.LazymountError, OSError) as e:
             self.local_copy_state = {"error": str(e)}
             log.warning("the prefetched files were not copied to %s: %s", self.local_copy, e)
             return
+        finally:
+            with self._neighbour_lock:
+                self._copy_wanted.clear()
+                self._copy_held.clear()
         self.local_copy_state = {"files": len(files), "bytes": size}
         log.info("copied %d prefetched files (%d bytes) to %s in %.2f s", len(files), size, self.local_copy,
                  time.monotonic() - started)
@@ -585,12 +600,34 @@ class ImageView:
         unstaging does that once the command runs: writing it twice, to the cache and here, would delay
         the command), else through the cache like any read."""
         layer = self.layers[node.layer]
+        if layer.spans is not None and c.digest in self._copy_wanted:
+            return self._copy_indexed_chunk(layer, c, node)
         if not layer.oversized(c) and not self.cache.contains(c.digest):
             data = layer.staged_chunk(c, READY_TIMEOUT)
             if data is not None:
                 toc.verify_digest(data, c.digest, f"chunk of {node.path} at file offset {c.file_offset}")
                 return data
         return self._chunk(layer, c, node, 0, c.size)
+
+    def _copy_indexed_chunk(self, layer: Layer, c: toc.Chunk, node: tree.Node) -> bytes:
+        """A chunk of a seek-indexed layer for the local copy, verified: the spans holding it (on their way
+        or staged by the prefetch) are decompressed once for every chunk of the copy in them, which wait
+        in memory until the copy takes them (it asks in stream order); none goes to the cache here."""
+        assert layer.spans is not None
+        first = layer.spans.index.spans_for(c.comp_offset, c.size)[0]
+        with self._neighbour_lock:
+            span_lock = self._copy_span_locks.setdefault((layer.digest, first), threading.Lock())
+        with span_lock:  # one decompression of these spans, however many copy threads want them
+            with self._neighbour_lock:
+                data = self._copy_held.pop(c.digest, None)
+                self._copy_wanted.discard(c.digest)
+            if data is None:
+                data, others = layer.spans.chunk(c, lambda other: other.digest in self._copy_wanted)
+                layer.count("span_decodes")
+                with self._neighbour_lock:
+                    self._copy_held.update((other.digest, part) for other, part in others)
+        toc.verify_digest(data, c.digest, f"chunk of {node.path} at file offset {c.file_offset}")
+        return data
 
     def _profiled_chunks(self, layer: Layer, landmark_end: int) -> list[toc.Chunk]:
         """The chunks of the files `profile` lists for the layer, in profile order, each once, leaving out

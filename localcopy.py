@@ -13,7 +13,7 @@ import collections
 import concurrent.futures
 import errno
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import toc
@@ -25,12 +25,13 @@ ChunksOf = Callable[[tree.Node, int], list[toc.Chunk]]  # a file's chunks, given
 ChunkBytes = Callable[[tree.Node, toc.Chunk], bytes]  # one chunk's verified bytes
 
 
-def write(merged: tree.MergedTree, root: Path, files: Mapping[str, tree.Node], chunks_of: ChunksOf,
+def write(merged: tree.MergedTree, root: Path, files: Sequence[tuple[str, tree.Node]], chunks_of: ChunksOf,
           chunk_bytes: ChunkBytes, workers: int) -> int:
-    """Write `files` (relative path -> node of `merged`) under the empty directory `root`, then their
-    directories' metadata; the bytes written.  `workers` threads get and write chunks (more than the
-    cores if `chunk_bytes` may wait for bytes on their way).  Raises OSError or toc.LazymountError (a
-    chunk that cannot be had): the copy is then incomplete and must not be used."""
+    """Write `files` ((relative path, node of `merged`), each once, in the order given: the order their
+    chunks are asked for) under the empty directory `root`, then their directories' metadata; the bytes
+    written.  `workers` threads get and write chunks (more than the cores if `chunk_bytes` may wait for
+    bytes on their way).  Raises OSError or toc.LazymountError (a chunk that cannot be had): the copy is
+    then incomplete and must not be used."""
     return _Copy(merged, root, chunks_of, chunk_bytes, workers).write(files)
 
 
@@ -44,8 +45,9 @@ class _Copy:
         self.workers = workers
         self.as_root = os.geteuid() == 0  # then owners are the image's too
 
-    def write(self, files: Mapping[str, tree.Node]) -> int:
-        """Write `files` (relative path -> node), then their directories' metadata; the bytes written."""
+    def write(self, files: Sequence[tuple[str, tree.Node]]) -> int:
+        """Write `files` ((relative path, node), in that order), then their directories' metadata; the
+        bytes written."""
         root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         made: dict[str, tree.Node] = {"": self.merged.root}
         stack: list[tuple[str, int]] = [("", root_fd)]  # the open directories down to the current one
@@ -54,8 +56,7 @@ class _Copy:
         size = 0
         with concurrent.futures.ThreadPoolExecutor(self.workers, "local-copy") as pool:
             try:
-                for path in sorted(files):
-                    node = files[path]
+                for path, node in files:
                     parent, _, name = path.rpartition("/")
                     while not _under(parent, stack[-1][0]):
                         os.close(stack.pop()[1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -583,6 +584,37 @@ def test_pushed_profile_prefetches_the_spans_of_a_plain_image(profiled_plain: Pr
                  "--no-prefetch"):
         (layer,) = stats(mnt)["layers"]
         assert layer["prefetched_bytes"] == layer["bytes_fetched"] == 0
+
+
+@needs_stack
+@needs_busybox
+def test_run_copies_the_profiled_files_of_an_indexed_layer(profiled_plain: ProfiledPlain,
+                                                           tmp_path: Path) -> None:
+    """`run` of the plain image with its pushed profile copies the profiled regular files to local disk
+    and runs on an overlay of them: every file shows the original bytes, as with --no-overlay."""
+    image = profiled_plain
+    (paths,) = image.profile.values()
+    profiled_files = [p for p in paths if (image.tree / p).is_file() and not (image.tree / p).is_symlink()]
+    assert {"bin/busybox", *PROFILED} <= set(profiled_files)
+    listing = ("cd / && /bin/busybox find a z bin -type f | /bin/busybox sort | /bin/busybox xargs "
+               "/bin/busybox sha256sum; /bin/busybox grep -c ' - overlay ' /proc/self/mountinfo; true")
+    outputs = {}
+    for how in ("--overlay", "--no-overlay"):
+        stats_file = tmp_path / f"stats{how}.json"
+        result = lazymount("run", "--cache-dir", str(tmp_path / how), "--contain", "--stats-file",
+                           str(stats_file), how, image.ref, "--", "/bin/busybox", "sh", "-c", listing)
+        *sums, overlays = result.stdout.splitlines()
+        outputs[how] = sums
+        copied = json.loads(stats_file.read_text()).get("local_copy")
+        if how == "--overlay":
+            size = sum((image.tree / p).stat().st_size for p in profiled_files)
+            assert int(overlays) > 0 and copied == {"files": len(profiled_files), "bytes": size}
+        else:
+            assert int(overlays) == 0 and copied is None
+    expected = sorted(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(image.tree)}"
+                      for top in ("a", "z", "bin") for f in (image.tree / top).rglob("*")
+                      if f.is_file() and not f.is_symlink())
+    assert sorted(outputs["--overlay"]) == sorted(outputs["--no-overlay"]) == expected
 
 
 @needs_stack

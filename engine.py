@@ -585,6 +585,7 @@ class ImageView:
             with self._neighbour_lock:
                 self._copy_wanted.clear()
                 self._copy_held.clear()
+                self._copy_span_locks.clear()
         self.local_copy_state = {"files": len(files), "bytes": size}
         log.info("copied %d prefetched files (%d bytes) to %s in %.2f s", len(files), size, self.local_copy,
                  time.monotonic() - started)

@@ -315,11 +315,11 @@ class StagedRanges:
 
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
     """Free a file's blocks [offset, offset + length) (Linux fallocate); a file system that cannot keeps
     them until the file is closed."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, ctypes.c_int64(offset),
-                   ctypes.c_int64(length))
+    _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, ctypes.c_int64(offset),
+                    ctypes.c_int64(length))

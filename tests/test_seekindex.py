@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import gzip
 import hashlib
+import io
 import os
 import random
 import shutil
@@ -449,6 +451,36 @@ def test_rejected_index_is_one_line(big_plain: BigPlain, tmp_path: Path) -> None
         assert "lazy: neither" in result.stdout
         (line,) = result.stderr.splitlines()
         assert "seek index rejected" in line and reason in line and digest in line
+
+
+@needs_stack
+def test_files_far_apart_in_the_tar_stream(registry: Registry, tmp_path: Path) -> None:
+    """A file followed by more tar headers than limits.chunk_size (entries without data, here with large
+    PAX records), and another one at the end of such a run: both read through the seek index, neither
+    refused as an oversized chunk (a chunk's offsets in an indexed layer are in the tar stream, and the
+    headers between two files are never held)."""
+    filler = {"comment": "x" * (64 << 10)}
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, empty in (("a", b"first\n", "b"), ("c", b"last\n", "d")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            for i in range(1100):  # 1100 x 65 KiB: over the default limit of 64 MiB (and its slack)
+                info = tarfile.TarInfo(f"{empty}/{i:04}")
+                info.pax_headers = filler
+                tar.addfile(info)
+    (tmp_path / "layer.tar.gz").write_bytes(gzip.compress(raw.getvalue(), 1, mtime=0))
+    push_layout(write_oci_layout(tmp_path / "oci", "v1", [tmp_path / "layer.tar.gz"]), "v1", registry,
+                "far-apart")
+    ref, cache, mnt = f"{registry.host}/far-apart:v1", tmp_path / "cache", tmp_path / "mnt"
+    lazymount("index", ref, "--cache-dir", str(cache))
+    with mounted(ref, mnt, "--cache-dir", str(cache), "--no-background-fetch"):
+        assert (mnt / "a").read_bytes() == b"first\n"
+        assert (mnt / "c").read_bytes() == b"last\n"
+        assert len(os.listdir(mnt / "d")) == 1100
+        (layer,) = stats(mnt)["layers"]
+        assert layer["state"] == "indexed" and layer["errors"] == 0
 
 
 # ------------------------------------------------------------------------------- indexes as referrers

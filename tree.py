@@ -143,6 +143,9 @@ class MergedTree:
         """Apply the overlay rules to the directory's sources, top layer first."""
         merged: dict[str, Node] = {}
         hidden: set[str] = set()
+        # a closed directory with no entry of its own above: the lower directory entry it takes its
+        # metadata from (not its children), None once a lower non-directory ends the search
+        below: dict[str, tuple[int, int] | None] = {}
         for layer, entry in node.sources or [(node.layer, node.entry)]:
             index = self.indexes[layer]
             whiteouts = set()
@@ -165,13 +168,21 @@ class MergedTree:
                         upper.closed = index.lookup_child(child, OPAQUE_MARKER) is not None
                     else:
                         upper.closed = True  # a lower non-directory ends the merge below it
+                        below[name] = None
+                elif self.is_dir(upper) and name not in below and self._implied(upper):
+                    if index.kind(child) != toc.KIND_DIR:
+                        below[name] = None
+                    elif not index.is_implicit(child):
+                        below[name] = (layer, child)
             hidden |= whiteouts
         children: dict[str, Node | int] = {}
         for name, child in sorted(merged.items()):
             if self.is_dir(child):
                 child.layer, child.entry = self._metadata_source(child)
+                if below.get(name) and self._implied(child):
+                    child.layer, child.entry = below[name]  # an opaque directory only implied above
                 child.ino = self._ino(child.layer, child.entry)
-                if len(child.sources) == 1:
+                if len(child.sources) == 1 and child.sources[0] == (child.layer, child.entry):
                     child.sources = None  # its one source is (layer, entry)
                 children[name] = child
             else:
@@ -185,6 +196,10 @@ class MergedTree:
             if not self.indexes[layer].is_implicit(entry):
                 return layer, entry
         return sources[0]
+
+    def _implied(self, node: Node) -> bool:
+        """Whether no source of the directory has an entry of its own."""
+        return all(self.indexes[layer].is_implicit(entry) for layer, entry in node.sources or ())
 
     def _is_raw_whiteout(self, node: Node) -> bool:
         return self.raw and self.indexes[node.layer].names[node.entry].startswith(WHITEOUT_PREFIX)

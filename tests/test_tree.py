@@ -230,6 +230,25 @@ def test_implied_directory_keeps_lower_metadata() -> None:
     assert usr is not None and t.attrs(usr)["st_uid"] == 0
 
 
+def test_implied_opaque_directory_keeps_lower_metadata() -> None:
+    """A layer holding only whiteouts under a directory (its opaque marker, no entry of its own): the
+    directory hides every lower child, yet keeps the metadata of the lower directory, as `umoci unpack`
+    does, also through a layer that implies it as well; a lower non-directory lends none."""
+    lower = layer_blob(directory("d", mode=0o750, uid=7), file("d/old", b"old"), file("d/keep", b"k"),
+                       file("f", b"a file"))
+    middle = layer_blob(file("d/mid", b"m"))  # implies d too
+    upper = layer_blob(file("d/.wh..wh..opq"), file("d/.wh.keep"), file("f/.wh..wh..opq"))
+    for t in (merged(lower, upper), merged(lower, middle, upper)):
+        d = t.lookup("/d")
+        assert d is not None and listing(t, "/d") == []
+        attrs = t.attrs(d)
+        assert (attrs["st_mode"], attrs["st_uid"]) == (stat.S_IFDIR | 0o750, 7)
+        assert attrs["st_mtime"] == 1_600_000_000 * 1_000_000_000
+        f = t.lookup("/f")
+        assert f is not None and t.is_dir(f) and t.attrs(f)["st_mtime"] != 1_700_000_000 * 1_000_000_000
+    assert listing(merged(lower, layer_blob(file("d/.wh..wh..opq"), file("d/new", b"n"))), "/d") == ["new"]
+
+
 def test_hardlinks_across_layers() -> None:
     bottom = layer_blob(file("a", b"shared"), hardlink("b", "a"), hardlink("c", "a"), file("solo", b"s"))
     middle = layer_blob(file(".wh.c"))

@@ -215,7 +215,7 @@ class MergedTree:
         if self._is_raw_whiteout(node):
             return stat.S_IFCHR
         e = self.entry(node)
-        return _KIND_MODE[e.kind] | e.mode
+        return _KIND_MODE[e.kind] | _permissions(e)
 
     def attrs(self, node: Node) -> dict[str, int]:
         """The `stat` of a node (times in nanoseconds, st_blocks in the kernel's 512-byte units)."""
@@ -226,7 +226,7 @@ class MergedTree:
         if self._is_raw_whiteout(node):
             mode, rdev = stat.S_IFCHR, 0
         else:  # as mode() tells, without decoding the entry again
-            mode = _KIND_MODE[e.kind] | e.mode
+            mode = _KIND_MODE[e.kind] | _permissions(e)
             rdev = os.makedev(e.dev_major, e.dev_minor) if e.kind in (toc.KIND_CHAR, toc.KIND_BLOCK) else 0
         mtime = e.mtime * 1_000_000_000
         return {"st_ino": node.ino, "st_mode": mode, "st_nlink": self.nlink(node),
@@ -278,6 +278,11 @@ class MergedTree:
     def readlink(self, node: Node) -> str:
         """A symlink's target, verbatim (never followed here)."""
         return self.entry(node).link_name
+
+
+def _permissions(e: toc.Entry) -> int:
+    """An entry's permission bits; a symlink's are 0777 whatever its tar header says, as on Linux."""
+    return 0o777 if e.kind == toc.KIND_SYMLINK else e.mode
 
 
 def entry_path(index: toc.Index, entry: int) -> str:

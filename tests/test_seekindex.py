@@ -12,9 +12,11 @@ import errno
 import gzip
 import hashlib
 import io
+import json
 import os
 import random
 import shutil
+import struct
 import subprocess
 import tarfile
 import time
@@ -166,6 +168,32 @@ def test_loader_rejects_truncated_foreign_and_corrupt(tmp_path: Path) -> None:
     for wrong_digest, wrong_size in ((other, len(blob)), (digest, len(blob) + 1)):
         with pytest.raises(seekindex.SeekIndexError, match="seek index is for layer sha256:"):
             seekindex.load(data, wrong_digest, wrong_size)
+
+
+def _with_header(data: bytes, **changes: object) -> bytes:
+    """The serialized index `data` with fields of its JSON header changed."""
+    start = len(seekindex.MAGIC) + 4
+    (length,) = struct.unpack_from("<I", data, len(seekindex.MAGIC))
+    header = json.dumps({**json.loads(data[start:start + length]), **changes}).encode()
+    return seekindex.MAGIC + struct.pack("<I", len(header)) + header + data[start + length:]
+
+
+def test_loader_bounds_what_a_span_decompresses_to(tmp_path: Path) -> None:
+    """An index whose uncompressed size is more than its layer's compressed bytes can hold (deflate makes
+    at most 1032 bytes of one) is refused when loaded, rather than failing reads later; the index of
+    60 MiB of zeros (about 1030:1 under gzip -9) is not."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "zeros").write_bytes(bytes(60 * MIB))
+    tar = make_layer_tar(tmp_path / "tree", tmp_path / "layer.tar")
+    blob = _compress(tar, tmp_path / "layer.tar.gz", "gzip-9").read_bytes()
+    digest = toc.sha256_digest(blob)
+    data = seekindex.build(lambda o, n: blob[o:o + n], len(blob), digest, local=True).data
+    index = seekindex.load(data, digest, len(blob))
+    assert index.uncompressed_size > 1000 * len(blob)
+    assert seekindex.load(_with_header(data), digest, len(blob)).uncompressed_size == index.uncompressed_size
+    for total in (1 << 50, seekindex.MAX_DEFLATE_RATIO * len(blob) + 1):
+        with pytest.raises(seekindex.SeekIndexError, match="more than its compressed bytes can hold"):
+            seekindex.load(_with_header(data, uncompressedSize=total), digest, len(blob))
 
 
 def test_flipped_byte_fails_its_span_only(tmp_path: Path) -> None:

@@ -573,6 +573,20 @@ def test_pushed_index_reads_lazily_and_a_bad_one_is_rejected(big_plain: BigPlain
         assert "seek index rejected" in line and reason in line and big_plain.digest in line
 
 
+@needs_stack
+def test_index_pushed_again_attaches_nothing_new(big_plain: BigPlain, registry: Registry,
+                                                 tmp_path: Path) -> None:
+    """`index --push` again, on this node or another (its own build), finds the same index attached and
+    pushes no second artifact: the referrers every mount lists do not grow with each run."""
+    ref = _push_indexes(big_plain.layout, "v1", registry, "big-plain-again", tmp_path / "a")
+    for cache in ("a", "b"):
+        out = lazymount("index", ref, "--push", "--cache-dir", str(tmp_path / cache)).stdout.splitlines()
+        assert len(out) == 1 and out[0].endswith("; already attached to the image"), out
+    image = fetch.open_image(ref, client=regclient.RegistryClient())
+    assert image.client is not None
+    assert len(referrers.referrers(image.client, image.reference, image.digest, toc.ARTIFACT_SEEK_INDEX)) == 1
+
+
 # -------------------------------------------------------------------- profiles of plain images prefetched
 
 

@@ -549,7 +549,7 @@ class ImageView:
                 index = layer.index
                 assert index is not None
                 paths = [tree.entry_path(index, e) for e in index.files_before(index.prefetch_end or 0)]
-                for path in itertools.chain(paths, self.profile.get(layer.digest, ())):
+                for path in itertools.chain(filter(None, paths), self.profile.get(layer.digest, ())):
                     node = merged.lookup(path)
                     if node is not None and self.layers[node.layer] is layer and \
                             stat.S_ISREG(merged.mode(node)) and merged.entry(node).size <= COPY_MAX_FILE:

@@ -245,7 +245,8 @@ class MergedTree:
             return 1
         if key not in self._group_nlink:
             names = [key[1], *self._members_of(node.layer)[key[1]]]
-            visible = sum(1 for entry in names if self._resolves_to(key, entry_path(index, entry)))
+            visible = sum(1 for entry in names if (path := entry_path(index, entry)) is not None
+                          and self._resolves_to(key, path))
             self._group_nlink[key] = max(visible, 1)
         return self._group_nlink[key]
 
@@ -285,10 +286,13 @@ def _permissions(e: toc.Entry) -> int:
     return 0o777 if e.kind == toc.KIND_SYMLINK else e.mode
 
 
-def entry_path(index: toc.Index, entry: int) -> str:
-    """The path of `entry` in its layer, relative to the layer's root (no leading slash)."""
+def entry_path(index: toc.Index, entry: int) -> str | None:
+    """The path of `entry` in its layer, relative to the layer's root (no leading slash); None if a later
+    entry of the same name (or of a directory above it) replaced it."""
     parts = []
     while entry != toc.Index.ROOT:
+        if index.replaced(entry):
+            return None
         parts.append(index.names[entry])
         entry = index.parent(entry)
     return "/".join(reversed(parts))

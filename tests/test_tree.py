@@ -271,6 +271,19 @@ def test_hardlinks_across_layers() -> None:
     assert three["b"][0] != three["a"][0] and three["b"][1] == 1
 
 
+def test_hardlink_to_a_name_replaced_later_in_its_layer() -> None:
+    """`hz` links to `z`, then a later `z` replaces it (extraction unlinks the first): both names are
+    shown, each with its own content, inode and one link (it was an error on every lookup of their
+    directory: the replaced entry has no path)."""
+    v = view(layer_blob(file("z", b"z1"), hardlink("hz", "z"), file("z", b"z2-later")))
+    t = v.tree()
+    assert listing(t, "/") == ["hz", "z"]
+    hz, z = t.lookup("/hz"), t.lookup("/z")
+    assert hz is not None and z is not None
+    assert t.attrs(hz)["st_nlink"] == t.attrs(z)["st_nlink"] == 1 and hz.ino != z.ino
+    assert read(v, "/hz") == b"z1" and read(v, "/z") == b"z2-later"
+
+
 def test_inode_numbers_are_stable(three_layers: tuple[Blob, Blob, Blob]) -> None:
     t = merged(*three_layers)
     assert t.root.ino == tree.ROOT_INO

@@ -56,6 +56,7 @@ CHUNK_SIZE = toc.DEFAULT_CHUNK_SIZE  # file bytes per chunk of the file table (a
 MAX_HEADER_BYTES = 64 << 10
 MAX_CHECKPOINTS = 1 << 22
 MAX_DEFLATE_RATIO = 1032  # uncompressed bytes per compressed byte, at most (258-byte matches in 2 bits)
+MAX_SPAN_BYTES = 64 << 20  # compressed bytes of a span, at most: reads hold spans whole (built: ~4 MiB)
 SPAN_MEMORY = 32 << 20  # verified compressed spans a layer keeps in memory
 _READ_PIECE = 4 << 20  # compressed bytes read at once while building, decompressed bytes decoded at once
 _PIECES_AHEAD = 4  # decompressed pieces the decoder thread may be ahead of the file table
@@ -549,7 +550,10 @@ def _load_points(data: bytes, pos: int, count: int, layer_size: int,
         last_bit, last_offset = bit, offset
     for k, point in enumerate(points):  # no span decompresses to more than deflate can make of it
         end_bit, end = (points[k + 1].bit, points[k + 1].offset) if k + 1 < count else (layer_size * 8, total)
-        if end - point.offset > MAX_DEFLATE_RATIO * (-(-end_bit // 8) - point.bit // 8):
+        span = -(-end_bit // 8) - point.bit // 8
+        if span > MAX_SPAN_BYTES:
+            raise SeekIndexError(f"seek index span {k} has {span} compressed bytes, over {MAX_SPAN_BYTES}")
+        if end - point.offset > MAX_DEFLATE_RATIO * span:
             raise SeekIndexError(f"seek index span {k} claims {end - point.offset} uncompressed bytes: more "
                                  "than its compressed bytes can hold")
     return points, bytes(digests)

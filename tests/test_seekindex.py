@@ -196,6 +196,20 @@ def test_loader_bounds_what_a_span_decompresses_to(tmp_path: Path) -> None:
             seekindex.load(_with_header(data, uncompressedSize=total), digest, len(blob))
 
 
+def test_loader_bounds_the_bytes_of_a_span(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read fetches and holds its spans whole: an index whose spans are over MAX_SPAN_BYTES (one
+    checkpoint for a huge layer, say) is refused when loaded, rather than exhausting memory in reads."""
+    tar = make_layer_tar(_sample_tree(tmp_path / "tree", seed=8, big=3 * MIB), tmp_path / "layer.tar")
+    blob = _compress(tar, tmp_path / "layer.tar.gz", "gzip-6").read_bytes()
+    digest = toc.sha256_digest(blob)
+    data = seekindex.build(lambda o, n: blob[o:o + n], len(blob), digest, local=True).data
+    index = seekindex.load(data, digest, len(blob))
+    largest = max(b - a for a, b in map(index.span_range, range(index.span_count)))
+    monkeypatch.setattr(seekindex, "MAX_SPAN_BYTES", largest - 1)
+    with pytest.raises(seekindex.SeekIndexError, match=f"compressed bytes, over {largest - 1}"):
+        seekindex.load(data, digest, len(blob))
+
+
 def test_flipped_byte_fails_its_span_only(tmp_path: Path) -> None:
     """A blob byte flipped inside one span: every chunk needing that span is refused before it is
     decompressed (DigestError); chunks of the other spans are served."""

@@ -35,7 +35,7 @@ import seekindex
 import toc
 from imagebuild import describe_tree, make_layer_tar, write_oci_layout
 from tests.reference import read_layout
-from tests.registry import Registry, push_layout
+from tests.registry import Fault, FaultProxy, Registry, make_test_image, push_layout
 from tests.test_mount import (  # noqa: F401 -- edge_image and edge_expected are fixtures used below
     MISSING,
     _assert_same_tree,
@@ -599,6 +599,36 @@ def test_index_pushed_again_attaches_nothing_new(big_plain: BigPlain, registry: 
     image = fetch.open_image(ref, client=regclient.RegistryClient())
     assert image.client is not None
     assert len(referrers.referrers(image.client, image.reference, image.digest, toc.ARTIFACT_SEEK_INDEX)) == 1
+
+
+@needs_stack
+def test_referrers_tag_failing_with_500(registry: Registry, tmp_path: Path) -> None:
+    """A registry answering 500 for the referrers tag: `mount` says so in one line and downloads the layer
+    whole (its files right); `inspect` shows it as one downloaded whole; `index --push` fails in one line
+    with a non-zero exit, no traceback."""
+    image = make_test_image(tmp_path / "image")
+    push_layout(image.layout, image.tag, registry, "plain-500")
+    lazymount("index", f"{registry.host}/plain-500:{image.tag}", "--push", "--cache-dir", str(tmp_path / "a"))
+    config = tmp_path / "config.yaml"
+    config.write_text("defaults: {retries: 1, retry_backoff: 0.05}\n")
+    env = dict(os.environ, LAZYMOUNT_CONFIG=str(config))
+    proxy = FaultProxy(registry.host).add(Fault("status", path="/manifests/sha256-", status=500, times=-1))
+    try:
+        ref = f"{proxy.host}/plain-500:{image.tag}"
+        mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
+        with mounted(ref, mnt, "--cache-dir", str(tmp_path / "b"), "--log-file", str(log_file), env=env):
+            assert (mnt / "hello.txt").read_bytes() == b"hello from lazymount\n"
+            assert stats(mnt)["layers"][0]["state"] == "local"
+        (line,) = [line for line in log_file.read_text().splitlines() if "seek index rejected" in line]
+        assert "HTTP 500" in line and image.layer_digest in line
+        result = lazymount("inspect", ref, "--cache-dir", str(tmp_path / "c"), env=env)
+        assert "lazy: neither" in result.stdout and "HTTP 500" in result.stderr
+        result = lazymount("index", ref, "--push", "--cache-dir", str(tmp_path / "d"), check=False, env=env)
+        assert result.returncode != 0 and not result.stdout
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("lazymount: error: ") and "HTTP 500" in line
+    finally:
+        proxy.stop()
 
 
 # -------------------------------------------------------------------- profiles of plain images prefetched

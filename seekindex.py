@@ -805,6 +805,9 @@ def _check_end(index: SeekIndex, data: bytes, k: int) -> None:
 def _file_table(stream: _Unpacked) -> list[dict]:
     """TOC entries of every tar member, regular files chunked with offsets into the tar stream."""
     entries: list[dict] = []
+    if not stream.read(1):
+        return entries  # an empty archive, as GNU tar and Go's archive/tar (umoci, containerd) read it
+    stream.seek(0)
     # Random-access mode (it only seeks forward): tarfile's stream mode copies its buffer per header.
     with tarfile.open(fileobj=stream, mode="r:", **layerwriter.TAR_OPTIONS) as tar:
         while (info := tar.next()) is not None:
@@ -902,7 +905,7 @@ def _deflate_window(window: bytes) -> bytes:
 def _thin(points: list[Checkpoint], total: int) -> list[Checkpoint]:
     """Keep a checkpoint every SPAN_BYTES of compressed input, and wherever skipping one would make a
     span's output exceed MAX_SPAN_OUTPUT; drop one at the very end of the stream."""
-    points = [p for p in points if p.offset < total]
+    points = [p for p in points if p.offset < max(total, 1)]
     if not points or points[0].offset != 0:
         raise SeekIndexError("rapidgzip found no checkpoint at the start of the stream")
     kept = [points[0]]

@@ -44,6 +44,7 @@ from tests.test_mount import (  # noqa: F401 -- edge_image and edge_expected are
     lazymount,
     mounted,
     stats,
+    umoci_unpack,
 )
 
 MIB = 1 << 20
@@ -351,6 +352,30 @@ def test_indexed_mount_equals_umoci_unpack(plain_edge: str, edge_expected: dict,
         assert {layer["state"] for layer in stats(tmp_path / "mnt3")["layers"]} == {"indexed"}
     inspected = lazymount("inspect", plain_edge, "--cache-dir", str(fresh)).stdout
     assert inspected.count("lazy: indexed (seek index, ") == len(out)
+
+
+@needs_stack
+def test_tiny_and_empty_layers(registry: Registry, tmp_path: Path) -> None:
+    """gzip of an empty tar (1024 zero bytes: Docker's 32-byte empty layer), and gzip of no bytes at all:
+    empty layers for `umoci unpack` (and containerd).  `index --push` indexes both, and a mount reads them
+    through their indexes, or, without any, downloads and indexes them: the tree equals umoci's (a blob
+    too small for an eStargz footer was refused as truncated, and an empty stream as corrupt: the whole
+    image was EIO)."""
+    tree = tmp_path / "tree"
+    (tree / "dir").mkdir(parents=True)
+    (tree / "dir" / "file").write_bytes(b"below empty layers\n")
+    _compress(make_layer_tar(tree, tmp_path / "0.tar"), tmp_path / "0.tar.gz", "gzip-6")
+    (tmp_path / "1.tar.gz").write_bytes(gzip.compress(bytes(1024), mtime=0))
+    (tmp_path / "2.tar.gz").write_bytes(gzip.compress(b"", mtime=0))
+    layout = write_oci_layout(tmp_path / "oci", "v1", [tmp_path / f"{i}.tar.gz" for i in range(3)])
+    expected = describe_tree(umoci_unpack(layout, "v1", tmp_path / "bundle"))
+    push_layout(layout, "v1", registry, "tiny-layers-unindexed")
+    ref = _push_indexes(layout, "v1", registry, "tiny-layers", tmp_path / "a")
+    for image, state in ((ref, "indexed"), (f"{registry.host}/tiny-layers-unindexed:v1", "local")):
+        mnt = tmp_path / f"mnt-{state}"
+        with mounted(image, mnt, "--cache-dir", str(tmp_path / f"fresh-{state}")):
+            _assert_same_tree(describe_tree(mnt), expected)
+            assert [layer["state"] for layer in stats(mnt)["layers"]] == [state] * 3
 
 
 @dataclass

@@ -167,12 +167,14 @@ class Layer:
 
     def oversized(self, c: toc.Chunk) -> str | None:
         """Why chunk `c` is not read (its bytes, or the compressed span they lie in, are over
-        limits.chunk_size), or None: what a TOC says a chunk holds must not decide what a read allocates."""
+        limits.chunk_size), or None: what a TOC says a chunk holds must not decide what a read allocates.
+        Through a seek index a chunk's offsets are in the tar stream, and what lies between one chunk and
+        the next (tar headers) is never held: only its size counts."""
         limit = self.limits.chunk_size
         if c.inner_offset + c.size > limit:
             return f"chunk of {c.size} bytes at inner offset {c.inner_offset} is over {limit} " \
                 "(limits.chunk_size)"
-        if c.comp_end - c.comp_offset > limit + (limit >> 8) + (1 << 20):
+        if self.spans is None and c.comp_end - c.comp_offset > limit + (limit >> 8) + (1 << 20):
             return f"chunk's {c.comp_end - c.comp_offset} compressed bytes are over limits.chunk_size"
         return None
 
@@ -565,7 +567,7 @@ class ImageView:
                 index = layer.index
                 assert index is not None
                 paths = [tree.entry_path(index, e) for e in index.files_before(index.prefetch_end or 0)]
-                for path in itertools.chain(paths, self.profile.get(layer.digest, ())):
+                for path in itertools.chain(filter(None, paths), self.profile.get(layer.digest, ())):
                     node = merged.lookup(path)
                     if node is not None and self.layers[node.layer] is layer and \
                             stat.S_ISREG(merged.mode(node)) and merged.entry(node).size <= COPY_MAX_FILE:

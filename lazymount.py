@@ -161,10 +161,24 @@ def cmd_index(args: argparse.Namespace) -> int:
     for layer in image.layers:
         done, data = index_layer(image, layer, cache_dir)
         if args.push and data is not None:
-            pushed = referrers.push_seek_index(image, layer.digest, data)
-            done += f"; attached to the image as {pushed.digest}"
+            if _attached_index(image, layer) == data:
+                done += "; already attached to the image"
+            else:
+                pushed = referrers.push_seek_index(image, layer.digest, data)
+                done += f"; attached to the image as {pushed.digest}"
         print(f"{layer.digest}  {done}", flush=True)
     return 0
+
+
+def _attached_index(image: fetch.Image, layer: fetch.Descriptor) -> bytes | None:
+    """The seek index attached to the image for the layer, None if none is (or it cannot be had): each
+    push adds an artifact to the referrers (tag) that every mount lists, so the same one is not pushed
+    again."""
+    try:
+        return referrers.seek_index(image, layer.digest)
+    except toc.LazymountError as e:
+        log.info("layer %s: the seek index attached to the image is not used: %s", layer.digest, e)
+        return None
 
 
 def index_layer(image: fetch.Image, layer: fetch.Descriptor, cache_dir: Path) -> tuple[str, bytes | None]:
@@ -359,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="D", help="where indexes are kept (default ~/.cache/lazymount)")
     p.add_argument("--push", action="store_true",
                    help="attach each layer's index to the image in its registry (an OCI referrer artifact): "
-                        "a mount on any node then finds it")
+                        "a mount on any node then finds it (an index already attached is not pushed again)")
     p.set_defaults(func=cmd_index)
 
     mounting = argparse.ArgumentParser(add_help=False)

@@ -55,6 +55,8 @@ WINDOW_SIZE = 32768
 CHUNK_SIZE = toc.DEFAULT_CHUNK_SIZE  # file bytes per chunk of the file table (and per cache entry)
 MAX_HEADER_BYTES = 64 << 10
 MAX_CHECKPOINTS = 1 << 22
+MAX_DEFLATE_RATIO = 1032  # uncompressed bytes per compressed byte, at most (258-byte matches in 2 bits)
+MAX_SPAN_BYTES = 64 << 20  # compressed bytes of a span, at most: reads hold spans whole (built: ~4 MiB)
 SPAN_MEMORY = 32 << 20  # verified compressed spans a layer keeps in memory
 _READ_PIECE = 4 << 20  # compressed bytes read at once while building, decompressed bytes decoded at once
 _PIECES_AHEAD = 4  # decompressed pieces the decoder thread may be ahead of the file table
@@ -546,6 +548,14 @@ def _load_points(data: bytes, pos: int, count: int, layer_size: int,
         digests += digest
         window_pos += window_len
         last_bit, last_offset = bit, offset
+    for k, point in enumerate(points):  # no span decompresses to more than deflate can make of it
+        end_bit, end = (points[k + 1].bit, points[k + 1].offset) if k + 1 < count else (layer_size * 8, total)
+        span = -(-end_bit // 8) - point.bit // 8
+        if span > MAX_SPAN_BYTES:
+            raise SeekIndexError(f"seek index span {k} has {span} compressed bytes, over {MAX_SPAN_BYTES}")
+        if end - point.offset > MAX_DEFLATE_RATIO * span:
+            raise SeekIndexError(f"seek index span {k} claims {end - point.offset} uncompressed bytes: more "
+                                 "than its compressed bytes can hold")
     return points, bytes(digests)
 
 
@@ -795,6 +805,9 @@ def _check_end(index: SeekIndex, data: bytes, k: int) -> None:
 def _file_table(stream: _Unpacked) -> list[dict]:
     """TOC entries of every tar member, regular files chunked with offsets into the tar stream."""
     entries: list[dict] = []
+    if not stream.read(1):
+        return entries  # an empty archive, as GNU tar and Go's archive/tar (umoci, containerd) read it
+    stream.seek(0)
     # Random-access mode (it only seeks forward): tarfile's stream mode copies its buffer per header.
     with tarfile.open(fileobj=stream, mode="r:", **layerwriter.TAR_OPTIONS) as tar:
         while (info := tar.next()) is not None:
@@ -892,7 +905,7 @@ def _deflate_window(window: bytes) -> bytes:
 def _thin(points: list[Checkpoint], total: int) -> list[Checkpoint]:
     """Keep a checkpoint every SPAN_BYTES of compressed input, and wherever skipping one would make a
     span's output exceed MAX_SPAN_OUTPUT; drop one at the very end of the stream."""
-    points = [p for p in points if p.offset < total]
+    points = [p for p in points if p.offset < max(total, 1)]
     if not points or points[0].offset != 0:
         raise SeekIndexError("rapidgzip found no checkpoint at the start of the stream")
     kept = [points[0]]

@@ -278,6 +278,11 @@ class Index:
         """True for a directory the TOC only implies (no entry of its own)."""
         return entry_id in self._implicit
 
+    def replaced(self, entry_id: int) -> bool:
+        """True for an entry that a later entry of the same name replaced (a hardlink may still share its
+        data and inode)."""
+        return self._parent[entry_id] == _ORPHAN
+
     def hardlink_target(self, entry_id: int) -> int | None:
         """For a hardlink, the entry it links to (whose data and inode it shares); else None."""
         return self._hardlink_of.get(entry_id)

@@ -110,8 +110,10 @@ class Footer:
 
 def parse_footer(tail: bytes, blob_size: int) -> Footer:
     """Parse the footer from `tail`, the last bytes (at least 51 if the blob has them) of a blob."""
-    if blob_size < LEGACY_FOOTER_SIZE or len(tail) < min(blob_size, FOOTER_SIZE):
-        raise TruncatedError(f"blob of {blob_size} bytes is too small for a footer")
+    if blob_size < LEGACY_FOOTER_SIZE:  # e.g. gzip of an empty tar (Docker's 32-byte empty layer)
+        raise FooterError(f"blob of {blob_size} bytes is too small for a footer (not an eStargz layer)")
+    if len(tail) < min(blob_size, FOOTER_SIZE):
+        raise TruncatedError(f"blob of {blob_size} bytes ends before its footer")
     footer = tail[-FOOTER_SIZE:]
     # gzip magic, deflate, FEXTRA; XLEN 26; subfield 'S','G' of LEN 22 (mtime, XFL and OS not checked)
     if len(footer) == FOOTER_SIZE and footer[:4] == GZIP_EXTRA_HEADER[:4] \

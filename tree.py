@@ -143,6 +143,9 @@ class MergedTree:
         """Apply the overlay rules to the directory's sources, top layer first."""
         merged: dict[str, Node] = {}
         hidden: set[str] = set()
+        # a closed directory with no entry of its own above: the lower directory entry it takes its
+        # metadata from (not its children), None once a lower non-directory ends the search
+        below: dict[str, tuple[int, int] | None] = {}
         for layer, entry in node.sources or [(node.layer, node.entry)]:
             index = self.indexes[layer]
             whiteouts = set()
@@ -165,13 +168,21 @@ class MergedTree:
                         upper.closed = index.lookup_child(child, OPAQUE_MARKER) is not None
                     else:
                         upper.closed = True  # a lower non-directory ends the merge below it
+                        below[name] = None
+                elif self.is_dir(upper) and name not in below and self._implied(upper):
+                    if index.kind(child) != toc.KIND_DIR:
+                        below[name] = None
+                    elif not index.is_implicit(child):
+                        below[name] = (layer, child)
             hidden |= whiteouts
         children: dict[str, Node | int] = {}
         for name, child in sorted(merged.items()):
             if self.is_dir(child):
                 child.layer, child.entry = self._metadata_source(child)
+                if below.get(name) and self._implied(child):
+                    child.layer, child.entry = below[name]  # an opaque directory only implied above
                 child.ino = self._ino(child.layer, child.entry)
-                if len(child.sources) == 1:
+                if len(child.sources) == 1 and child.sources[0] == (child.layer, child.entry):
                     child.sources = None  # its one source is (layer, entry)
                 children[name] = child
             else:
@@ -185,6 +196,10 @@ class MergedTree:
             if not self.indexes[layer].is_implicit(entry):
                 return layer, entry
         return sources[0]
+
+    def _implied(self, node: Node) -> bool:
+        """Whether no source of the directory has an entry of its own."""
+        return all(self.indexes[layer].is_implicit(entry) for layer, entry in node.sources or ())
 
     def _is_raw_whiteout(self, node: Node) -> bool:
         return self.raw and self.indexes[node.layer].names[node.entry].startswith(WHITEOUT_PREFIX)
@@ -200,7 +215,7 @@ class MergedTree:
         if self._is_raw_whiteout(node):
             return stat.S_IFCHR
         e = self.entry(node)
-        return _KIND_MODE[e.kind] | e.mode
+        return _KIND_MODE[e.kind] | _permissions(e)
 
     def attrs(self, node: Node) -> dict[str, int]:
         """The `stat` of a node (times in nanoseconds, st_blocks in the kernel's 512-byte units)."""
@@ -211,7 +226,7 @@ class MergedTree:
         if self._is_raw_whiteout(node):
             mode, rdev = stat.S_IFCHR, 0
         else:  # as mode() tells, without decoding the entry again
-            mode = _KIND_MODE[e.kind] | e.mode
+            mode = _KIND_MODE[e.kind] | _permissions(e)
             rdev = os.makedev(e.dev_major, e.dev_minor) if e.kind in (toc.KIND_CHAR, toc.KIND_BLOCK) else 0
         mtime = e.mtime * 1_000_000_000
         return {"st_ino": node.ino, "st_mode": mode, "st_nlink": self.nlink(node),
@@ -230,7 +245,8 @@ class MergedTree:
             return 1
         if key not in self._group_nlink:
             names = [key[1], *self._members_of(node.layer)[key[1]]]
-            visible = sum(1 for entry in names if self._resolves_to(key, entry_path(index, entry)))
+            visible = sum(1 for entry in names if (path := entry_path(index, entry)) is not None
+                          and self._resolves_to(key, path))
             self._group_nlink[key] = max(visible, 1)
         return self._group_nlink[key]
 
@@ -265,10 +281,18 @@ class MergedTree:
         return self.entry(node).link_name
 
 
-def entry_path(index: toc.Index, entry: int) -> str:
-    """The path of `entry` in its layer, relative to the layer's root (no leading slash)."""
+def _permissions(e: toc.Entry) -> int:
+    """An entry's permission bits; a symlink's are 0777 whatever its tar header says, as on Linux."""
+    return 0o777 if e.kind == toc.KIND_SYMLINK else e.mode
+
+
+def entry_path(index: toc.Index, entry: int) -> str | None:
+    """The path of `entry` in its layer, relative to the layer's root (no leading slash); None if a later
+    entry of the same name (or of a directory above it) replaced it."""
     parts = []
     while entry != toc.Index.ROOT:
+        if index.replaced(entry):
+            return None
         parts.append(index.names[entry])
         entry = index.parent(entry)
     return "/".join(reversed(parts))

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import gzip
 import hashlib
+import io
 import json
 import os
 import random
 import shutil
+import struct
 import subprocess
 import tarfile
 import time
@@ -32,7 +35,7 @@ import seekindex
 import toc
 from imagebuild import describe_tree, make_layer_tar, write_oci_layout
 from tests.reference import read_layout
-from tests.registry import Registry, push_layout
+from tests.registry import Fault, FaultProxy, Registry, make_test_image, push_layout
 from tests.test_mount import (  # noqa: F401 -- edge_image and edge_expected are fixtures used below
     MISSING,
     _assert_same_tree,
@@ -41,6 +44,7 @@ from tests.test_mount import (  # noqa: F401 -- edge_image and edge_expected are
     lazymount,
     mounted,
     stats,
+    umoci_unpack,
 )
 
 MIB = 1 << 20
@@ -165,6 +169,46 @@ def test_loader_rejects_truncated_foreign_and_corrupt(tmp_path: Path) -> None:
     for wrong_digest, wrong_size in ((other, len(blob)), (digest, len(blob) + 1)):
         with pytest.raises(seekindex.SeekIndexError, match="seek index is for layer sha256:"):
             seekindex.load(data, wrong_digest, wrong_size)
+
+
+def _with_header(data: bytes, **changes: object) -> bytes:
+    """The serialized index `data` with fields of its JSON header changed."""
+    start = len(seekindex.MAGIC) + 4
+    (length,) = struct.unpack_from("<I", data, len(seekindex.MAGIC))
+    header = json.dumps({**json.loads(data[start:start + length]), **changes}).encode()
+    return seekindex.MAGIC + struct.pack("<I", len(header)) + header + data[start + length:]
+
+
+def test_loader_bounds_what_a_span_decompresses_to(tmp_path: Path) -> None:
+    """An index whose uncompressed size is more than its layer's compressed bytes can hold (deflate makes
+    at most 1032 bytes of one) is refused when loaded, rather than failing reads later; the index of
+    60 MiB of zeros (about 1030:1 under gzip -9) is not."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "zeros").write_bytes(bytes(60 * MIB))
+    tar = make_layer_tar(tmp_path / "tree", tmp_path / "layer.tar")
+    blob = _compress(tar, tmp_path / "layer.tar.gz", "gzip-9").read_bytes()
+    digest = toc.sha256_digest(blob)
+    data = seekindex.build(lambda o, n: blob[o:o + n], len(blob), digest, local=True).data
+    index = seekindex.load(data, digest, len(blob))
+    assert index.uncompressed_size > 1000 * len(blob)
+    assert seekindex.load(_with_header(data), digest, len(blob)).uncompressed_size == index.uncompressed_size
+    for total in (1 << 50, seekindex.MAX_DEFLATE_RATIO * len(blob) + 1):
+        with pytest.raises(seekindex.SeekIndexError, match="more than its compressed bytes can hold"):
+            seekindex.load(_with_header(data, uncompressedSize=total), digest, len(blob))
+
+
+def test_loader_bounds_the_bytes_of_a_span(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read fetches and holds its spans whole: an index whose spans are over MAX_SPAN_BYTES (one
+    checkpoint for a huge layer, say) is refused when loaded, rather than exhausting memory in reads."""
+    tar = make_layer_tar(_sample_tree(tmp_path / "tree", seed=8, big=3 * MIB), tmp_path / "layer.tar")
+    blob = _compress(tar, tmp_path / "layer.tar.gz", "gzip-6").read_bytes()
+    digest = toc.sha256_digest(blob)
+    data = seekindex.build(lambda o, n: blob[o:o + n], len(blob), digest, local=True).data
+    index = seekindex.load(data, digest, len(blob))
+    largest = max(b - a for a, b in map(index.span_range, range(index.span_count)))
+    monkeypatch.setattr(seekindex, "MAX_SPAN_BYTES", largest - 1)
+    with pytest.raises(seekindex.SeekIndexError, match=f"compressed bytes, over {largest - 1}"):
+        seekindex.load(data, digest, len(blob))
 
 
 def test_flipped_byte_fails_its_span_only(tmp_path: Path) -> None:
@@ -310,6 +354,30 @@ def test_indexed_mount_equals_umoci_unpack(plain_edge: str, edge_expected: dict,
     assert inspected.count("lazy: indexed (seek index, ") == len(out)
 
 
+@needs_stack
+def test_tiny_and_empty_layers(registry: Registry, tmp_path: Path) -> None:
+    """gzip of an empty tar (1024 zero bytes: Docker's 32-byte empty layer), and gzip of no bytes at all:
+    empty layers for `umoci unpack` (and containerd).  `index --push` indexes both, and a mount reads them
+    through their indexes, or, without any, downloads and indexes them: the tree equals umoci's (a blob
+    too small for an eStargz footer was refused as truncated, and an empty stream as corrupt: the whole
+    image was EIO)."""
+    tree = tmp_path / "tree"
+    (tree / "dir").mkdir(parents=True)
+    (tree / "dir" / "file").write_bytes(b"below empty layers\n")
+    _compress(make_layer_tar(tree, tmp_path / "0.tar"), tmp_path / "0.tar.gz", "gzip-6")
+    (tmp_path / "1.tar.gz").write_bytes(gzip.compress(bytes(1024), mtime=0))
+    (tmp_path / "2.tar.gz").write_bytes(gzip.compress(b"", mtime=0))
+    layout = write_oci_layout(tmp_path / "oci", "v1", [tmp_path / f"{i}.tar.gz" for i in range(3)])
+    expected = describe_tree(umoci_unpack(layout, "v1", tmp_path / "bundle"))
+    push_layout(layout, "v1", registry, "tiny-layers-unindexed")
+    ref = _push_indexes(layout, "v1", registry, "tiny-layers", tmp_path / "a")
+    for image, state in ((ref, "indexed"), (f"{registry.host}/tiny-layers-unindexed:v1", "local")):
+        mnt = tmp_path / f"mnt-{state}"
+        with mounted(image, mnt, "--cache-dir", str(tmp_path / f"fresh-{state}")):
+            _assert_same_tree(describe_tree(mnt), expected)
+            assert [layer["state"] for layer in stats(mnt)["layers"]] == [state] * 3
+
+
 @dataclass
 class BigPlain:
     """A one-layer plain gzip image of ~25 MB, small files after a big one, indexed in `cache`."""
@@ -452,6 +520,36 @@ def test_rejected_index_is_one_line(big_plain: BigPlain, tmp_path: Path) -> None
         assert "seek index rejected" in line and reason in line and digest in line
 
 
+@needs_stack
+def test_files_far_apart_in_the_tar_stream(registry: Registry, tmp_path: Path) -> None:
+    """A file followed by more tar headers than limits.chunk_size (entries without data, here with large
+    PAX records), and another one at the end of such a run: both read through the seek index, neither
+    refused as an oversized chunk (a chunk's offsets in an indexed layer are in the tar stream, and the
+    headers between two files are never held)."""
+    filler = {"comment": "x" * (64 << 10)}
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, empty in (("a", b"first\n", "b"), ("c", b"last\n", "d")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            for i in range(1100):  # 1100 x 65 KiB: over the default limit of 64 MiB (and its slack)
+                info = tarfile.TarInfo(f"{empty}/{i:04}")
+                info.pax_headers = filler
+                tar.addfile(info)
+    (tmp_path / "layer.tar.gz").write_bytes(gzip.compress(raw.getvalue(), 1, mtime=0))
+    push_layout(write_oci_layout(tmp_path / "oci", "v1", [tmp_path / "layer.tar.gz"]), "v1", registry,
+                "far-apart")
+    ref, cache, mnt = f"{registry.host}/far-apart:v1", tmp_path / "cache", tmp_path / "mnt"
+    lazymount("index", ref, "--cache-dir", str(cache))
+    with mounted(ref, mnt, "--cache-dir", str(cache), "--no-background-fetch"):
+        assert (mnt / "a").read_bytes() == b"first\n"
+        assert (mnt / "c").read_bytes() == b"last\n"
+        assert len(os.listdir(mnt / "d")) == 1100
+        (layer,) = stats(mnt)["layers"]
+        assert layer["state"] == "indexed" and layer["errors"] == 0
+
+
 # ------------------------------------------------------------------------------- indexes as referrers
 
 
@@ -512,6 +610,50 @@ def test_pushed_index_reads_lazily_and_a_bad_one_is_rejected(big_plain: BigPlain
         assert "lazy: neither" in result.stdout
         (line,) = result.stderr.splitlines()
         assert "seek index rejected" in line and reason in line and big_plain.digest in line
+
+
+@needs_stack
+def test_index_pushed_again_attaches_nothing_new(big_plain: BigPlain, registry: Registry,
+                                                 tmp_path: Path) -> None:
+    """`index --push` again, on this node or another (its own build), finds the same index attached and
+    pushes no second artifact: the referrers every mount lists do not grow with each run."""
+    ref = _push_indexes(big_plain.layout, "v1", registry, "big-plain-again", tmp_path / "a")
+    for cache in ("a", "b"):
+        out = lazymount("index", ref, "--push", "--cache-dir", str(tmp_path / cache)).stdout.splitlines()
+        assert len(out) == 1 and out[0].endswith("; already attached to the image"), out
+    image = fetch.open_image(ref, client=regclient.RegistryClient())
+    assert image.client is not None
+    assert len(referrers.referrers(image.client, image.reference, image.digest, toc.ARTIFACT_SEEK_INDEX)) == 1
+
+
+@needs_stack
+def test_referrers_tag_failing_with_500(registry: Registry, tmp_path: Path) -> None:
+    """A registry answering 500 for the referrers tag: `mount` says so in one line and downloads the layer
+    whole (its files right); `inspect` shows it as one downloaded whole; `index --push` fails in one line
+    with a non-zero exit, no traceback."""
+    image = make_test_image(tmp_path / "image")
+    push_layout(image.layout, image.tag, registry, "plain-500")
+    lazymount("index", f"{registry.host}/plain-500:{image.tag}", "--push", "--cache-dir", str(tmp_path / "a"))
+    config = tmp_path / "config.yaml"
+    config.write_text("defaults: {retries: 1, retry_backoff: 0.05}\n")
+    env = dict(os.environ, LAZYMOUNT_CONFIG=str(config))
+    proxy = FaultProxy(registry.host).add(Fault("status", path="/manifests/sha256-", status=500, times=-1))
+    try:
+        ref = f"{proxy.host}/plain-500:{image.tag}"
+        mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
+        with mounted(ref, mnt, "--cache-dir", str(tmp_path / "b"), "--log-file", str(log_file), env=env):
+            assert (mnt / "hello.txt").read_bytes() == b"hello from lazymount\n"
+            assert stats(mnt)["layers"][0]["state"] == "local"
+        (line,) = [line for line in log_file.read_text().splitlines() if "seek index rejected" in line]
+        assert "HTTP 500" in line and image.layer_digest in line
+        result = lazymount("inspect", ref, "--cache-dir", str(tmp_path / "c"), env=env)
+        assert "lazy: neither" in result.stdout and "HTTP 500" in result.stderr
+        result = lazymount("index", ref, "--push", "--cache-dir", str(tmp_path / "d"), check=False, env=env)
+        assert result.returncode != 0 and not result.stdout
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("lazymount: error: ") and "HTTP 500" in line
+    finally:
+        proxy.stop()
 
 
 # -------------------------------------------------------------------- profiles of plain images prefetched

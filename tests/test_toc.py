@@ -471,10 +471,18 @@ def test_garbage_footers(tail):
         tocread.parse_footer(tail, 1000)
 
 
+@pytest.mark.parametrize("size", [0, 29, 32, 40, 46])
+def test_blob_too_small_for_a_footer_is_not_estargz(size):
+    """A blob shorter than any footer (gzip of an empty tar: Docker's 32-byte empty layer) is no eStargz
+    layer, not a truncated one: mount and convert treat it as a plain layer."""
+    with pytest.raises(FooterError, match="too small for a footer"):
+        tocread.parse_footer(tocread.footer_bytes(5)[-size:] if size else b"", size)
+
+
 @pytest.mark.parametrize(("tail", "size"), [
     (tocread.footer_bytes(1000 - 51), 1000), (tocread.footer_bytes(5000), 1000),
     (tocread.footer_bytes(0), 51),
-    (legacy_footer(1000 - 47), 1000), (tocread.footer_bytes(5), 40), (tocread.footer_bytes(5)[-20:], 100),
+    (legacy_footer(1000 - 47), 1000), (tocread.footer_bytes(5)[-20:], 100),
     (b"\0" * 11 + struct.pack("<QQQQ", 900, 100, 1, 1) + toc.ZSTD_CHUNKED_MAGIC, 1000),
     (b"\0" * 11 + struct.pack("<QQQQ", 1 << 63, 1 << 63, 1, 1) + toc.ZSTD_CHUNKED_MAGIC, 1000),
     (b"\0" * 11 + struct.pack("<QQQQ", 10, 0, 1, 1) + toc.ZSTD_CHUNKED_MAGIC, 1000),

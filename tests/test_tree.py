@@ -230,6 +230,25 @@ def test_implied_directory_keeps_lower_metadata() -> None:
     assert usr is not None and t.attrs(usr)["st_uid"] == 0
 
 
+def test_implied_opaque_directory_keeps_lower_metadata() -> None:
+    """A layer holding only whiteouts under a directory (its opaque marker, no entry of its own): the
+    directory hides every lower child, yet keeps the metadata of the lower directory, as `umoci unpack`
+    does, also through a layer that implies it as well; a lower non-directory lends none."""
+    lower = layer_blob(directory("d", mode=0o750, uid=7), file("d/old", b"old"), file("d/keep", b"k"),
+                       file("f", b"a file"))
+    middle = layer_blob(file("d/mid", b"m"))  # implies d too
+    upper = layer_blob(file("d/.wh..wh..opq"), file("d/.wh.keep"), file("f/.wh..wh..opq"))
+    for t in (merged(lower, upper), merged(lower, middle, upper)):
+        d = t.lookup("/d")
+        assert d is not None and listing(t, "/d") == []
+        attrs = t.attrs(d)
+        assert (attrs["st_mode"], attrs["st_uid"]) == (stat.S_IFDIR | 0o750, 7)
+        assert attrs["st_mtime"] == 1_600_000_000 * 1_000_000_000
+        f = t.lookup("/f")
+        assert f is not None and t.is_dir(f) and t.attrs(f)["st_mtime"] != 1_700_000_000 * 1_000_000_000
+    assert listing(merged(lower, layer_blob(file("d/.wh..wh..opq"), file("d/new", b"n"))), "/d") == ["new"]
+
+
 def test_hardlinks_across_layers() -> None:
     bottom = layer_blob(file("a", b"shared"), hardlink("b", "a"), hardlink("c", "a"), file("solo", b"s"))
     middle = layer_blob(file(".wh.c"))
@@ -252,6 +271,19 @@ def test_hardlinks_across_layers() -> None:
     assert three["b"][0] != three["a"][0] and three["b"][1] == 1
 
 
+def test_hardlink_to_a_name_replaced_later_in_its_layer() -> None:
+    """`hz` links to `z`, then a later `z` replaces it (extraction unlinks the first): both names are
+    shown, each with its own content, inode and one link (it was an error on every lookup of their
+    directory: the replaced entry has no path)."""
+    v = view(layer_blob(file("z", b"z1"), hardlink("hz", "z"), file("z", b"z2-later")))
+    t = v.tree()
+    assert listing(t, "/") == ["hz", "z"]
+    hz, z = t.lookup("/hz"), t.lookup("/z")
+    assert hz is not None and z is not None
+    assert t.attrs(hz)["st_nlink"] == t.attrs(z)["st_nlink"] == 1 and hz.ino != z.ino
+    assert read(v, "/hz") == b"z1" and read(v, "/z") == b"z2-later"
+
+
 def test_inode_numbers_are_stable(three_layers: tuple[Blob, Blob, Blob]) -> None:
     t = merged(*three_layers)
     assert t.root.ino == tree.ROOT_INO
@@ -271,7 +303,8 @@ def test_symlink_and_attributes() -> None:
     t = merged(layer_blob(symlink("link", "../target/ä"), file("f", b"12345", mode=0o4755, uid=3)))
     link, f = t.lookup("/link"), t.lookup("/f")
     assert link is not None and f is not None
-    assert t.readlink(link) == "../target/ä" and stat.S_ISLNK(t.mode(link))
+    assert t.readlink(link) == "../target/ä" and t.mode(link) == stat.S_IFLNK | 0o777, "0777, as on Linux"
+    assert t.attrs(link)["st_mode"] == stat.S_IFLNK | 0o777  # the tar header says 0644 (tarfile's default)
     assert t.attrs(link)["st_size"] == len("../target/ä".encode())
     attrs = t.attrs(f)
     assert attrs["st_mode"] == stat.S_IFREG | 0o4755 and attrs["st_uid"] == 3 and attrs["st_size"] == 5

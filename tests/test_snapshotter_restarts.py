@@ -55,9 +55,13 @@ WAIT = 120.0  # seconds a command may take on a loaded machine
 
 
 def _data_image(work: Path, name: str) -> Path:
-    """A 3-layer eStargz OCI layout (tag v1): /bin/sh and its libraries, then /data/a/0..FILES-1, then
-    /data/b/0..FILES-1, each file one line naming itself."""
+    """A 3-layer eStargz OCI layout (tag v1): /bin/sh, its libraries and /image holding `name`, then
+    /data/a/0..FILES-1, then /data/b/0..FILES-1, each file one line naming itself.  Without /image the
+    base layers of two images built in the same second are one layer (only the mtimes of their
+    directories and symbolic links, in whole seconds, tell them apart): a pull of the second would not
+    prepare it."""
     trees = [_shell_tree(work / "tree0")]
+    (trees[0] / "image").write_text(f"{name}\n")
     for i, part in enumerate("ab", start=1):
         tree = work / f"tree{i}"
         subprocess.run(["cp", "-a", str(trees[-1]), str(tree)], check=True)
@@ -79,13 +83,15 @@ def shell_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def data_images(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> dict[str, tuple[str, list]]:
-    """Two different 3-layer eStargz images pushed: {"first" | "second": (reference, layer digests)}."""
+    """Two 3-layer eStargz images that share no layer, pushed: {"first" | "second": (reference, layer
+    digests)}."""
     images = {}
     for name in ("first", "second"):
         layout = _data_image(tmp_path_factory.mktemp(name), name)
         push_layout(layout, "v1", registry, f"data/{name}")
         digests = [descriptor["digest"] for _, descriptor in read_layout(layout, "v1")[2]]
         images[name] = (f"{registry.host}/data/{name}:v1", digests)
+    assert not set(images["first"][1]) & set(images["second"][1]), "the images share a layer"
     return images
 
 

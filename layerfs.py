@@ -106,6 +106,9 @@ class LayersFS(mfusepy.Operations):
         info = {"reference": spec["reference"], "digest": digest, "mountpoint": str(self.mountpoint / name),
                 "config": {}}
         with self._lock:
+            if not spec_path(self.spec_dir, name).exists():  # removed while it loaded (see `sync`)
+                view.close()
+                raise OSError(errno.ENOENT, f"layer {name}: its spec was removed while it loaded")
             # MergedTree numbers its inodes ROOT_INO .. ROOT_INO + entries: give each layer its own range
             served = _Served(fusefs.LazyFS(view, info, lambda: None), self._next_ino - tree.ROOT_INO)
             self._next_ino += len(layer.index) + 1

@@ -387,10 +387,13 @@ class Snapshotter:
         return disk_usage(self._fs(sid)) if info.kind == ACTIVE else usage
 
     def cleanup(self) -> None:
-        """Remove the directories no snapshot owns (left by a crash between mkdir and commit)."""
+        """Remove the directories no snapshot owns (left by a crash between mkdir and commit).  They are
+        listed before the snapshots are read: a Prepare may run meanwhile (containerd calls Cleanup
+        outside its own lock), and a directory it makes is then either not listed or already owned."""
+        directories = list(self.snapshots_dir.iterdir())
         with self.store.transaction() as db:
             ids = self.store.kinds(db)
-        for directory in self.snapshots_dir.iterdir():
+        for directory in directories:
             if not (directory.name.isdigit() and int(directory.name) in ids):
                 log.info("cleanup: removing %s", directory)
                 self._remove_directory(directory)

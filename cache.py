@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MEMORY_BYTES = 32 << 20  # holds the chunks being read and read ahead; the page cache does the rest
 DEFAULT_DISK_BYTES = 10 << 30
 # With write-behind, chunks a reader loaded go to disk on a thread of their own so that the read is
-# answered first; at most this many bytes wait for it (beyond that the reader writes them itself).
+# answered first; at most this many bytes wait for it (beyond that a chunk is not written: a reader never
+# waits for the disk, and the background fetch stores what is missing).
 WRITE_BEHIND_BYTES = 32 << 20
 VERIFIED_FILES = 8192  # chunk files whose identity a process remembers as verified
 TOUCH_EVERY_NS = 10 * 10**9  # a disk hit refreshes a file's recency at most this often
@@ -337,8 +338,9 @@ class ChunkCache:
     ``cache_dir=None`` or ``disk_bytes=0`` disables the disk tier. Disk errors are logged and the
     chunk is served from the loader or memory instead.  ``write_behind``: a chunk loaded by ``get`` or
     ``read`` is written to disk by a thread of the cache's after the caller has it (a mount's reader
-    should not wait for the page cache; writing a fresh 4 MiB file costs it more than decompressing
-    the chunk did), up to WRITE_BEHIND_BYTES waiting; ``close`` writes what still waits.
+    should not wait for the page cache, nor for the disk tier's lock: writing a fresh 4 MiB file costs
+    more than decompressing the chunk did), or not at all once WRITE_BEHIND_BYTES wait; ``close`` writes
+    what still waits.
     """
 
     def __init__(self, cache_dir: Path | str | None, memory_bytes: int = DEFAULT_MEMORY_BYTES,
@@ -354,7 +356,8 @@ class ChunkCache:
         self._writes: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._flights: dict[str, _Flight] = {}
-        self._counts = dict.fromkeys(("hits_memory", "hits_disk", "waits", "misses", "bytes_loaded"), 0)
+        self._counts = dict.fromkeys(("hits_memory", "hits_disk", "waits", "misses", "bytes_loaded",
+                                      "disk_writes_dropped"), 0)
 
     def __enter__(self) -> "ChunkCache":
         return self
@@ -515,11 +518,14 @@ class ChunkCache:
         return data
 
     def _hand_to_writer(self, hexdigest: str, data: bytes) -> bool:
-        """Queue verified bytes for the writer thread (started on first use); False if write-behind is off
-        or WRITE_BEHIND_BYTES already wait."""
+        """Queue verified bytes for the writer thread (started on first use), or drop them if
+        WRITE_BEHIND_BYTES already wait; False if write-behind is off."""
         with self._lock:
-            if not self._write_behind or self._unwritten_bytes + len(data) > WRITE_BEHIND_BYTES:
+            if not self._write_behind:
                 return False
+            if self._unwritten_bytes + len(data) > WRITE_BEHIND_BYTES:
+                self._counts["disk_writes_dropped"] += 1
+                return True
             if hexdigest not in self._unwritten:
                 self._unwritten[hexdigest] = data
                 self._unwritten_bytes += len(data)

@@ -21,9 +21,10 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cachetools
 
@@ -42,6 +43,8 @@ from mountctl import IMAGE_XATTR, STATS_XATTR, MountError, mount_at
 # Only libfuse3 lets a read exceed 128 KiB; mfusepy picks its library when imported.
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy  # noqa: E402
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("lazymount")
 
@@ -388,10 +391,20 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
     def seek_index(is_lazy: bool, descriptor: fetch.Descriptor) -> seekindex.SeekIndex | None:
         return None if is_lazy else referrers.find_seek_index(image, descriptor, cache_dir)
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    # Seek indexes and profiles are optional: a registry that does not answer for them within its
+    # range_timeout costs the mount no more than that (the lookups left behind end on their own).
+    pool = concurrent.futures.ThreadPoolExecutor(8)
+    try:
         profile = pool.submit(_attached_profile, image) if args.prefetch else None
         lazy = list(pool.map(engine.Layer.open_index, layers))
-        seeks = list(pool.map(seek_index, lazy, descriptors))
+        wait = client.config.for_host(ref.domain).range_timeout
+        deadline = time.monotonic() + wait
+        lookups = [pool.submit(seek_index, is_lazy, d) for is_lazy, d in zip(lazy, descriptors, strict=True)]
+        seeks = [_within(lookup, deadline, wait, f"the seek index of layer {d.digest}")
+                 for lookup, d in zip(lookups, descriptors, strict=True)]
+        attached = _within(profile, deadline, wait, "the attached profiles") if profile else None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     for layer, is_lazy, descriptor, seek in zip(layers, lazy, descriptors, seeks, strict=True):
         if seek is not None:
             layer.use_seek_index(seek)
@@ -402,12 +415,21 @@ def _open_view(args: argparse.Namespace) -> tuple[engine.ImageView, dict]:
     recorder = profiles.AccessRecorder(args.record_log) if getattr(args, "record_log", None) else None
     view = engine.ImageView(layers, chunk_cache, cache_dir / "layers", raw=bool(args.layer),
                           opaque_xattr=OPAQUE_XATTR, prefetch=args.prefetch, background=args.background_fetch,
-                          recorder=recorder, profile=profile.result() if profile else None,
+                          recorder=recorder, profile=attached,
                           cache_dir=cache_dir, name=str(ref), local_copy=getattr(args, "local_copy", None))
     runtime = image.config.get("config") if isinstance(image.config.get("config"), dict) else {}
     info = {"reference": str(ref), "digest": image.digest, "mountpoint": str(args.mountpoint),
             "config": {k: runtime[k] for k in RUNTIME_KEYS if k in runtime}}
     return view, info
+
+
+def _within(future: concurrent.futures.Future[_T], deadline: float, wait: float, what: str) -> _T | None:
+    """The future's result, or None (logged in one line) if it is not there by `deadline`."""
+    try:
+        return future.result(timeout=max(deadline - time.monotonic(), 0))
+    except concurrent.futures.TimeoutError:
+        log.warning("%s: no answer from the registry within %.0f s; going on without it", what, wait)
+        return None
 
 
 def _attached_profile(image: fetch.Image) -> dict[str, list[str]]:

@@ -475,8 +475,8 @@ def _restart_on_same_port(registry: Registry) -> None:
 @pytest.fixture()
 def fast_fail_env(tmp_path: Path) -> dict:
     config = tmp_path / "config.yaml"
-    config.write_text("defaults: {retries: 1, retry_backoff: 0.05, connect_timeout: 2, read_timeout: 5, "
-                      "operation_timeout: 10}\n")
+    config.write_text("registry_defaults: {retries: 1, retry_backoff: 0.05, connect_timeout: 2, "
+                      "read_timeout: 5, operation_timeout: 10}\n")
     return dict(os.environ, LAZYMOUNT_CONFIG=str(config))
 
 

@@ -635,7 +635,7 @@ def test_referrers_tag_failing_with_500(registry: Registry, tmp_path: Path) -> N
     push_layout(image.layout, image.tag, registry, "plain-500")
     lazymount("index", f"{registry.host}/plain-500:{image.tag}", "--push", "--cache-dir", str(tmp_path / "a"))
     config = tmp_path / "config.yaml"
-    config.write_text("defaults: {retries: 1, retry_backoff: 0.05}\n")
+    config.write_text("registry_defaults: {retries: 1, retry_backoff: 0.05}\n")
     env = dict(os.environ, LAZYMOUNT_CONFIG=str(config))
     proxy = FaultProxy(registry.host).add(Fault("status", path="/manifests/sha256-", status=500, times=-1))
     try:
@@ -652,6 +652,32 @@ def test_referrers_tag_failing_with_500(registry: Registry, tmp_path: Path) -> N
         assert result.returncode != 0 and not result.stdout
         (line,) = result.stderr.splitlines()
         assert line.startswith("lazymount: error: ") and "HTTP 500" in line
+    finally:
+        proxy.stop()
+
+
+@needs_stack
+def test_referrers_tag_that_never_answers(registry: Registry, tmp_path: Path) -> None:
+    """A registry that never answers for the referrers tag: `mount` waits for the optional seek index and
+    profiles no longer than the registry's range_timeout, says so in one line each, and downloads the
+    layer whole (its files right)."""
+    image = make_test_image(tmp_path / "image")
+    push_layout(image.layout, image.tag, registry, "plain-stall")
+    lazymount("index", f"{registry.host}/plain-stall:{image.tag}", "--push", "--cache-dir",
+              str(tmp_path / "a"))
+    config = tmp_path / "config.yaml"
+    config.write_text("registry_defaults: {range_timeout: 2, read_timeout: 900, retries: 0}\n")
+    env = dict(os.environ, LAZYMOUNT_CONFIG=str(config))
+    proxy = FaultProxy(registry.host).add(Fault("stall", path="/manifests/sha256-", seconds=900, times=-1))
+    try:
+        ref = f"{proxy.host}/plain-stall:{image.tag}"
+        mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
+        with mounted(ref, mnt, "--cache-dir", str(tmp_path / "b"), "--log-file", str(log_file), env=env):
+            assert (mnt / "hello.txt").read_bytes() == b"hello from lazymount\n"
+            assert stats(mnt)["layers"][0]["state"] == "local"
+        gave_up = [line for line in log_file.read_text().splitlines()
+                   if "no answer from the registry" in line]
+        assert len(gave_up) == 2 and any(image.layer_digest in line for line in gave_up), gave_up
     finally:
         proxy.stop()
 

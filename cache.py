@@ -216,6 +216,15 @@ class _DiskTier:
     def contains(self, hexdigest: str) -> bool:
         return os.path.exists(self.path(hexdigest))
 
+    def names(self) -> set[str]:
+        """The hex digests of the chunk files there now (one listing of each fan-out directory)."""
+        found: set[str] = set()
+        with contextlib.suppress(FileNotFoundError):
+            for fan in os.scandir(self.chunks):
+                if fan.is_dir(follow_symlinks=False):
+                    found.update(name for name in os.listdir(fan.path) if _HEX_RE.fullmatch(name))
+        return found
+
     def _open(self, hexdigest: str) -> int | None:
         """A read-only fd of the chunk file, or None if there is none; what is there but no regular file
         of ours is removed (never opened if lstat tells, never blocked on, never followed)."""
@@ -445,6 +454,19 @@ class ChunkCache:
             if hexdigest in self._memory or hexdigest in self._unwritten:
                 return True
         return self._disk is not None and self._disk.contains(hexdigest)
+
+    def present(self) -> set[str]:
+        """The digests of the chunks in memory or on disk now, in one pass over the disk tier: for planning
+        work over every chunk of a layer, where a chunk stored or evicted meanwhile only costs a fetch
+        made twice or a later miss (a `contains` per chunk is a file system call each)."""
+        with self._lock:
+            hexdigests = set(self._memory.keys()) | set(self._unwritten)
+        if self._disk is not None:
+            try:
+                hexdigests |= self._disk.names()
+            except OSError as exc:
+                log.warning("chunk cache: listing the disk tier failed: %s", exc)
+        return {"sha256:" + h for h in hexdigests}
 
     def room(self) -> int:
         """Bytes the cache can still take before it evicts: on disk if it has a disk tier, else in memory."""

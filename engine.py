@@ -757,12 +757,12 @@ class ImageView:
         registry); meanwhile decompress each staged chunk into the cache once reads pause (the cores are
         the workload's) and drop the range once its chunks are stored.  Fetches no more than the cache has
         room for, compressed and decompressed."""
-        room = self.cache.room()
+        room, present = self.cache.room(), self.cache.present()  # one listing, not a stat per chunk
         plans: dict[int, list[tuple[int, int]]] = {}  # compressed ranges only: a plan of chunk objects
         for layer in layers:  # would hold every chunk of the layer in memory while the fetch runs
             assert layer.index is not None
             missing = (c for c in layer.index.blob_chunks()
-                       if not layer.oversized(c) and not self.cache.contains(c.digest))
+                       if not layer.oversized(c) and c.digest not in present)
             plan = []
             for span in _spans(missing, BACKGROUND_SPAN):
                 room -= span[-1].comp_end - span[0].comp_offset + sum(c.size for c in span)

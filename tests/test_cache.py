@@ -443,3 +443,19 @@ def test_write_behind_answers_before_the_disk_write_and_close_writes_the_rest(tm
     c.close()
     assert sorted(disk_files(tmp_path).values()) == [500, 2000]
     assert ChunkCache(tmp_path, memory_bytes=0).get(d1, never) == b1
+
+
+def test_present_lists_memory_and_disk_in_one_pass(tmp_path):
+    """`present` names the chunks in memory and on disk (also those another process wrote), not temp
+    files nor what was evicted."""
+    (d1, b1), (d2, b2), (d3, b3) = chunk(21, 1000), chunk(22, 1000), chunk(23, 1000)
+    c = ChunkCache(tmp_path, memory_bytes=1500, disk_bytes=2500)
+    assert c.present() == set()
+    c.get(d1, Loader(b1))  # memory and disk
+    ChunkCache(tmp_path, memory_bytes=0).get(d2, Loader(b2))  # another process's, on disk only
+    fan = tmp_path / "chunks" / "sha256" / "ab"
+    fan.mkdir(parents=True, exist_ok=True)
+    (fan / f"{cache._TMP_PREFIX}{'ab' * 32}-1").write_bytes(b"partial")
+    assert c.present() == {d1, d2}
+    c.get(d3, Loader(b3))  # the disk bound evicts the oldest file (d1), memory keeps d3 only
+    assert c.present() == {d2, d3} == {d for d in (d1, d2, d3) if c.contains(d)}

@@ -562,7 +562,8 @@ class ImageView:
         started = time.monotonic()
         try:
             merged = self.tree(timeout=0)
-            files: dict[str, tuple[int, int, tree.Node]] = {}  # path -> (layer, stream offset, node)
+            # path -> (layer, stream offset, node, chunks): sorted on the first two, the order bytes arrive
+            files: dict[str, tuple[int, int, tree.Node, list[toc.Chunk]]] = {}
             for layer in layers:
                 index = layer.index
                 assert index is not None
@@ -571,13 +572,14 @@ class ImageView:
                     node = merged.lookup(path)
                     if node is not None and self.layers[node.layer] is layer and \
                             stat.S_ISREG(merged.mode(node)) and merged.entry(node).size <= COPY_MAX_FILE:
-                        chunks = self._copy_chunks(node, merged.entry(node).size)
+                        chunks = index.chunk_range(node.entry, 0, merged.entry(node).size)
                         files.setdefault(node.path.lstrip("/"), (node.layer, chunks[0].comp_offset if chunks
-                                                                 else 0, node))
+                                                                 else 0, node, chunks))
                         if layer.spans is not None:
                             self._copy_wanted.update(c.digest for c in chunks)
-            ordered = [(path, node) for path, (*_, node) in sorted(files.items(), key=lambda f: f[1][:2])]
-            size = localcopy.write(merged, self.local_copy, ordered, self._copy_chunks, self._copy_chunk,
+            ordered = [(path, node, chunks) for path, (*_, node, chunks)
+                       in sorted(files.items(), key=lambda f: f[1][:2])]
+            size = localcopy.write(merged, self.local_copy, ordered, self._copy_chunk,
                                    (os.cpu_count() or 1) + PREFETCH_CONNECTIONS)
         except (toc.LazymountError, OSError) as e:
             self.local_copy_state = {"error": str(e)}
@@ -591,11 +593,6 @@ class ImageView:
         self.local_copy_state = {"files": len(files), "bytes": size}
         log.info("copied %d prefetched files (%d bytes) to %s in %.2f s", len(files), size, self.local_copy,
                  time.monotonic() - started)
-
-    def _copy_chunks(self, node: tree.Node, size: int) -> list[toc.Chunk]:
-        index = self.layers[node.layer].index
-        assert index is not None
-        return index.chunk_range(node.entry, 0, size)
 
     def _copy_chunk(self, node: tree.Node, c: toc.Chunk) -> bytes:
         """A chunk for the local copy: from its staged bytes if it is not cached (waiting for them while
@@ -736,7 +733,7 @@ class ImageView:
     def _unstage_chunk(self, layer: Layer, c: toc.Chunk) -> None:
         """Store a staged chunk in the cache once reads have paused (see BACKGROUND_QUIET)."""
         self.activity.wait_idle(self._stop, BACKGROUND_QUIET)
-        if self._stop.is_set() or self.cache.contains(c.digest):
+        if self._stop.is_set():
             return
 
         def load() -> bytes:

@@ -21,33 +21,33 @@ import tree
 
 OPEN_FILES = 256  # files held open while their chunks are written
 
-ChunksOf = Callable[[tree.Node, int], list[toc.Chunk]]  # a file's chunks, given its node and size
 ChunkBytes = Callable[[tree.Node, toc.Chunk], bytes]  # one chunk's verified bytes
 
 
-def write(merged: tree.MergedTree, root: Path, files: Sequence[tuple[str, tree.Node]], chunks_of: ChunksOf,
-          chunk_bytes: ChunkBytes, workers: int) -> int:
-    """Write `files` ((relative path, node of `merged`), each once, in the order given: the order their
-    chunks are asked for) under the empty directory `root`, then their directories' metadata; the bytes
+File = tuple[str, tree.Node, list[toc.Chunk]]  # relative path, node of the merged tree, the file's chunks
+
+
+def write(merged: tree.MergedTree, root: Path, files: Sequence[File], chunk_bytes: ChunkBytes,
+          workers: int) -> int:
+    """Write `files` (each once, in the order given: the order their chunks are asked for) under the
+    empty directory `root`, then their directories' metadata; the bytes
     written.  `workers` threads get and write chunks (more than the cores if `chunk_bytes` may wait for
     bytes on their way).  Raises OSError or toc.LazymountError (a chunk that cannot be had): the copy is
     then incomplete and must not be used."""
-    return _Copy(merged, root, chunks_of, chunk_bytes, workers).write(files)
+    return _Copy(merged, root, chunk_bytes, workers).write(files)
 
 
 class _Copy:
     """One copy (see `write`): names come from the validated index; at most OPEN_FILES files are open at
     once."""
 
-    def __init__(self, merged: tree.MergedTree, root: Path, chunks_of: ChunksOf, chunk_bytes: ChunkBytes,
-                 workers: int) -> None:
-        self.merged, self.root, self.chunks_of, self.chunk_bytes = merged, root, chunks_of, chunk_bytes
+    def __init__(self, merged: tree.MergedTree, root: Path, chunk_bytes: ChunkBytes, workers: int) -> None:
+        self.merged, self.root, self.chunk_bytes = merged, root, chunk_bytes
         self.workers = workers
         self.as_root = os.geteuid() == 0  # then owners are the image's too
 
-    def write(self, files: Sequence[tuple[str, tree.Node]]) -> int:
-        """Write `files` ((relative path, node), in that order), then their directories' metadata; the
-        bytes written."""
+    def write(self, files: Sequence[File]) -> int:
+        """Write `files` in that order, then their directories' metadata; the bytes written."""
         root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         made: dict[str, tree.Node] = {"": self.merged.root}
         stack: list[tuple[str, int]] = [("", root_fd)]  # the open directories down to the current one
@@ -56,7 +56,7 @@ class _Copy:
         size = 0
         with concurrent.futures.ThreadPoolExecutor(self.workers, "local-copy") as pool:
             try:
-                for path, node in files:
+                for path, node, chunks in files:
                     parent, _, name = path.rpartition("/")
                     while not _under(parent, stack[-1][0]):
                         os.close(stack.pop()[1])
@@ -72,8 +72,7 @@ class _Copy:
                                  0o600, dir_fd=stack[-1][1])
                     entry = self.merged.entry(node)
                     os.ftruncate(fd, entry.size)
-                    pending.append((fd, node, [pool.submit(self._chunk, node, c, fd)
-                                               for c in self.chunks_of(node, entry.size)]))
+                    pending.append((fd, node, [pool.submit(self._chunk, node, c, fd) for c in chunks]))
                     size += entry.size
                     while len(pending) > OPEN_FILES:
                         self._finish(*pending.popleft())
@@ -122,8 +121,6 @@ class _Copy:
             os.fchown(fd, entry.uid, entry.gid)  # before the mode: it clears set-id bits
         os.fchmod(fd, entry.mode & 0o7777)
         os.utime(fd, ns=(entry.mtime * 1_000_000_000,) * 2)
-
-
 
 
 def _under(path: str, directory: str) -> bool:

@@ -8,6 +8,7 @@ that differs from its index or its manifest.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -21,6 +22,7 @@ import subprocess
 import tarfile
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,7 @@ import seekindex
 import toc
 from imagebuild import describe_tree, make_layer_tar, write_oci_layout
 from tests.reference import read_layout
-from tests.registry import Fault, FaultProxy, Registry, make_test_image, push_layout
+from tests.registry import Fault, FaultProxy, Registry, TestImage, make_test_image, push_layout
 from tests.test_mount import (  # noqa: F401 -- edge_image and edge_expected are fixtures used below
     MISSING,
     _assert_same_tree,
@@ -626,25 +628,41 @@ def test_index_pushed_again_attaches_nothing_new(big_plain: BigPlain, registry: 
     assert len(referrers.referrers(image.client, image.reference, image.digest, toc.ARTIFACT_SEEK_INDEX)) == 1
 
 
+@contextlib.contextmanager
+def _mounted_behind(registry: Registry, tmp_path: Path, repository: str, settings: str,
+                    fault: Fault) -> Iterator[tuple[TestImage, str, dict, list[str]]]:
+    """A plain test image with its seek index pushed, mounted (fresh cache dir, registry `settings` as a
+    YAML flow mapping) through a proxy that misbehaves with `fault` on the referrers tag: its file is
+    right and its layer downloaded whole.  Yields, once unmounted and while the proxy still runs, the
+    image, its name through the proxy, the environment and the daemon's log lines."""
+    image = make_test_image(tmp_path / "image")
+    push_layout(image.layout, image.tag, registry, repository)
+    lazymount("index", f"{registry.host}/{repository}:{image.tag}", "--push", "--cache-dir",
+              str(tmp_path / "a"))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"registry_defaults: {settings}\n")
+    env = dict(os.environ, LAZYMOUNT_CONFIG=str(config))
+    proxy = FaultProxy(registry.host).add(fault)
+    try:
+        ref = f"{proxy.host}/{repository}:{image.tag}"
+        mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
+        with mounted(ref, mnt, "--cache-dir", str(tmp_path / "b"), "--log-file", str(log_file), env=env):
+            assert (mnt / "hello.txt").read_bytes() == b"hello from lazymount\n"
+            assert stats(mnt)["layers"][0]["state"] == "local"
+        yield image, ref, env, log_file.read_text().splitlines()
+    finally:
+        proxy.stop()
+
+
 @needs_stack
 def test_referrers_tag_failing_with_500(registry: Registry, tmp_path: Path) -> None:
     """A registry answering 500 for the referrers tag: `mount` says so in one line and downloads the layer
     whole (its files right); `inspect` shows it as one downloaded whole; `index --push` fails in one line
     with a non-zero exit, no traceback."""
-    image = make_test_image(tmp_path / "image")
-    push_layout(image.layout, image.tag, registry, "plain-500")
-    lazymount("index", f"{registry.host}/plain-500:{image.tag}", "--push", "--cache-dir", str(tmp_path / "a"))
-    config = tmp_path / "config.yaml"
-    config.write_text("registry_defaults: {retries: 1, retry_backoff: 0.05}\n")
-    env = dict(os.environ, LAZYMOUNT_CONFIG=str(config))
-    proxy = FaultProxy(registry.host).add(Fault("status", path="/manifests/sha256-", status=500, times=-1))
-    try:
-        ref = f"{proxy.host}/plain-500:{image.tag}"
-        mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
-        with mounted(ref, mnt, "--cache-dir", str(tmp_path / "b"), "--log-file", str(log_file), env=env):
-            assert (mnt / "hello.txt").read_bytes() == b"hello from lazymount\n"
-            assert stats(mnt)["layers"][0]["state"] == "local"
-        (line,) = [line for line in log_file.read_text().splitlines() if "seek index rejected" in line]
+    fault = Fault("status", path="/manifests/sha256-", status=500, times=-1)
+    with _mounted_behind(registry, tmp_path, "plain-500", "{retries: 1, retry_backoff: 0.05}", fault) as (
+            image, ref, env, log_lines):
+        (line,) = [line for line in log_lines if "seek index rejected" in line]
         assert "HTTP 500" in line and image.layer_digest in line
         result = lazymount("inspect", ref, "--cache-dir", str(tmp_path / "c"), env=env)
         assert "lazy: neither" in result.stdout and "HTTP 500" in result.stderr
@@ -652,8 +670,6 @@ def test_referrers_tag_failing_with_500(registry: Registry, tmp_path: Path) -> N
         assert result.returncode != 0 and not result.stdout
         (line,) = result.stderr.splitlines()
         assert line.startswith("lazymount: error: ") and "HTTP 500" in line
-    finally:
-        proxy.stop()
 
 
 @needs_stack
@@ -661,25 +677,11 @@ def test_referrers_tag_that_never_answers(registry: Registry, tmp_path: Path) ->
     """A registry that never answers for the referrers tag: `mount` waits for the optional seek index and
     profiles no longer than the registry's range_timeout, says so in one line each, and downloads the
     layer whole (its files right)."""
-    image = make_test_image(tmp_path / "image")
-    push_layout(image.layout, image.tag, registry, "plain-stall")
-    lazymount("index", f"{registry.host}/plain-stall:{image.tag}", "--push", "--cache-dir",
-              str(tmp_path / "a"))
-    config = tmp_path / "config.yaml"
-    config.write_text("registry_defaults: {range_timeout: 2, read_timeout: 900, retries: 0}\n")
-    env = dict(os.environ, LAZYMOUNT_CONFIG=str(config))
-    proxy = FaultProxy(registry.host).add(Fault("stall", path="/manifests/sha256-", seconds=900, times=-1))
-    try:
-        ref = f"{proxy.host}/plain-stall:{image.tag}"
-        mnt, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
-        with mounted(ref, mnt, "--cache-dir", str(tmp_path / "b"), "--log-file", str(log_file), env=env):
-            assert (mnt / "hello.txt").read_bytes() == b"hello from lazymount\n"
-            assert stats(mnt)["layers"][0]["state"] == "local"
-        gave_up = [line for line in log_file.read_text().splitlines()
-                   if "no answer from the registry" in line]
+    fault = Fault("stall", path="/manifests/sha256-", seconds=900, times=-1)
+    settings = "{range_timeout: 2, read_timeout: 900, retries: 0}"
+    with _mounted_behind(registry, tmp_path, "plain-stall", settings, fault) as (image, _, _, log_lines):
+        gave_up = [line for line in log_lines if "no answer from the registry" in line]
         assert len(gave_up) == 2 and any(image.layer_digest in line for line in gave_up), gave_up
-    finally:
-        proxy.stop()
 
 
 # -------------------------------------------------------------------- profiles of plain images prefetched
